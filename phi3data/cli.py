@@ -1,0 +1,58 @@
+"""The ``phi3data`` command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    help="phi3data: curate web data, tokenize it, and train compact phi-3 models on it. "
+         "Each subcommand has its own --help with examples.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+
+
+@app.callback()
+def main() -> None:
+    """phi3data: curate web data, tokenize it, and train compact phi-3 models on it."""
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Pipeline recipe (TOML), e.g. pipelines/web_quality.toml")],
+    input: Annotated[Path, typer.Option("--input", "-i", help="Input file or directory of shards")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory")],
+    engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
+    workers: Annotated[int | None, typer.Option(help="Parallel workers (default: CPU count)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster")] = None,
+    spark_master: Annotated[str | None, typer.Option(help="Spark master URL, e.g. spark://host:7077")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Run a curation pipeline recipe over input shards (WARC/WET, JSONL, Parquet, HF Arrow).
+
+    Example: phi3data run pipelines/web_quality.toml --input ../shared/data/web/warc --output out/web --engine spark
+
+    Reruns skip finished shards, so rerunning after a crash completes the output exactly once.
+    """
+    from phi3data.pipelines.recipe import RecipeError, load_recipe
+    from phi3data.pipelines.runner import run_pipeline, stats_table
+
+    try:
+        loaded = load_recipe(recipe)
+        summary = run_pipeline(loaded, input, output, engine=engine, workers=workers, ray_address=ray_address,
+                               spark_master=spark_master, progress=progress)
+    except (RecipeError, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(stats_table(summary.stats))
+    skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
+    console.print(f"{summary.shards_total} shards{skipped} in {summary.seconds:.1f}s -> {output} "
+                  f"(data/, rejects/, stats.json, manifest.json)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,284 @@
+"""Readers: turn one input shard (a WARC/WET, JSONL, Parquet or Arrow file) into documents and rejects.
+
+Every reader yields plain dicts. A document dict has the core columns (``id``, ``text``, ``url``, ``source``,
+``metadata``; WARC responses carry ``html`` bytes instead of ``text``). A reject dict has ``reason``,
+``detail``, ``offset`` and a raw ``excerpt``, and is marked with ``"reject": True``. Bad input never raises:
+it becomes a reject and reading goes on with the next record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from phi3data.io.warc import WarcFault, iter_warc, parse_http_response
+
+WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet.gz", ".warc.wet.txt", ".arc.gz")
+JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)
+HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xhtml", "text/xhtml")
+
+
+def detect_format(path: Path) -> str:
+    """Name the reader for a file from its suffix: warc, jsonl, parquet or arrow."""
+    name = path.name.lower()
+    for fmt, suffixes in (("warc", WARC_SUFFIXES), ("jsonl", JSONL_SUFFIXES),
+                          ("parquet", PARQUET_SUFFIXES), ("arrow", ARROW_SUFFIXES)):
+        if name.endswith(suffixes):
+            return fmt
+    raise ValueError(f"cannot tell the format of {path}: expected one of "
+                     f"{', '.join(WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES)}")
+
+
+def read_records(path: Path, *, fmt: str = "auto", source: str, max_document_bytes: int,
+                 text_key: str = "text", id_key: str = "id", url_key: str = "url") -> Iterator[dict]:
+    """Yield document and reject dicts from one input shard."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "warc":
+        yield from _read_warc(path, source, max_document_bytes)
+    elif fmt == "jsonl":
+        yield from _read_jsonl(path, source, max_document_bytes, text_key, id_key, url_key)
+    elif fmt in ("parquet", "arrow"):
+        yield from _read_table(path, fmt, source, max_document_bytes, text_key, id_key, url_key)
+    else:
+        raise ValueError(f"unknown input format {fmt!r}: use auto, warc, jsonl, parquet or arrow")
+
+
+def reject(source: str, reason: str, detail: str = "", *, offset: int | None = None, doc_id: str | None = None,
+           excerpt: bytes | str = b"", stage: str = "read") -> dict:
+    return {"reject": True, "id": doc_id, "source": source, "stage": stage, "reason": reason, "detail": detail,
+            "offset": offset, "excerpt": excerpt}
+
+
+# --- WARC / WET -------------------------------------------------------------------------------------------
+
+def _read_warc(path: Path, source: str, max_document_bytes: int) -> Iterator[dict]:
+    data = path.read_bytes()
+    for item in iter_warc(data, max_member_bytes=max(4 * max_document_bytes, 1 << 24)):
+        if isinstance(item, WarcFault):
+            yield reject(source, item.reason, item.detail, offset=item.offset, excerpt=item.excerpt)
+            continue
+        kind = item.type
+        if kind not in ("response", "conversion", "resource"):
+            continue  # warcinfo, request, metadata ... are not documents
+        headers = item.headers
+        doc_id = headers.get("warc-record-id") or f"{source}@{item.offset}"
+        url = headers.get("warc-target-uri")
+        meta = {"warc_date": headers.get("warc-date"), "warc_type": kind}
+        if kind == "conversion":
+            if len(item.block) > max_document_bytes:
+                yield reject(source, "too_large", f"{len(item.block)} bytes > {max_document_bytes}",
+                             offset=item.offset, doc_id=doc_id, excerpt=item.block[:256])
+                continue
+            text = item.block.decode("utf-8", "replace")
+            if _mostly_replacement(text):
+                yield reject(source, "undecodable_bytes", "text block is not UTF-8", offset=item.offset,
+                             doc_id=doc_id, excerpt=item.block[:256])
+                continue
+            yield {"id": doc_id, "text": text, "url": url, "source": source, "metadata": meta}
+            continue
+        if kind == "resource":
+            content_type = headers.get("content-type", "")
+            body = item.block
+        else:
+            try:
+                response = parse_http_response(item.block)
+            except ValueError as exc:
+                yield reject(source, str(exc), "HTTP response could not be parsed", offset=item.offset,
+                             doc_id=doc_id, excerpt=item.block[:256])
+                continue
+            content_type = response.headers.get("content-type", "")
+            body = response.body
+            meta["http_status"] = response.status
+        mime = content_type.split(";")[0].strip().lower()
+        if mime and mime not in HTML_TYPES:
+            yield reject(source, "non_html_payload", f"content type {mime!r}", offset=item.offset, doc_id=doc_id,
+                         excerpt=body[:256])
+            continue
+        if not mime and not _looks_like_html(body):
+            yield reject(source, "non_html_payload", "no content type and no HTML markup", offset=item.offset,
+                         doc_id=doc_id, excerpt=body[:256])
+            continue
+        if not body.strip():
+            yield reject(source, "empty_document", "empty HTTP body", offset=item.offset, doc_id=doc_id)
+            continue
+        if len(body) > max_document_bytes:
+            yield reject(source, "too_large", f"{len(body)} bytes > {max_document_bytes}", offset=item.offset,
+                         doc_id=doc_id, excerpt=body[:256])
+            continue
+        if _is_binary(body):
+            yield reject(source, "undecodable_bytes", "payload is binary, not HTML text", offset=item.offset,
+                         doc_id=doc_id, excerpt=body[:256])
+            continue
+        meta["content_type"] = content_type or None
+        yield {"id": doc_id, "html": body, "url": url, "source": source, "metadata": meta}
+
+
+def _looks_like_html(body: bytes) -> bool:
+    head = body[:2048].lower()
+    return b"<html" in head or b"<!doctype html" in head or b"<body" in head or b"<p" in head
+
+
+def _is_binary(body: bytes) -> bool:
+    """True for payloads that are not text in any encoding: many NUL / control bytes near the start."""
+    head = body[:4096]
+    if not head:
+        return False
+    controls = sum(1 for b in head if b < 9 or 13 < b < 32)
+    return controls / len(head) > 0.1
+
+
+def _mostly_replacement(text: str) -> bool:
+    return bool(text) and text.count("\ufffd") / len(text) > 0.1
+
+
+# --- JSONL ------------------------------------------------------------------------------------------------
+
+def _open_jsonl_bytes(path: Path) -> tuple[bytes, dict | None]:
+    """Return the file's decompressed bytes, and a reject for a corrupt tail (what was readable is kept)."""
+    raw = path.read_bytes()
+    name = path.name.lower()
+    if name.endswith(".gz") or raw.startswith(b"\x1f\x8b"):
+        out = io.BytesIO()
+        pos = 0
+        while pos < len(raw):
+            inflater = zlib.decompressobj(31)
+            try:
+                out.write(inflater.decompress(raw[pos:]))
+            except zlib.error as exc:
+                return out.getvalue(), {"reason": "corrupt_gzip", "detail": f"at byte {pos}: {exc}", "offset": pos}
+            if not inflater.eof:
+                return out.getvalue(), {"reason": "truncated_gzip", "detail": "gzip stream ends early",
+                                        "offset": pos}
+            pos = len(raw) - len(inflater.unused_data)
+            if not raw[pos:].strip(b"\x00"):
+                break
+        return out.getvalue(), None
+    if name.endswith(".zst"):
+        import zstandard
+
+        out = io.BytesIO()
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
+                while chunk := reader.read(1 << 20):
+                    out.write(chunk)
+        except zstandard.ZstdError as exc:
+            return out.getvalue(), {"reason": "corrupt_zstd", "detail": str(exc), "offset": 0}
+        return out.getvalue(), None
+    return raw, None
+
+
+def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str, id_key: str,
+                url_key: str) -> Iterator[dict]:
+    data, fault = _open_jsonl_bytes(path)
+    lines = data.split(b"\n")
+    if fault is not None and lines and not data.endswith(b"\n"):
+        lines.pop()  # the last, partly inflated line belongs to the fault
+    offset = 0
+    for number, line in enumerate(lines, start=1):
+        line_offset = offset
+        offset += len(line) + 1
+        if not line.strip():
+            continue
+        fallback_id = f"{source}:{number}"
+        if len(line) > max_document_bytes + 4096:
+            yield reject(source, "too_large", f"line {number} has {len(line)} bytes", offset=line_offset,
+                         doc_id=fallback_id, excerpt=line[:256])
+            continue
+        try:
+            text_line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield reject(source, "undecodable_bytes", f"line {number}: {exc}", offset=line_offset,
+                         doc_id=fallback_id, excerpt=line[:256])
+            continue
+        try:
+            obj = json.loads(text_line)
+        except json.JSONDecodeError as exc:
+            yield reject(source, "malformed_json", f"line {number}: {exc}", offset=line_offset,
+                         doc_id=fallback_id, excerpt=line[:256])
+            continue
+        doc = _doc_from_mapping(obj, source, fallback_id, max_document_bytes, text_key, id_key, url_key)
+        if doc.get("reject"):
+            doc["offset"] = line_offset
+            doc["excerpt"] = line[:256]
+        yield doc
+    if fault is not None:
+        yield reject(source, fault["reason"], fault["detail"], offset=fault["offset"])
+
+
+def _doc_from_mapping(obj, source: str, fallback_id: str, max_document_bytes: int, text_key: str, id_key: str,
+                      url_key: str) -> dict:
+    if not isinstance(obj, dict):
+        return reject(source, "malformed_record", f"expected a JSON object, got {type(obj).__name__}",
+                      doc_id=fallback_id)
+    text = obj.get(text_key)
+    raw_id = obj.get(id_key)
+    doc_id = str(raw_id) if raw_id not in (None, "") else fallback_id
+    if text is None:
+        return reject(source, "missing_text", f"no {text_key!r} field", doc_id=doc_id)
+    if not isinstance(text, str):
+        return reject(source, "malformed_record", f"{text_key!r} is {type(text).__name__}, not a string",
+                      doc_id=doc_id)
+    if not text.strip():
+        return reject(source, "empty_document", "text is empty", doc_id=doc_id)
+    if len(text) > max_document_bytes:
+        return reject(source, "too_large", f"{len(text)} characters > {max_document_bytes}", doc_id=doc_id)
+    url = obj.get(url_key)
+    metadata = {k: v for k, v in obj.items() if k not in (text_key, id_key, url_key)}
+    if url is None and isinstance(metadata.get("metadata"), dict):
+        url = metadata["metadata"].get("url")
+    return {"id": doc_id, "text": text, "url": None if url is None else str(url), "source": source,
+            "metadata": metadata or None}
+
+
+# --- Parquet / Arrow (Hugging Face datasets save Arrow files) ----------------------------------------------
+
+def _read_table(path: Path, fmt: str, source: str, max_document_bytes: int, text_key: str, id_key: str,
+                url_key: str) -> Iterator[dict]:
+    try:
+        batches = _iter_arrow_batches(path, fmt)
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                yield _doc_from_mapping(obj, source, f"{source}:{row}", max_document_bytes, text_key, id_key,
+                                        url_key)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
+        yield reject(source, f"corrupt_{fmt}", str(exc))
+
+
+def _iter_arrow_batches(path: Path, fmt: str):
+    if fmt == "parquet":
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+        return
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+
+
+def load_hf_dataset(name: str, split: str = "train"):
+    """Load a Hugging Face dataset by hub name (needs network) or from a directory saved with save_to_disk."""
+    import datasets
+
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+    else:
+        ds = datasets.load_dataset(name, split=split)
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    return ds
+

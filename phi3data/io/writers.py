@@ -1,0 +1,95 @@
+"""Atomic shard writers: a shard appears under its final name complete, or not at all."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+def tmp_path_for(final: Path) -> Path:
+    return final.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{final.name}")
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Make a finished temp file visible under its final name (fsync, then an atomic rename)."""
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+
+
+class ShardWriter:
+    """Write document batches into one Parquet or JSONL shard, atomically on ``close``."""
+
+    def __init__(self, final: Path, fmt: str = "parquet", compression: str = "zstd"):
+        if fmt not in ("parquet", "jsonl"):
+            raise ValueError(f"unknown output format {fmt!r}: use parquet or jsonl")
+        self.final = final
+        self.fmt = fmt
+        self.compression = compression
+        self.tmp = tmp_path_for(final)
+        self.rows = 0
+        self._parquet: pq.ParquetWriter | None = None
+        self._schema: pa.Schema | None = None
+        self._jsonl = open(self.tmp, "w", encoding="utf-8") if fmt == "jsonl" else None
+
+    def write(self, batch: pa.Table) -> None:
+        if self.fmt == "jsonl":
+            for row in batch.to_pylist():
+                self._jsonl.write(json.dumps(_jsonable(row), ensure_ascii=False) + "\n")
+        else:
+            if self._parquet is None:
+                self._schema = batch.schema
+                self._parquet = pq.ParquetWriter(self.tmp, batch.schema, compression=self.compression)
+            self._parquet.write_table(batch.cast(self._schema))
+        self.rows += batch.num_rows
+
+    def close(self, empty_schema: pa.Schema | None = None) -> Path:
+        """Finish the shard; an empty shard still gets a file (with ``empty_schema``) so reruns see it done."""
+        if self.fmt == "jsonl":
+            self._jsonl.close()
+        else:
+            if self._parquet is None:
+                schema = empty_schema if empty_schema is not None else pa.schema([])
+                self._parquet = pq.ParquetWriter(self.tmp, schema, compression=self.compression)
+            self._parquet.close()
+        commit(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._parquet is not None:
+            self._parquet.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = tmp_path_for(path)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    commit(tmp, path)
+
+
+def remove_stale_tmp(directory: Path) -> int:
+    """Delete temp files a killed run left behind; returns how many."""
+    removed = 0
+    if directory.exists():
+        for tmp in directory.rglob(f"{TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _jsonable(row: dict) -> dict:
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        out[key] = value
+    return out

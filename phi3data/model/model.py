@@ -1,0 +1,301 @@
+"""The phi-3 decoder, written to be read in one sitting.
+
+It matches ``transformers.Phi3ForCausalLM`` weight for weight (same parameter names and shapes: fused
+``qkv_proj``, fused ``gate_up_proj``, RMSNorm, RoPE / LongRoPE), so its checkpoints load in transformers and
+vLLM (see ``phi3data.model.hf``). phi-3-small's differences are options of the same model: grouped-query
+attention (``num_key_value_heads``), the GEGLU activation with a clamp limit, muP multipliers and alternating
+dense / blocksparse attention layers. Configs using those options are not ``Phi3ForCausalLM``-compatible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phi3data.model.attention import blocksparse_attention, reference_attention, sdpa_attention, causal_mask
+
+
+@dataclass
+class Phi3Config:
+    """Model hyper-parameters. Field names follow Hugging Face's ``Phi3Config`` where one exists."""
+
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
+    max_position_embeddings: int = 4096
+    original_max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (each head_dim/2 floats)
+    rope_scaling: dict[str, Any] | None = None
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    hidden_act: str = "silu"  # "silu" (phi-3 SwiGLU) or "gegelu" (phi-3-small GEGLU with a clamp)
+    gegelu_limit: float = 20.0
+    # muP (phi-3-small): embeddings * embedding_multiplier, logits / width_multiplier,
+    # attention scale attn_multiplier / head_dim (instead of 1/sqrt(head_dim)) when mup_use_scaling.
+    mup_embedding_multiplier: float = 1.0
+    mup_width_multiplier: float = 1.0
+    mup_attn_multiplier: float = 1.0
+    mup_use_scaling: bool = False
+    # phi-3-small blocksparse attention; a layer is dense when layer_idx % dense_attention_every_n_layers == 0
+    blocksparse: bool = False
+    dense_attention_every_n_layers: int = 2
+    blocksparse_block_size: int = 64
+    blocksparse_num_local_blocks: int = 16
+    blocksparse_vert_stride: int = 8
+    blocksparse_homo_head_pattern: bool = False
+    attn_impl: str = "sdpa"  # dense layers: "sdpa" or "reference"; blocksparse layers: see blocksparse_impl
+    blocksparse_impl: str = "auto"  # "auto", "reference", "sdpa", "flex", "triton"
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 32000
+    pad_token_id: int | None = 32000
+    name: str = "phi3"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by {self.num_attention_heads} heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        if self.hidden_act not in ("silu", "gegelu"):
+            raise ValueError(f"hidden_act must be 'silu' or 'gegelu', got {self.hidden_act!r}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            if kind in ("su", "yarn"):
+                kind = "longrope"
+            if kind != "longrope":
+                raise ValueError(f"only longrope rope_scaling is supported, got {kind!r}")
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope_scaling[key]) != self.head_dim // 2:
+                    raise ValueError(f"rope_scaling.{key} needs head_dim/2 = {self.head_dim // 2} entries")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def hf_compatible(self) -> bool:
+        """True when the config is plain phi-3 (loadable as transformers' Phi3ForCausalLM)."""
+        return (self.hidden_act == "silu" and not self.blocksparse and not self.mup_use_scaling
+                and self.mup_embedding_multiplier == 1.0 and self.mup_width_multiplier == 1.0)
+
+    def is_blocksparse_layer(self, layer_idx: int) -> bool:
+        return self.blocksparse and layer_idx % self.dense_attention_every_n_layers != 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Phi3Config:
+        """Build from a dict, keeping unknown keys out (they are stored in ``extra``)."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        if extra:
+            known.setdefault("extra", {}).update(extra)
+        return cls(**known)
+
+
+def num_parameters(cfg: Phi3Config) -> dict[str, int]:
+    """Parameter counts computed from the config alone: total and non-embedding (without embeddings / lm_head)."""
+    h, d, kv = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
+    attn = h * (cfg.num_attention_heads * d + 2 * kv * d) + cfg.num_attention_heads * d * h
+    mlp = h * 2 * cfg.intermediate_size + cfg.intermediate_size * h
+    per_layer = attn + mlp + 2 * h
+    embed = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    non_embedding = cfg.num_hidden_layers * per_layer + h
+    return {"total": non_embedding + embed + head, "non_embedding": non_embedding}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE, with LongRoPE's per-frequency short/long factors and attention scaling when configured."""
+
+    def __init__(self, cfg: Phi3Config) -> None:
+        super().__init__()
+        d = cfg.head_dim
+        self.original_max = cfg.original_max_position_embeddings
+        exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
+        base = cfg.rope_theta**exponents
+        self.scaling = 1.0
+        if cfg.rope_scaling is None:
+            short = long = torch.ones(d // 2)
+        else:
+            short = torch.tensor(cfg.rope_scaling["short_factor"], dtype=torch.float32)
+            long = torch.tensor(cfg.rope_scaling["long_factor"], dtype=torch.float32)
+            factor = cfg.rope_scaling.get("factor") or cfg.max_position_embeddings / self.original_max
+            attention_factor = cfg.rope_scaling.get("attention_factor")
+            if attention_factor is None:
+                attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+            self.scaling = attention_factor
+        self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
+        self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
+
+    def forward(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = self.inv_freq_long if t > self.original_max else self.inv_freq_short
+        pos = torch.arange(t, device=inv_freq.device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Phi3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.blocksparse = cfg.is_blocksparse_layer(layer_idx)
+        if cfg.mup_use_scaling:
+            self.scale = cfg.mup_attn_multiplier / self.head_dim
+        else:
+            self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cfg = self.cfg
+        if self.blocksparse:
+            y = blocksparse_attention(
+                q, k, v, self.scale, cfg.blocksparse_block_size, cfg.blocksparse_num_local_blocks,
+                cfg.blocksparse_vert_stride, cfg.blocksparse_homo_head_pattern, impl=cfg.blocksparse_impl,
+            )
+        elif cfg.attn_impl == "reference":
+            y = reference_attention(q, k, v, causal_mask(t, cfg.sliding_window, device=x.device), self.scale)
+        else:
+            y = sdpa_attention(q, k, v, self.scale, sliding_window=cfg.sliding_window)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, q_size))
+
+
+def gegelu(x: torch.Tensor, limit: float) -> torch.Tensor:
+    """phi-3-small's GEGLU: interleaved (gelu, linear) pairs, clamped, quick-gelu gate, ``linear + 1``."""
+    a_gelu, a_linear = x[..., ::2], x[..., 1::2]
+    a_gelu = a_gelu.clamp(max=limit)
+    a_linear = a_linear.clamp(min=-limit, max=limit)
+    return a_gelu * torch.sigmoid(1.702 * a_gelu) * (a_linear + 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Phi3Config) -> None:
+        super().__init__()
+        self.act, self.limit = cfg.hidden_act, cfg.gegelu_limit
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        if self.act == "gegelu":
+            return self.down_proj(gegelu(h, self.limit))
+        gate, up = h.chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Phi3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder blocks and the final norm (``model.*`` in Hugging Face names)."""
+
+    def __init__(self, cfg: Phi3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Phi3(nn.Module):
+    """phi-3 causal language model. ``forward(idx, targets)`` returns ``(logits, loss)``."""
+
+    def __init__(self, cfg: Phi3Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = Rotary(cfg)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = idx.shape[1]
+        x = self.model.embed_tokens(idx)
+        if self.cfg.mup_embedding_multiplier != 1.0:
+            x = x * self.cfg.mup_embedding_multiplier
+        cos, sin = self.rotary(t, x.dtype)
+        for block in self.model.layers:
+            x = block(x, cos, sin)
+        x = self.model.norm(x)
+        logits = self.lm_head(x)
+        if self.cfg.mup_width_multiplier != 1.0:
+            logits = logits / self.cfg.mup_width_multiplier
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=ignore_index)
+        return logits, loss
+
+    def num_parameters(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.model.embed_tokens.weight.numel()
+            if not self.cfg.tie_word_embeddings:
+                n -= self.lm_head.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 * non-embedding-and-head params + attention (12 * L * H * T_eff)."""
+        n = self.num_parameters(non_embedding=True) + self.cfg.vocab_size * self.cfg.hidden_size
+        attn = 12 * self.cfg.num_hidden_layers * self.cfg.hidden_size * seq_len / 2  # causal: half the pairs
+        return 6 * n + attn

@@ -1,0 +1,95 @@
+"""Stage base classes and the stage registry."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+class StageParams(BaseModel):
+    """Parameters of a stage; unknown keys are an error so typos in a recipe fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StageOutput:
+    batch: pa.Table
+    drops: Counter = field(default_factory=Counter)
+    rejects: list[dict] = field(default_factory=list)
+
+
+class Stage:
+    """Maps a document batch to a batch. Heavy resources load lazily in ``setup`` (once per worker)."""
+
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[StageParams]] = StageParams
+
+    def __init__(self, params: StageParams, name: str | None = None):
+        self.params = params
+        self.name = name or self.type_name
+        self._ready = False
+
+    def setup(self) -> None:
+        """Load heavy resources; called once per worker before the first batch."""
+
+    def ensure_setup(self) -> None:
+        if not self._ready:
+            self.setup()
+            self._ready = True
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        raise NotImplementedError
+
+
+class Filter(Stage):
+    """A stage that keeps or drops whole documents; each drop is counted under a named reason.
+
+    Subclasses implement ``reasons`` returning, per row, ``None`` to keep it or the reason to drop it. A filter
+    may also return replacement texts (C4 keeps only its good lines), or ``None`` for no change.
+    """
+
+    def reasons(self, batch: pa.Table) -> tuple[list[str | None], list[str] | None]:
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        if batch.num_rows == 0:
+            return StageOutput(batch)
+        reasons, new_texts = self.reasons(batch)
+        if new_texts is not None:
+            index = batch.schema.get_field_index("text")
+            batch = batch.set_column(index, batch.schema.field("text"), pa.array(new_texts, pa.large_string()))
+        keep = pa.array([r is None for r in reasons], pa.bool_())
+        drops = Counter(f"{self.name}:{r}" for r in reasons if r is not None)
+        return StageOutput(batch.filter(keep) if drops else batch, drops)
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    """Class decorator: make a stage available to recipes under its ``type_name``."""
+    if not cls.type_name:
+        raise ValueError(f"{cls.__name__} has no type_name")
+    STAGES[cls.type_name] = cls
+    return cls
+
+
+def texts(batch: pa.Table) -> list[str]:
+    return batch.column("text").to_pylist()
+
+
+def set_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    """Add or replace a column."""
+    index = batch.schema.get_field_index(name)
+    if index >= 0:
+        return batch.set_column(index, name, values)
+    return batch.append_column(name, values)
+
+
+def non_null(values: pa.ChunkedArray) -> pa.ChunkedArray:
+    return pc.fill_null(values, "")

@@ -1,0 +1,179 @@
+"""Run a pipeline over an input directory with any engine: plan shards, skip finished ones, merge stats.
+
+Exactly once: an output shard is named from its input's content key and the recipe hash, written atomically,
+and followed by a done marker. A rerun skips shards whose marker and outputs exist and redoes the others, so
+after ``kill -9`` the output equals that of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from phi3data import __version__
+from phi3data.engines import map_shards
+from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES
+from phi3data.io.writers import remove_stale_tmp, write_json_atomic
+from phi3data.pipelines.pipeline import PROGRESS_DIR, InputShard, Pipeline, run_shard_task
+from phi3data.pipelines.recipe import Recipe, RecipeError
+
+INPUT_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+
+
+def plan_shards(input_path: Path) -> list[InputShard]:
+    """List input shards (a file, or every readable file under a directory) with content keys, sorted."""
+    if not input_path.exists():
+        raise FileNotFoundError(f"input not found: {input_path}")
+    if input_path.is_file():
+        files, root = [input_path], input_path.parent
+    else:
+        root = input_path
+        files = sorted(p for p in input_path.rglob("*")
+                       if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and not p.name.startswith("."))
+        if not files:
+            raise FileNotFoundError(f"no input files under {input_path} (looked for {', '.join(INPUT_SUFFIXES)})")
+    shards = []
+    for path in files:
+        digest = xxhash.xxh3_128()
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+        shards.append(InputShard(str(path.resolve()), path.relative_to(root).as_posix(), digest.hexdigest()))
+    return shards
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    stats: dict
+    shards_total: int
+    shards_skipped: int
+    seconds: float
+
+
+def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str = "local",
+                 workers: int | None = None, ray_address: str | None = None, spark_master: str | None = None,
+                 progress: bool = True) -> RunSummary:
+    """Run ``recipe`` over every shard under ``input_path`` into ``output``; resumable and idempotent."""
+    started = time.perf_counter()
+    pipeline = Pipeline(recipe)
+    shards = plan_shards(input_path)
+    output.mkdir(parents=True, exist_ok=True)
+    manifest_path = output / "manifest.json"
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("recipe_hash") != pipeline.hash:
+            raise RecipeError(f"{output} holds the output of another recipe (hash {previous.get('recipe_hash')}, "
+                              f"this one is {pipeline.hash}); choose a new output directory")
+    remove_stale_tmp(output)
+    write_json_atomic(manifest_path, _manifest(recipe, pipeline, shards, engine, complete=False))
+
+    pending = [s for s in shards if not _is_done(pipeline, output, s)]
+    task = functools.partial(run_shard_task, json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
+                             str(output))
+    items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
+    results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
+                         spark_master=spark_master)
+    _drain(results, len(shards), len(shards) - len(pending), progress, engine)
+
+    per_shard = [json.loads(pipeline.output_paths(output, s)["done"].read_text()) for s in shards]
+    stats = merge_stats(per_shard)
+    stats["recipe_hash"] = pipeline.hash
+    stats["engine"] = engine
+    write_json_atomic(output / "stats.json", stats)
+    write_json_atomic(manifest_path, _manifest(recipe, pipeline, shards, engine, complete=True, per_shard=per_shard))
+    return RunSummary(output, stats, len(shards), len(shards) - len(pending), time.perf_counter() - started)
+
+
+def _is_done(pipeline: Pipeline, output: Path, shard: InputShard) -> bool:
+    paths = pipeline.output_paths(output, shard)
+    return all(p.exists() for p in paths.values())
+
+
+def _drain(results, total: int, skipped: int, progress: bool, engine: str) -> None:
+    if not progress:
+        for _ in results:
+            pass
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    docs = 0
+    started = time.perf_counter()
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+               TimeElapsedColumn(), TextColumn("{task.fields[rate]}")]
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task(f"run ({engine})", total=total, completed=skipped, rate="")
+        for result in results:
+            docs += result["read"]["documents"]
+            rate = docs / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=1, rate=f"{docs} docs, {rate:.0f} docs/s")
+
+
+def merge_stats(per_shard: list[dict]) -> dict:
+    """Sum per-shard stats into run totals: documents read, rejects by reason, per-stage in/out and drops."""
+    read_rejects: Counter = Counter()
+    stages: dict[str, dict] = {}
+    docs_read = docs_out = rejects_out = 0
+    for shard in per_shard:
+        docs_read += shard["read"]["documents"]
+        read_rejects.update(shard["read"]["rejects"])
+        docs_out += shard["documents_out"]
+        rejects_out += shard["rejects_out"]
+        for s in shard["stages"]:
+            total = stages.setdefault(s["name"], {"name": s["name"], "type": s["type"], "in": 0, "out": 0,
+                                                  "seconds": 0.0, "drops": Counter(), "rejects": 0})
+            total["in"] += s["in"]
+            total["out"] += s["out"]
+            total["seconds"] += s["seconds"]
+            total["rejects"] += s["rejects"]
+            total["drops"].update(s["drops"])
+    for s in stages.values():
+        s["drops"] = dict(sorted(s["drops"].items()))
+        s["seconds"] = round(s["seconds"], 3)
+    return {"shards": len(per_shard), "documents_read": docs_read, "documents_out": docs_out,
+            "rejects_out": rejects_out, "read_rejects": dict(sorted(read_rejects.items())),
+            "stages": list(stages.values()), "phi3data_version": __version__}
+
+
+def _manifest(recipe: Recipe, pipeline: Pipeline, shards: list[InputShard], engine: str, *, complete: bool,
+              per_shard: list[dict] | None = None) -> dict:
+    entries = []
+    for i, shard in enumerate(shards):
+        entry = {"input": shard.relpath, "input_key": shard.key}
+        if per_shard is not None:
+            entry.update(per_shard[i]["outputs"])
+            entry["documents"] = per_shard[i]["documents_out"]
+            entry["rejects"] = per_shard[i]["rejects_out"]
+        entries.append(entry)
+    return {"pipeline": recipe.pipeline.name, "recipe_hash": pipeline.hash, "recipe": recipe.canonical(),
+            "engine": engine, "complete": complete, "shards": entries, "phi3data_version": __version__}
+
+
+def stats_table(stats: dict):
+    """A rich Table of per-stage documents in/out and drops by reason."""
+    from rich.table import Table
+
+    table = Table(title=f"phi3data run: {stats['documents_read']} documents read -> "
+                        f"{stats['documents_out']} kept, {stats['rejects_out']} rejected as bad input")
+    table.add_column("stage")
+    table.add_column("in", justify="right")
+    table.add_column("out", justify="right")
+    table.add_column("kept %", justify="right")
+    table.add_column("drops by reason")
+    table.add_column("s", justify="right")
+    if stats["read_rejects"]:
+        table.add_row("read (rejects)", "", "", "",
+                      ", ".join(f"{k}={v}" for k, v in stats["read_rejects"].items()), "")
+    for s in stats["stages"]:
+        kept = f"{100 * s['out'] / s['in']:.1f}" if s["in"] else "-"
+        reasons = ", ".join(f"{k.split(':', 1)[-1]}={v}" for k, v in sorted(s["drops"].items(), key=lambda x: -x[1]))
+        if s["rejects"]:
+            reasons = (reasons + ", " if reasons else "") + f"rejected={s['rejects']}"
+        table.add_row(s["name"], str(s["in"]), str(s["out"]), kept, reasons, f"{s['seconds']:.1f}")
+    return table

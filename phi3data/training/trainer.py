@@ -1,0 +1,408 @@
+"""The phi-3 trainer: ``phi3data train model/<config>.toml``.
+
+One process or many under ``torchrun`` (DDP, or FSDP2 for the larger configs). Each optimizer step consumes a
+global batch of ``micro_batch_size * grad_accum * world_size`` windows from the memory-mapped token stream;
+rank ``r``'s micro-batch ``m`` takes samples ``pos + (r * grad_accum + m) * micro_batch_size ...``, so the same
+global batch gives the same samples whatever the split between processes and accumulation.
+
+Training config TOML::
+
+    model = "ladder-cpu:s1"        # a recipe reference, or a [model] table of Phi3Config fields
+    [data]
+    path = "runs/tokens"           # dir of *.bin + manifest.json, or a .bin file (then give dtype)
+    dtype = "uint16"
+    val_windows = 16               # held out from the end when no val_path is given
+    [train]
+    seq_len = 256
+    micro_batch_size = 8
+    ...                            # see TrainConfig
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from phi3data.model.model import Phi3, Phi3Config
+from phi3data.model.recipes import load_model_dict
+from phi3data.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from phi3data.training.data import TokenData
+
+# dense bf16 peak FLOP/s per device, for MFU
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or gradient norm stops being finite."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. TOML sections [data] and [train] map onto these fields."""
+
+    model: str | dict[str, Any] = "ladder-cpu:s1"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data_path: str = ""
+    data_dtype: str | None = None
+    val_path: str | None = None
+    val_windows: int = 16
+    out_dir: str = "runs/train"
+    seq_len: int = 256
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 100
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
+    wsd_decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 50
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1337
+    compile: bool = False
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
+    device: str = "auto"
+    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    peak_tflops: float | None = None  # for MFU; guessed from the GPU name when unset
+    resume: bool = True
+    tensorboard: bool = False
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        path = Path(path)
+        raw = tomllib.loads(path.read_text())
+        kw: dict[str, Any] = {}
+        model = raw.get("model")
+        if isinstance(model, dict):
+            model = dict(model)
+            base = model.pop("base", None)
+            kw["model"] = load_model_dict(base, path.parent) | model if base else model
+        elif model is not None:
+            kw["model"] = load_model_dict(model, path.parent)
+        data = raw.get("data", {})
+        for k, v in data.items():
+            kw[k if k.startswith("val_") else f"data_{k}"] = v
+        kw.update(raw.get("train", {}))
+        names = {f.name for f in fields(cls)}
+        for k, v in (overrides or {}).items():
+            if k.startswith("model."):
+                kw.setdefault("model_overrides", {})[k[6:]] = v
+            else:
+                kw[k] = v
+        unknown = set(kw) - names
+        if unknown:
+            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+        return cls(**kw)
+
+    def model_config(self) -> Phi3Config:
+        d = load_model_dict(self.model) if isinstance(self.model, str) else dict(self.model)
+        d.update(self.model_overrides)
+        return Phi3Config.from_dict(d)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or WSD decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "cosine":
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "wsd":
+        decay_steps = max(1, int(cfg.wsd_decay_fraction * cfg.max_steps))
+        decay_start = cfg.max_steps - decay_steps
+        if step < decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / decay_steps)
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    raise ValueError(f"unknown schedule {cfg.schedule!r}: use 'cosine' or 'wsd'")
+
+
+def _peak_flops(cfg: TrainConfig, device: torch.device) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops
+    return None
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Builds the model, optimizer and data from a :class:`TrainConfig` and runs the loop."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cfg.device == "auto":
+            self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(cfg.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
+                         else contextlib.nullcontext())
+        self.out_dir = Path(cfg.out_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        self.is_main = self.rank == 0
+
+        # data
+        data = TokenData(cfg.data_path, cfg.seq_len, cfg.data_dtype, seed=cfg.seed)
+        if cfg.val_path:
+            self.train_data = data
+            self.val_data: TokenData | None = TokenData(cfg.val_path, cfg.seq_len, cfg.data_dtype)
+        elif cfg.val_windows > 0 and cfg.eval_every > 0:
+            self.train_data, self.val_data = data.split(min(cfg.val_windows, len(data) // 10 or 1))
+        else:
+            self.train_data, self.val_data = data, None
+
+        # model + optimizer
+        torch.manual_seed(cfg.seed)
+        self.model_cfg = cfg.model_config()
+        if self.model_cfg.vocab_size <= int(max(a.max(initial=0) for a in [self.train_data.arrays[0][:100000]])):
+            raise ValueError(f"token ids in {cfg.data_path} exceed the model vocab_size {self.model_cfg.vocab_size}")
+        self.model = Phi3(self.model_cfg).to(self.device)
+        self.step = 0
+        self.samples = 0
+        self.tokens = 0
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            fused=fused,
+        )
+        self.resumed_from: Path | None = None
+        if cfg.resume:
+            last = latest_checkpoint(self.ckpt_root)
+            if last is not None:
+                self._restore(last)
+        self.train_model: torch.nn.Module = self.model
+        if self.world > 1:
+            if cfg.distributed == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for block in self.model.model.layers:
+                    fully_shard(block)
+                fully_shard(self.model)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                       else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.peak = _peak_flops(cfg, self.device)
+        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
+        self.tb = None
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    def _restore(self, path: Path) -> None:
+        model_sd, optim_sd, state = load_checkpoint(path)
+        if self.model_cfg.tie_word_embeddings:
+            model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
+        self.model.load_state_dict(model_sd)
+        self.optimizer.load_state_dict(optim_sd)
+        self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
+        self.resumed_from = path
+
+    def save(self) -> Path | None:
+        if self.world > 1 and self.cfg.distributed == "fsdp":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(self.model, options=opts)
+            # optimizer state stays sharded: FSDP runs resume weights + data position, not AdamW moments
+            optim_sd: dict[str, Any] = {}
+        else:
+            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
+        path = None
+        if self.is_main:
+            state = {"step": self.step, "samples": self.samples, "tokens": self.tokens,
+                     "world_size": self.world, "train_config": asdict(self.cfg)}
+            path = save_checkpoint(self.ckpt_root, self.step, model_sd, self.model_cfg, optim_sd, state,
+                                   keep=self.cfg.keep_checkpoints)
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    # ---- metrics -----------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record.get("step", 0))
+
+    def _all_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+            x = x / self.world
+        return x
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_data is None:
+            return None
+        self.train_model.eval()
+        losses = []
+        for x, y in self.val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
+            with self.autocast:
+                _, loss = self.train_model(x.to(self.device), y.to(self.device))
+            losses.append(loss.float())
+        self.train_model.train()
+        return float(self._all_mean(torch.stack(losses).mean()))
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mb, accum = cfg.micro_batch_size, cfg.grad_accum
+        loss_sum = torch.zeros((), device=self.device)
+        for m in range(accum):
+            start = self.samples + (self.rank * accum + m) * mb
+            x, y = self.train_data.batch(start, mb)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = m == accum - 1 or self.world == 1 or not hasattr(self.train_model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with ctx:
+                with self.autocast:
+                    _, loss = self.train_model(x, y)
+                (loss / accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        loss_val = self._all_mean(loss_sum / accum)
+        if not (torch.isfinite(loss_val) and torch.isfinite(grad_norm)):
+            last = latest_checkpoint(self.ckpt_root)
+            raise TrainingDiverged(
+                f"step {self.step}: loss={float(loss_val)} grad_norm={float(grad_norm)} is not finite "
+                f"(lr={lr:.3g}). Stopping before the optimizer step so no weights are poisoned. Try a lower lr, "
+                f"a longer warmup or grad_clip>0, or check the data in {cfg.data_path}. Last good checkpoint: "
+                f"{last or 'none'}."
+            )
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        global_batch = mb * accum * self.world
+        self.samples += global_batch
+        self.tokens += global_batch * cfg.seq_len
+        self.step += 1
+        return {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm)}
+
+    def train(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.is_main and cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.out_dir / "tb"))
+        if self.resumed_from is not None:
+            self._log({"event": "resume", "step": self.step, "checkpoint": str(self.resumed_from)})
+            self._say(f"resumed from {self.resumed_from} at step {self.step}")
+        self.train_model.train()
+        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world * cfg.seq_len
+        last: dict[str, Any] = {}
+        t_last, steps_since = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            rec = self.train_step()
+            steps_since += 1
+            if self.device.type == "cuda" and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            dt = now - t_last
+            tok_s = tokens_per_step * steps_since / dt if dt > 0 else 0.0
+            mfu = self.flops_per_token * tok_s / (self.peak * self.world) if self.peak else None
+            rec.update(step=self.step, tokens=self.tokens, tokens_per_s=tok_s, mfu=mfu)
+            self._log(rec)
+            last = rec
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
+                self._say(f"step {self.step}/{cfg.max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                          f"grad {rec['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu_s} | "
+                          f"{1000 * dt / steps_since:.0f} ms/step")
+                t_last, steps_since = time.perf_counter(), 0
+            if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                val = self.evaluate()
+                if val is not None:
+                    self._log({"step": self.step, "val_loss": val})
+                    self._say(f"step {self.step} | val_loss {val:.4f}")
+                    last["val_loss"] = val
+                t_last, steps_since = time.perf_counter(), 0
+            if cfg.ckpt_every > 0 and (self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps):
+                self.save()
+                t_last, steps_since = time.perf_counter(), 0
+        if self.tb is not None:
+            self.tb.close()
+        return last
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def train(config: str | Path | TrainConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run training from a TOML path or a :class:`TrainConfig`; returns the last step's metrics."""
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config, overrides)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main() -> None:
+    """Entry point for ``python -m phi3data.training.trainer CONFIG [key=value ...]`` (and torchrun)."""
+    import sys
+
+    from phi3data.training.overrides import parse_overrides
+
+    if len(sys.argv) < 2:
+        raise SystemExit("usage: python -m phi3data.training.trainer CONFIG.toml [key=value ...]")
+    try:
+        train(sys.argv[1], parse_overrides(sys.argv[2:]))
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from e
+
+
+if __name__ == "__main__":
+    main()
