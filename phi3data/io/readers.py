@@ -150,14 +150,19 @@ def _open_jsonl_bytes(path: Path) -> tuple[bytes, dict | None]:
         pos = 0
         while pos < len(raw):
             inflater = zlib.decompressobj(31)
+            cursor = pos
             try:
-                out.write(inflater.decompress(raw[pos:]))
+                while not inflater.eof and cursor < len(raw):
+                    chunk = raw[cursor : cursor + (1 << 13)]
+                    cursor += len(chunk)
+                    out.write(inflater.decompress(chunk))
             except zlib.error as exc:
-                return out.getvalue(), {"reason": "corrupt_gzip", "detail": f"at byte {pos}: {exc}", "offset": pos}
+                return out.getvalue(), {"reason": "corrupt_gzip", "detail": f"near byte {cursor}: {exc}",
+                                        "offset": cursor}
             if not inflater.eof:
                 return out.getvalue(), {"reason": "truncated_gzip", "detail": "gzip stream ends early",
                                         "offset": pos}
-            pos = len(raw) - len(inflater.unused_data)
+            pos = cursor - len(inflater.unused_data)
             if not raw[pos:].strip(b"\x00"):
                 break
         return out.getvalue(), None

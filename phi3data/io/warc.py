@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 _CHUNK = 1 << 16
+_MAX_HEADER = 1 << 16
 
 
 @dataclass
@@ -128,35 +129,64 @@ def _iter_records(raw: bytes, base: int, *, offset_in_member: bool) -> Iterator[
             return
         at = base + pos if offset_in_member else base
         if not raw.startswith(b"WARC/", pos):
-            nxt = raw.find(b"\r\nWARC/", pos)
+            nxt = raw.find(b"\nWARC/", pos)
             yield WarcFault(at, "malformed_record", "expected a 'WARC/' version line", raw[pos : pos + 256])
             if nxt < 0:
                 return
-            pos = nxt + 2
+            pos = nxt + 1
             continue
-        head_end = raw.find(b"\r\n\r\n", pos)
+        head_end, sep = _header_end(raw, pos)
         if head_end < 0:
             yield WarcFault(at, "truncated_record", "WARC header has no end", raw[pos : pos + 256])
             return
-        headers = parse_header_lines(raw[pos:head_end].split(b"\r\n")[1:])
+        headers = parse_header_lines(raw[pos:head_end].replace(b"\r\n", b"\n").split(b"\n")[1:])
         try:
             length = int(headers.get("content-length", ""))
         except ValueError:
             yield WarcFault(at, "malformed_record", "missing or invalid Content-Length", raw[pos : pos + 256])
-            nxt = raw.find(b"\r\nWARC/", head_end)
+            nxt = raw.find(b"\nWARC/", head_end)
             if nxt < 0:
                 return
-            pos = nxt + 2
+            pos = nxt + 1
             continue
-        block_start = head_end + 4
+        block_start = head_end + sep
         block_end = block_start + length
-        if block_end > size:
-            yield WarcFault(at, "truncated_record",
-                            f"record {headers.get('warc-record-id', '?')} has {size - block_start} of its "
-                            f"{length} block bytes", raw[pos : pos + 256])
-            return
+        if not _at_record_boundary(raw, block_end):
+            # Content-Length disagrees with the file. Hand-edited and LF-only files do this; trust the next
+            # record header when there is one, otherwise the record was cut off.
+            nxt = raw.find(b"\nWARC/1.", block_start)
+            if nxt < 0 and block_end <= size:
+                nxt = size - 1  # the file goes on past the declared length: keep all of it
+            if nxt < 0:
+                yield WarcFault(at, "truncated_record",
+                                f"record {headers.get('warc-record-id', '?')} has {size - block_start} of its "
+                                f"{length} block bytes", raw[pos : pos + 256])
+                return
+            block_end = nxt + 1
+            headers["x-phi3data-length-mismatch"] = "1"
+            yield WarcRecord(at, headers, raw[block_start:block_end].rstrip(b"\r\n"))
+            pos = block_end
+            continue
         yield WarcRecord(at, headers, raw[block_start:block_end])
         pos = block_end
+
+
+def _header_end(raw: bytes, pos: int) -> tuple[int, int]:
+    """Where a header block that starts at ``pos`` ends, and the separator's length (CRLF or LF-only files)."""
+    crlf = raw.find(b"\r\n\r\n", pos, pos + _MAX_HEADER)
+    lf = raw.find(b"\n\n", pos, pos + _MAX_HEADER)
+    if lf >= 0 and (crlf < 0 or lf < crlf):
+        return lf, 2
+    return crlf, 4
+
+
+def _at_record_boundary(raw: bytes, pos: int) -> bool:
+    """True if ``pos`` is the end of the data or, after line breaks, the start of the next record."""
+    if pos > len(raw):
+        return False
+    while pos < len(raw) and raw[pos] in b"\r\n":
+        pos += 1
+    return pos == len(raw) or raw.startswith(b"WARC/", pos)
 
 
 def parse_header_lines(lines: list[bytes]) -> dict[str, str]:

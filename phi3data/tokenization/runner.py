@@ -1,0 +1,301 @@
+"""Tokenize input files into token shards with any engine, exactly once.
+
+The unit of work is one input file (a ``phi3data run`` output shard, or any JSONL/Parquet/Arrow file with a text
+column). Its shard stem derives from the input's content key and the tokenization config hash (which includes
+the tokenizer's identity hash), its files are written atomically, and its ``.json`` manifest is written last; a
+rerun skips inputs whose shard manifest exists, so local, Ray and Spark runs, interrupted or not, give the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from phi3data.engines import map_shards
+from phi3data.io.readers import detect_format, read_records
+from phi3data.io.writers import remove_stale_tmp, write_json_atomic
+from phi3data.tokenization.chat import ChatFormatError, encode_chat
+from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
+from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """What decides the tokens (and therefore the shard names); threads and engine do not."""
+
+    tokenizer: str = "phi3-mini"
+    text_key: str = "text"
+    id_key: str = "id"
+    add_bos: bool = False
+    add_eos: bool = True
+    max_document_chars: int = 5_000_000
+    max_document_tokens: int | None = None
+    chat: bool = False
+    messages_key: str = "messages"
+    batch_chars: int = 4_000_000
+    extra: dict = field(default_factory=dict)
+
+    def hash(self) -> str:
+        """Config hash: the options above plus the tokenizer's identity hash."""
+        tok = get_tokenizer(self.tokenizer)
+        blob = json.dumps({**asdict(self), "tokenizer_hash": tok.identity_hash, "format": SHARD_VERSION},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def shard_stem(relpath: str, input_key: str, config_hash: str) -> str:
+    """Output stem: the input's relative path made safe, its content key and the config hash."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", relpath)[-80:]
+    return f"{slug}-{input_key[:12]}-{config_hash[:10]}"
+
+
+def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
+    """Tokenize one input file into one shard (the engine task); returns the shard's manifest."""
+    config = TokenizeConfig(**json.loads(config_json))
+    tok = get_tokenizer(config.tokenizer)
+    out = Path(out_dir)
+    stem = out / item["stem"]
+    threads = int(item.get("threads", 1))
+    started = time.perf_counter()
+    writer = TokenShardWriter(stem, tok.dtype, with_mask=config.chat)
+    rejects: list[dict] = []
+    counts: Counter = Counter()
+    try:
+        if config.chat:
+            _tokenize_chat(config, tok, Path(item["path"]), item["source"], writer, rejects, counts)
+        else:
+            _tokenize_text(config, tok, Path(item["path"]), item["source"], writer, rejects, counts, threads)
+        if rejects:
+            reject_path = stem.with_name(stem.name + ".rejects.jsonl")
+            from phi3data.io.writers import commit, tmp_path_for
+
+            tmp = tmp_path_for(reject_path)
+            with open(tmp, "w", encoding="utf-8") as handle:
+                for r in rejects:
+                    handle.write(json.dumps(r, ensure_ascii=False) + "\n")
+            commit(tmp, reject_path)
+        reasons = Counter(r["reason"] for r in rejects)
+        manifest = writer.close({
+            "input": item["relpath"], "input_key": item["key"], "source": item["source"],
+            "tokenizer": tok.identity(), "tokenizer_hash": tok.identity_hash, "config": json.loads(config_json),
+            "config_hash": item["config_hash"], "rejects": dict(sorted(reasons.items())),
+            "documents_read": counts["read"], "characters": counts["chars"],
+            "repaired_documents": counts["repaired_docs"], "repaired_characters": counts["repaired_chars"],
+            "seconds": round(time.perf_counter() - started, 3),
+        })
+    except BaseException:
+        writer.abort()
+        raise
+    manifest.pop("seconds", None)  # timings vary; the shard manifest on disk keeps them, the result need not
+    return {"stem": item["stem"], "tokens": manifest["tokens"], "documents": manifest["documents"],
+            "rejects": manifest["rejects"], "documents_read": manifest["documents_read"]}
+
+
+def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
+                   rejects: list[dict], counts: Counter, threads: int) -> None:
+    texts: list[str] = []
+    ids: list[str] = []
+    size = 0
+    for record in read_records(path, source=source, max_document_bytes=config.max_document_chars,
+                               text_key=config.text_key, id_key=config.id_key):
+        counts["read"] += 1
+        if record.get("reject"):
+            rejects.append({"id": record.get("id"), "reason": record["reason"], "detail": record.get("detail")})
+            continue
+        text, repaired = sanitize(record["text"])
+        if repaired:
+            counts["repaired_docs"] += 1
+            counts["repaired_chars"] += repaired
+        texts.append(text)
+        ids.append(record["id"])
+        size += len(text)
+        if size >= config.batch_chars:
+            _flush(config, tok, texts, ids, writer, rejects, counts, threads)
+            texts, ids, size = [], [], 0
+    if texts:
+        _flush(config, tok, texts, ids, writer, rejects, counts, threads)
+
+
+def _flush(config: TokenizeConfig, tok, texts: list[str], ids: list[str], writer: TokenShardWriter,
+           rejects: list[dict], counts: Counter, threads: int) -> None:
+    encoded = tok.encode_batch(texts, threads=threads)
+    flat: list[int] = []
+    lengths: list[int] = []
+    head = [tok.bos_id] if config.add_bos and tok.bos_id is not None else []
+    tail = [tok.eos_id] if config.add_eos else []
+    limit = config.max_document_tokens
+    for doc_id, text, doc in zip(ids, texts, encoded, strict=True):
+        if not doc:
+            rejects.append({"id": doc_id, "reason": "empty_document", "detail": "no tokens"})
+            continue
+        if limit is not None and len(doc) > limit:
+            rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(doc)} tokens > {limit}"})
+            continue
+        counts["chars"] += len(text)
+        if head:
+            flat += head
+        flat += doc
+        if tail:
+            flat += tail
+        lengths.append(len(doc) + len(head) + len(tail))
+    if lengths:
+        writer.write_flat(np.array(flat, dtype=writer.dtype), np.array(lengths, dtype=np.uint64))
+
+
+def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
+                   rejects: list[dict], counts: Counter) -> None:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            counts["read"] += 1
+            doc_id = f"{source}:{number}"
+            try:
+                obj = json.loads(line)
+                doc_id = str(obj.get(config.id_key) or doc_id)
+                messages = obj[config.messages_key]
+                for m in messages:
+                    if isinstance(m.get("content"), str):
+                        m["content"], repaired = sanitize(m["content"])
+                        counts["repaired_chars"] += repaired
+                ids, mask = encode_chat(messages, tok)
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ChatFormatError) as exc:
+                rejects.append({"id": doc_id, "reason": "bad_chat_record", "detail": f"line {number}: {exc}"})
+                continue
+            if config.max_document_tokens is not None and len(ids) > config.max_document_tokens:
+                rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(ids)} tokens"})
+                continue
+            writer.write(ids, mask)
+
+
+# --- planning and running ----------------------------------------------------------------------------------
+
+@dataclass
+class TokenizeSummary:
+    output: Path
+    manifest: dict
+    shards_total: int
+    shards_skipped: int
+    seconds: float
+
+
+def plan_inputs(input_path: Path) -> tuple[Path, list]:
+    """Input files under a path; a ``phi3data run`` output directory means its ``data/`` folder."""
+    from phi3data.pipelines.runner import plan_shards
+
+    if input_path.is_dir() and (input_path / "manifest.json").exists() and (input_path / "data").is_dir():
+        input_path = input_path / "data"
+    shards = plan_shards(input_path)
+    warc = [s.relpath for s in shards if detect_format(Path(s.path)) == "warc"]
+    if warc:
+        raise ValueError(f"{input_path} holds raw WARC/WET files ({warc[0]} ...): run `phi3data run` first and "
+                         f"tokenize its output")
+    return input_path, shards
+
+
+def tokenize(inputs: list[Path], output: Path, config: TokenizeConfig, *, source: str | None = None,
+             engine: str = "local", workers: int | None = None, ray_address: str | None = None,
+             spark_master: str | None = None, progress: bool = False) -> TokenizeSummary:
+    """Tokenize every file under ``inputs`` into shards in ``output``; resumable and idempotent."""
+    started = time.perf_counter()
+    config_hash = config.hash()
+    output.mkdir(parents=True, exist_ok=True)
+    manifest_path = output / "manifest.json"
+    if manifest_path.exists():
+        previous = json.loads(manifest_path.read_text())
+        if previous.get("config_hash") != config_hash:
+            raise ValueError(f"{output} holds tokens made with another config or tokenizer (hash "
+                             f"{str(previous.get('config_hash'))[:10]}, this one is {config_hash[:10]}); "
+                             f"choose a new output directory")
+    remove_stale_tmp(output)
+    items = []
+    for input_path in inputs:
+        root, shards = plan_inputs(Path(input_path))
+        name = source or _source_name(root)
+        for s in shards:
+            stem = shard_stem(s.relpath, s.key, config_hash)
+            items.append({"path": s.path, "relpath": s.relpath, "key": s.key, "source": name, "stem": stem,
+                          "config_hash": config_hash})
+    stems = {i["stem"] for i in items}
+    if len(stems) != len(items):
+        raise ValueError("two inputs have the same relative path and content; tokenize them once")
+    pending = [i for i in items if not (output / f"{i['stem']}.json").exists()]
+    cpus = os.cpu_count() or 1
+    parallel = max(1, min(workers or cpus, len(pending) or 1))
+    for item in pending:
+        item["threads"] = max(1, cpus // parallel)
+    task = functools.partial(tokenize_shard, json.dumps(asdict(config), sort_keys=True), str(output))
+    results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
+                         spark_master=spark_master)
+    _drain(results, len(items), len(items) - len(pending), progress, engine)
+    manifest = write_directory_manifest(output, config, config_hash)
+    return TokenizeSummary(output, manifest, len(items), len(items) - len(pending), time.perf_counter() - started)
+
+
+def _source_name(root: Path) -> str:
+    if root.name == "data" and (root.parent / "manifest.json").exists():
+        root = root.parent
+    name = root.name
+    for suffix in (".gz", ".zst", ".jsonl", ".json", ".parquet", ".arrow"):
+        name = name.removesuffix(suffix)
+    return name or "input"
+
+
+def _drain(results, total: int, skipped: int, progress: bool, engine: str) -> None:
+    if not progress:
+        for _ in results:
+            pass
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tokens = 0
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+                  TimeElapsedColumn(), TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task(f"tokenize ({engine})", total=total, completed=skipped, rate="")
+        for result in results:
+            tokens += result["tokens"]
+            rate = tokens / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=1, rate=f"{tokens:,} tokens, {rate:,.0f} tokens/s")
+
+
+TOTAL_KEYS = ("tokens", "documents", "documents_read", "characters", "repaired_documents", "repaired_characters")
+
+
+def write_directory_manifest(output: Path, config: TokenizeConfig, config_hash: str) -> dict:
+    """Sum every finished shard in ``output`` into its ``manifest.json`` (the trainer reads ``dtype`` there)."""
+    tok = get_tokenizer(config.tokenizer)
+    entries, sources, rejects = [], {}, Counter()
+    totals = Counter()
+    for stem in list_shards(output):
+        shard = json.loads(stem.with_name(stem.name + ".json").read_text())
+        if shard.get("config_hash") != config_hash:
+            continue
+        entries.append({"stem": stem.name, "input": shard["input"], "input_key": shard["input_key"],
+                        "source": shard["source"], "tokens": shard["tokens"], "documents": shard["documents"],
+                        "rejects": sum(shard["rejects"].values())})
+        src = sources.setdefault(shard["source"], {"tokens": 0, "documents": 0, "shards": 0})
+        src["tokens"] += shard["tokens"]
+        src["documents"] += shard["documents"]
+        src["shards"] += 1
+        rejects.update(shard["rejects"])
+        for key in TOTAL_KEYS:
+            totals[key] += shard.get(key, 0)
+    manifest = {"format": SHARD_FORMAT, "version": SHARD_VERSION, "dtype": tok.dtype.name,
+                "tokenizer": tok.identity(), "tokenizer_hash": tok.identity_hash, "config": asdict(config),
+                "config_hash": config_hash, **{k: totals[k] for k in TOTAL_KEYS},
+                "rejects": dict(sorted(rejects.items())), "sources": sources, "shards": entries}
+    write_json_atomic(output / "manifest.json", manifest)
+    return manifest

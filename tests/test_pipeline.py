@@ -1,0 +1,190 @@
+"""Recipes, stages and a whole pipeline run: validation errors, stats, rejects, determinism."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import RECIPE, ROOT, SHARED, WARC_DIR, read_output
+
+from phi3data.documents import make_batch
+from phi3data.pipelines.recipe import RecipeError, load_recipe
+from phi3data.pipelines.runner import run_pipeline
+
+
+def _recipe(stages: list[dict]) -> dict:
+    return {"pipeline": {"name": "t"}, "stage": stages}
+
+
+def test_recipe_errors_are_clear(tmp_path):
+    with pytest.raises(RecipeError, match="unknown stage type 'gopher_qualty'.*gopher_quality"):
+        load_recipe(_recipe([{"type": "gopher_qualty"}]))
+    with pytest.raises(RecipeError, match=r"stage #1 \(language\): bad parameter: min_scor"):
+        load_recipe(_recipe([{"type": "language", "min_scor": 0.5}]))
+    with pytest.raises(RecipeError, match="min_score.*valid number"):
+        load_recipe(_recipe([{"type": "language", "min_score": "high"}]))
+    with pytest.raises(RecipeError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.toml")
+    with pytest.raises(RecipeError, match="no \\[\\[stage\\]\\]"):
+        load_recipe(_recipe([]))
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        run_pipeline(load_recipe(RECIPE), tmp_path / "missing", tmp_path / "out", progress=False)
+
+
+def test_cli_reports_bad_recipe_without_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[pipeline]\nname = "x"\n[[stage]]\ntype = "extract"\nextractor = "lynx"\n')
+    proc = subprocess.run([sys.executable, "-m", "phi3data.cli", "run", str(bad), "--input", str(WARC_DIR),
+                           "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "extractor" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_config_hash_is_stable_and_sensitive():
+    a = load_recipe(RECIPE)
+    assert a.config_hash() == load_recipe(RECIPE).config_hash()
+    data = json.loads(json.dumps(a.model_dump(mode="json")))
+    data["stage"][2]["min_score"] = 0.5
+    assert load_recipe(data).config_hash() != a.config_hash()
+
+
+def _run_stage(stage_type: str, docs: list[str], **params):
+    recipe = load_recipe(_recipe([{"type": stage_type, **params}]))
+    stage = recipe.build_stages()[0]
+    stage.ensure_setup()
+    batch = make_batch([{"id": str(i), "text": t, "source": "t"} for i, t in enumerate(docs)])
+    return stage.process(batch)
+
+
+def _textbook_texts(n: int) -> list[str]:
+    out = []
+    with gzip.open(SHARED / "textbooks" / "openstax.jsonl.gz", "rt") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            if len(text) > 3000:
+                out.append(text)
+            if len(out) == n:
+                break
+    return out
+
+
+def test_heuristics_keep_textbooks_and_drop_junk():
+    books = _textbook_texts(20)
+    repeated = "Buy now! Great deals every day.\n" * 40
+    menu = "\n".join(["Home", "About", "Contact", "Shop", "Cart", "Login"] * 20)
+    for stage in ("gopher_repetition", "gopher_quality"):
+        out = _run_stage(stage, books + [repeated, menu])
+        kept = out.batch.column("id").to_pylist()
+        assert {"20", "21"}.isdisjoint(kept), stage
+        assert len([k for k in kept if int(k) < 20]) >= 18, stage
+        assert sum(out.drops.values()) == 22 - len(kept)
+    out = _run_stage("gopher_repetition", [repeated])
+    assert list(out.drops) == ["gopher_repetition:dup_para_frac"] or "dup_line" in next(iter(out.drops))
+
+
+def test_c4_keeps_only_good_lines():
+    text = ("A heading without punctuation\n" + "This sentence ends well. Another one follows here!\n" * 3 +
+            "Accept cookies? We use cookies on this site.\nShort one.\nJavascript is required to view this.\n")
+    out = _run_stage("c4_quality", [text])
+    assert out.batch.num_rows == 1
+    kept = out.batch.column("text")[0].as_py()
+    assert kept == "\n".join(["This sentence ends well. Another one follows here!"] * 3)
+    dropped = _run_stage("c4_quality", ["function f() { return 1; } is code.\n" * 6])
+    assert dict(dropped.drops) == {"c4_quality:curly_bracket": 1}
+
+
+def test_language_labels_real_text():
+    books = _textbook_texts(3)
+    german = ("Die Kinder spielen im Garten, während die Eltern im Haus das Abendessen vorbereiten. "
+              "Morgen fahren wir mit dem Zug nach Berlin, um unsere Großeltern zu besuchen.")
+    out = _run_stage("language", books + [german], languages=["en"])
+    assert out.batch.column("language").to_pylist() == ["en"] * 3
+    assert dict(out.drops) == {"language:other_language": 1}
+    labelled = _run_stage("language", [german], languages=[])
+    assert labelled.batch.column("language").to_pylist() == ["de"]
+
+
+def test_url_blocklist(tmp_path):
+    listing = tmp_path / "block.txt"
+    listing.write_text("# spam\nspam.example\n")
+    recipe = load_recipe(_recipe([{"type": "url_blocklist", "domains_file": str(listing),
+                                   "url_substrings": ["/casino/"]}]))
+    stage = recipe.build_stages()[0]
+    stage.ensure_setup()
+    urls = ["http://spam.example/a", "https://www.spam.example/b", "https://ok.example/casino/x",
+            "https://ok.example/fine", None]
+    batch = make_batch([{"id": str(i), "text": "t", "url": u} for i, u in enumerate(urls)])
+    out = stage.process(batch)
+    assert out.batch.column("id").to_pylist() == ["3", "4"]
+    assert dict(out.drops) == {"url_blocklist:blocked_domain": 2, "url_blocklist:blocked_substring": 1}
+
+
+def test_run_stats_add_up(reference_run):
+    stats = json.loads((reference_run / "stats.json").read_text())
+    manifest = json.loads((reference_run / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["shards"]) == 9
+    assert stats["documents_read"] == 2013
+    assert stats["documents_out"] == len(read_output(reference_run)) > 300
+    previous_out = stats["documents_read"]
+    for stage in stats["stages"]:
+        assert stage["in"] == previous_out
+        assert stage["in"] - stage["out"] == sum(stage["drops"].values()) + stage["rejects"]
+        previous_out = stage["out"]
+    assert previous_out == stats["documents_out"]
+    for row in manifest["shards"]:
+        assert row["data"].endswith(f"-{manifest['recipe_hash'][:10]}.parquet")
+
+
+def test_output_schema_and_languages(reference_run):
+    shard = sorted((reference_run / "data").glob("*.parquet"))[0]
+    table = pq.read_table(shard)
+    assert table.schema.names[:5] == ["id", "text", "url", "source", "metadata"]
+    assert set(table.column("language").to_pylist()) == {"en"}
+    assert min(table.column("language_score").to_pylist()) >= 0.65
+
+
+def test_rerun_skips_and_other_recipe_refused(reference_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(reference_run, out)
+    before = read_output(out)
+    summary = run_pipeline(load_recipe(RECIPE), WARC_DIR, out, progress=False)
+    assert summary.shards_skipped == 9 and read_output(out) == before
+    other = load_recipe(_recipe([{"type": "extract"}]))
+    with pytest.raises(RecipeError, match="another recipe"):
+        run_pipeline(other, WARC_DIR, out, progress=False)
+
+
+def test_bad_input_is_counted_and_written_to_rejects(reference_run, tmp_path):
+    """Corrupt real shards and add broken JSONL; good documents come out exactly as from the clean run."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    clean = (WARC_DIR / "web-sample-00000.warc.gz").read_bytes()
+    damaged = bytearray(clean)
+    starts = [i for i in range(len(damaged) - 3) if damaged[i:i + 3] == b"\x1f\x8b\x08"]
+    damaged[starts[10] + 50: starts[10] + 150] = bytes(100)
+    (inp / "web-sample-00000.warc.gz").write_bytes(bytes(damaged))
+    small = (WARC_DIR / "web-sample-00008.warc.gz").read_bytes()
+    (inp / "web-sample-00008.warc.gz").write_bytes(small[: int(len(small) * 0.6)])
+    text = _textbook_texts(2)
+    lines = [json.dumps({"id": "book-0", "text": text[0]}), '{"id": "broken", "text": "no end',
+             json.dumps({"id": "empty", "text": "  "}), json.dumps({"id": "giant", "text": text[1] * (20_000_000 // len(text[1]) + 1)})]
+    (inp / "extra.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    summary = run_pipeline(load_recipe(RECIPE), inp, out, progress=False)
+    stats = summary.stats
+    assert stats["read_rejects"] == {"corrupt_gzip": 1, "empty_document": 1, "malformed_json": 1,
+                                     "too_large": 1, "truncated_gzip": 1}
+    rejects = [r for p in sorted((out / "rejects").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert sorted(r["reason"] for r in rejects) == sorted(
+        ["corrupt_gzip", "empty_document", "malformed_json", "too_large", "truncated_gzip"])
+    assert all(r["source"] and r["detail"] for r in rejects)
+    reference = dict(read_output(reference_run))
+    got = read_output(out)
+    warc_docs = [(i, t) for i, t in got if i != "book-0"]
+    assert all(reference[i] == t for i, t in warc_docs)  # good documents unaffected
+    assert "book-0" in dict(got)

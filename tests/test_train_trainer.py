@@ -1,0 +1,195 @@
+"""The trainer on real tokens: schedules, data, NaN guard, exact resume after kill -9, HF-loadable checkpoints."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from phi3data.training import TrainConfig, Trainer, TrainingDiverged, lr_at
+from phi3data.training.data import TokenData
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TEXTBOOKS = SHARED / "textbooks" / "openstax.jsonl.gz"
+SP_MODEL = SHARED / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+def make_token_dir(out: Path, max_tokens: int = 120_000) -> Path:
+    """Tokenize real OpenStax text with the Llama-2 SentencePiece model into a uint16 shard + manifest."""
+    import sentencepiece as spm
+
+    if not TEXTBOOKS.exists() or not SP_MODEL.exists():
+        pytest.fail(f"missing test data: {TEXTBOOKS} / {SP_MODEL} (the ../shared/data checkout)")
+    sp = spm.SentencePieceProcessor(model_file=str(SP_MODEL))
+    ids: list[int] = []
+    with gzip.open(TEXTBOOKS, "rt", encoding="utf-8") as f:
+        for line in f:
+            ids.extend(sp.encode(json.loads(line)["text"]) + [sp.eos_id()])
+            if len(ids) >= max_tokens:
+                break
+    out.mkdir(parents=True, exist_ok=True)
+    np.asarray(ids[:max_tokens], dtype="<u2").tofile(out / "openstax-00000.bin")
+    (out / "manifest.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": sp.vocab_size()}))
+    return out
+
+
+TINY_MODEL = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+              "original_max_position_embeddings": 256, "pad_token_id": 0, "eos_token_id": 2}
+
+
+def write_config(path: Path, data_dir: Path, out_dir: Path, **train) -> Path:
+    """A training config TOML with an inline [model] table."""
+    opts = dict(seq_len=64, micro_batch_size=4, grad_accum=1, max_steps=20, lr=3e-3, min_lr=3e-4,
+                warmup_steps=3, eval_every=0, ckpt_every=5, log_every=5, seed=7)
+    opts.update(train)
+    lines = ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items()]
+    lines += ["", "[data]", f'path = "{data_dir}"', "", "[train]", f'out_dir = "{out_dir}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def losses(metrics: Path) -> dict[int, float]:
+    """step -> loss, the last record of each step winning (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory) -> Path:
+    return make_token_dir(tmp_path_factory.mktemp("tokens"))
+
+
+def test_schedules() -> None:
+    cfg = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110, schedule="cosine")
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)
+    assert lr_at(cfg, 110) == pytest.approx(0.1)
+    wsd = TrainConfig(lr=1.0, min_lr=0.0, warmup_steps=10, max_steps=100, schedule="wsd", wsd_decay_fraction=0.2)
+    assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0
+    assert lr_at(wsd, 90) == pytest.approx(0.5)
+    assert lr_at(wsd, 100) == pytest.approx(0.0)
+
+
+def test_token_data_windows_and_resume_position(tokens: Path, tmp_path: Path) -> None:
+    data = TokenData(tokens, seq_len=64, seed=3)
+    raw = np.fromfile(tokens / "openstax-00000.bin", dtype="<u2")
+    assert data.num_tokens == len(raw)
+    x, y = data.batch(0, 4)
+    assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
+    # every window is a real slice of the file
+    o = data.offsets[data._order(0)[0]]
+    assert torch.equal(x[0], torch.from_numpy(raw[o:o + 64].astype(np.int64)))
+    # the stream is a pure function of the position: a fresh reader continues identically
+    again = TokenData(tokens, seq_len=64, seed=3)
+    assert torch.equal(again.batch(len(data) - 2, 4)[0], data.batch(len(data) - 2, 4)[0])
+    # a plain .bin needs its dtype, and says so
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes((tokens / "openstax-00000.bin").read_bytes())
+    with pytest.raises(ValueError, match="dtype"):
+        TokenData(plain, 64)
+    assert torch.equal(TokenData(plain, 64, dtype="uint16", seed=3).batch(5, 2)[0], data.batch(5, 2)[0])
+
+
+def test_grad_accumulation_matches_bigger_batch(tokens: Path, tmp_path: Path) -> None:
+    runs = {}
+    for name, mb, acc in (("big", 4, 1), ("accum", 2, 2)):
+        cfg = TrainConfig.from_toml(write_config(tmp_path / f"{name}.toml", tokens, tmp_path / name,
+                                                 micro_batch_size=mb, grad_accum=acc, max_steps=6, ckpt_every=0))
+        Trainer(cfg).train()
+        runs[name] = losses(tmp_path / name / "metrics.jsonl")
+    assert len(runs["big"]) == 6
+    for step, loss in runs["big"].items():
+        assert runs["accum"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
+    assert runs["big"][6] < runs["big"][1]
+
+
+def test_nan_guard_stops_with_clear_message(tokens: Path, tmp_path: Path) -> None:
+    cfg = TrainConfig.from_toml(write_config(tmp_path / "c.toml", tokens, tmp_path / "run"))
+    trainer = Trainer(cfg)
+    trainer.train_step()
+    with torch.no_grad():
+        trainer.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with pytest.raises(TrainingDiverged, match=r"step 1: loss=nan .*not finite.*lower lr"):
+        trainer.train_step()
+    for k, v in trainer.model.state_dict().items():  # no optimizer step was taken
+        assert torch.allclose(v, before[k], equal_nan=True)
+
+
+def test_eval_metrics_and_checkpoint_loads_in_transformers(tokens: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cfg = TrainConfig.from_toml(write_config(tmp_path / "c.toml", tokens, tmp_path / "run", max_steps=10,
+                                             eval_every=5, eval_batches=2, schedule="wsd"))
+    trainer = Trainer(cfg)
+    last = trainer.train()
+    assert "val_loss" in last and np.isfinite(last["val_loss"])
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_loss" in r] == [5, 10]
+    assert all(r["tokens_per_s"] > 0 for r in recs if "loss" in r)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000010"
+    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "rng.safetensors",
+                                               "state.json", "config.json"}
+    assert json.loads((ckpt / "state.json").read_text())["samples"] == 40
+    torch.load(ckpt / "optimizer.pt", weights_only=True)  # loads without unpickling arbitrary objects
+    hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    x, _ = trainer.val_data.fixed_batches(1, 2)[0]
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, trainer.model(x)[0], atol=1e-5, rtol=0)
+        out = hf.generate(x[:1, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+    assert set(load_file(str(ckpt / "model.safetensors"))) == set(trainer.model.state_dict())
+
+
+def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
+    """A run killed with SIGKILL and resumed gives the same loss at every step as an uninterrupted run."""
+    steps = 30
+    cmd = [sys.executable, "-m", "phi3data.training.trainer"]
+    env = subprocess_env()
+    full = write_config(tmp_path / "full.toml", tokens, tmp_path / "full", max_steps=steps, ckpt_every=5)
+    subprocess.run(cmd + [str(full)], env=env, check=True, capture_output=True, timeout=300)
+    reference = losses(tmp_path / "full" / "metrics.jsonl")
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    cfg = write_config(tmp_path / "killed.toml", tokens, tmp_path / "killed", max_steps=steps, ckpt_every=5)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    proc = subprocess.Popen(cmd + [str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and max(losses(metrics), default=0) >= 12:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    killed_at = max(losses(metrics))
+    assert 12 <= killed_at < steps, "the run finished before it could be killed; make it longer"
+
+    subprocess.run(cmd + [str(cfg)], env=env, check=True, capture_output=True, timeout=300)
+    events = [json.loads(x) for x in metrics.read_text().splitlines() if '"resume"' in x]
+    assert len(events) == 1 and events[0]["step"] % 5 == 0 and events[0]["step"] <= killed_at
+    resumed = losses(metrics)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert resumed == reference  # bit-identical trajectory
