@@ -30,8 +30,12 @@ FILTERS = [{"type": "gopher_repetition"}, {"type": "gopher_quality"}, {"type": "
 def run_datatrove(input_dir: Path, out: Path, workers: int, n_tasks: int) -> tuple[float, set[str]]:
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.extractors import Trafilatura
-    from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
-                                            GopherRepetitionFilter)
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
     from datatrove.pipeline.readers import WarcReader
     from datatrove.pipeline.writers import JsonlWriter
 

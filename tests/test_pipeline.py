@@ -172,7 +172,8 @@ def test_bad_input_is_counted_and_written_to_rejects(reference_run, tmp_path):
     (inp / "web-sample-00008.warc.gz").write_bytes(small[: int(len(small) * 0.6)])
     text = _textbook_texts(2)
     lines = [json.dumps({"id": "book-0", "text": text[0]}), '{"id": "broken", "text": "no end',
-             json.dumps({"id": "empty", "text": "  "}), json.dumps({"id": "giant", "text": text[1] * (20_000_000 // len(text[1]) + 1)})]
+             json.dumps({"id": "empty", "text": "  "}),
+             json.dumps({"id": "giant", "text": text[1] * (20_000_000 // len(text[1]) + 1)})]
     (inp / "extra.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     summary = run_pipeline(load_recipe(RECIPE), inp, out, progress=False)
@@ -188,3 +189,15 @@ def test_bad_input_is_counted_and_written_to_rejects(reference_run, tmp_path):
     warc_docs = [(i, t) for i, t in got if i != "book-0"]
     assert all(reference[i] == t for i, t in warc_docs)  # good documents unaffected
     assert "book-0" in dict(got)
+
+
+def test_hugging_face_saved_dataset_as_input(tmp_path):
+    import datasets
+
+    books = _textbook_texts(6)
+    ds = datasets.Dataset.from_dict({"id": [f"b{i}" for i in range(6)], "text": books})
+    ds.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    recipe = load_recipe(_recipe([{"type": "language", "languages": ["en"]}, {"type": "gopher_quality"}]))
+    summary = run_pipeline(recipe, tmp_path / "hf", tmp_path / "out", progress=False)
+    assert summary.shards_total == 2
+    assert [i for i, _ in read_output(tmp_path / "out")] == [f"b{i}" for i in range(6)]

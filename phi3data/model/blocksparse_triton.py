@@ -185,10 +185,15 @@ def _bwd_dkdv_kernel(
     tl.store(DV + kv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-def _launch_opts(block: int, d: int) -> dict[str, int]:
+# (num_warps, num_stages) per kernel; tuned on an H100 for block 64, head_dim 128 (docs/benchmarks_training.md)
+LAUNCH = {"fwd": (4, 2), "dq": (4, 2), "dkdv": (4, 2)}
+
+
+def _launch_opts(kernel: str) -> dict[str, int]:
     if not torch.cuda.is_available():
         return {}
-    return {"num_warps": 4 if block * d <= 64 * 64 else 8, "num_stages": 3}
+    warps, stages = LAUNCH[kernel]
+    return {"num_warps": warps, "num_stages": stages}
 
 
 class _BlocksparseAttention(torch.autograd.Function):
@@ -208,7 +213,7 @@ class _BlocksparseAttention(torch.autograd.Function):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             o.stride(0), o.stride(1), o.stride(2),
             h, h // hkv, t, nb, lut.shape[-1], scale * LOG2E,
-            BLOCK=block, D=d, **_launch_opts(block, d),
+            BLOCK=block, D=d, **_launch_opts("fwd"),
         )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.cfg = (scale, block, local_blocks, vert_stride, homo_head)
@@ -225,18 +230,17 @@ class _BlocksparseAttention(torch.autograd.Function):
         do = do.contiguous()
         delta = (o.float() * do.float()).sum(-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        opts = _launch_opts(block, d)
         _bwd_dq_kernel[(nb, b * h)](
             q, k, v, do, dq, lse, delta, lut, cnt,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, h // hkv, t, nb, lut.shape[-1], scale * LOG2E, scale,
-            BLOCK=block, D=d, **opts,
+            BLOCK=block, D=d, **_launch_opts("dq"),
         )
         _bwd_dkdv_kernel[(nb, b * hkv)](
             q, k, v, do, dk, dv, lse, delta, lut_t, cnt_t,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             h, hkv, h // hkv, t, nb, lut_t.shape[-1], scale * LOG2E, scale,
-            BLOCK=block, D=d, **opts,
+            BLOCK=block, D=d, **_launch_opts("dkdv"),
         )
         return dq, dk, dv, None, None, None, None, None
 

@@ -20,9 +20,11 @@ from phi3data import __version__
 from phi3data.engines import map_shards
 from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
-from phi3data.pipelines.pipeline import PROGRESS_DIR, InputShard, Pipeline, run_shard_task
+from phi3data.pipelines.pipeline import InputShard, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
 
+# Metadata beside the data (Hugging Face save_to_disk, our own run outputs) is not input.
+METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "manifest.json", "stats.json"}
 INPUT_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
 
 
@@ -35,7 +37,8 @@ def plan_shards(input_path: Path) -> list[InputShard]:
     else:
         root = input_path
         files = sorted(p for p in input_path.rglob("*")
-                       if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and not p.name.startswith("."))
+                       if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and p.name not in METADATA_FILES
+                       and not any(part.startswith((".", "_")) for part in p.relative_to(input_path).parts))
         if not files:
             raise FileNotFoundError(f"no input files under {input_path} (looked for {', '.join(INPUT_SUFFIXES)})")
     shards = []
@@ -46,6 +49,21 @@ def plan_shards(input_path: Path) -> list[InputShard]:
                 digest.update(chunk)
         shards.append(InputShard(str(path.resolve()), path.relative_to(root).as_posix(), digest.hexdigest()))
     return shards
+
+
+def materialise_hf_dataset(name: str, target: Path) -> Path:
+    """Save a Hugging Face hub dataset (``hf:org/name`` or ``hf:org/name:split``) as Arrow shards to read.
+
+    Needs network access the first time; a directory saved with ``save_to_disk`` can be passed as input
+    directly instead (its ``*.arrow`` files are the shards).
+    """
+    from phi3data.io.readers import load_hf_dataset
+
+    if (target / "dataset_info.json").exists():
+        return target
+    repo, _, split = name.partition(":")
+    load_hf_dataset(repo, split or "train").save_to_disk(str(target))
+    return target
 
 
 @dataclass
@@ -63,8 +81,10 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
     """Run ``recipe`` over every shard under ``input_path`` into ``output``; resumable and idempotent."""
     started = time.perf_counter()
     pipeline = Pipeline(recipe)
-    shards = plan_shards(input_path)
     output.mkdir(parents=True, exist_ok=True)
+    if str(input_path).startswith("hf:"):
+        input_path = materialise_hf_dataset(str(input_path)[3:], output / "_hf_input")
+    shards = plan_shards(input_path)
     manifest_path = output / "manifest.json"
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text())

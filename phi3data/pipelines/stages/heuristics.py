@@ -17,7 +17,10 @@ from phi3data.pipelines.base import Filter, StageParams, register, texts
 
 WORD_RE = re.compile(r"\w+|[^\w\s]+")
 # Characters that make a "word" a symbol when a word consists only of them.
-_PUNCT = set("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~¡§«¶·»¿‐‑‒–—―‘’‚‛“”„‟†‡•…‰′″‹›※⁂、。〈〉《》「」『』【】〔〕〜・！＂＃％＆＇（）＊＋，－．／：；＜＝＞？＠［＼］＾＿｀｛｜｝～｟｠｡｢｣､･►")
+_PUNCT = set(
+    "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~¡§«¶·»¿‐‑‒–—―‘’‚‛“”„‟†‡•…‰"
+    "′″‹›※⁂、。〈〉《》「」『』【】〔〕〜・！＂＃％＆＇（）＊＋，－．／：；＜＝＞？＠［＼］＾＿｀｛｜｝～｟｠｡｢｣､･►"
+)
 TERMINAL_PUNCT = (".", "!", "?", '"', "'", "。", "！", "？", "…", "”", "’", "»", "؟", "।", "॥", ";", ":")
 SENTENCE_END_RE = re.compile(r"[.!?。！？]+[\"'”’)\]]*\s+(?=\S)")
 PARAGRAPH_RE = re.compile(r"\n{2,}")

@@ -43,19 +43,18 @@ class Language(Filter):
         self._model = fasttext.load_model(str(path)).f
         self._allowed = set(self.params.languages)
 
-    def process(self, batch: pa.Table):
+    def predict(self, batch: pa.Table) -> tuple[list[str], list[float]]:
+        """The top language label and its probability for every document."""
         self.ensure_setup()
         lines = [t.replace("\n", " ") + "\n" for t in texts(batch)]
         labels, probs = self._model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
         langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
         scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
-        batch = set_column(batch, "language", pa.array(langs, pa.string()))
-        batch = set_column(batch, "language_score", pa.array(scores, pa.float32()))
-        self._last = (langs, scores)
-        return super().process(batch)
+        return langs, scores
 
     def reasons(self, batch: pa.Table):
-        langs, scores = self._last
+        langs = batch.column("language").to_pylist()
+        scores = batch.column("language_score").to_pylist()
         out: list[str | None] = []
         for lang, score in zip(langs, scores):
             if self._allowed and lang not in self._allowed:
@@ -65,3 +64,9 @@ class Language(Filter):
             else:
                 out.append(None)
         return out, None
+
+    def process(self, batch: pa.Table):
+        langs, scores = self.predict(batch)
+        batch = set_column(batch, "language", pa.array(langs, pa.string()))
+        batch = set_column(batch, "language_score", pa.array(scores, pa.float32()))
+        return super().process(batch)
