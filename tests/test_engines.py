@@ -84,3 +84,18 @@ def test_spark_standalone_cluster_on_loopback(reference_run, tmp_path):
         for proc in (worker, master):
             os.killpg(proc.pid, 9)
             proc.wait()
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_global_stage_decides_the_same_on_every_engine(engine, tmp_path):
+    from test_pipeline import _threshold_recipe
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("web-sample-00002.warc.gz", "web-sample-00008.warc.gz"):
+        (inp / name).symlink_to(WARC_DIR / name)
+    recipe = load_recipe(_threshold_recipe("top_fraction", 0.3))
+    local = run_pipeline(recipe, inp, tmp_path / "local", engine="local", workers=2, progress=False)
+    other = run_pipeline(recipe, inp, tmp_path / engine, engine=engine, workers=2, progress=False)
+    assert other.stats["decisions"] == local.stats["decisions"]
+    assert read_output(tmp_path / engine) == read_output(tmp_path / "local")

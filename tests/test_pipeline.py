@@ -201,3 +201,50 @@ def test_hugging_face_saved_dataset_as_input(tmp_path):
     summary = run_pipeline(recipe, tmp_path / "hf", tmp_path / "out", progress=False)
     assert summary.shards_total == 2
     assert [i for i, _ in read_output(tmp_path / "out")] == [f"b{i}" for i in range(6)]
+
+
+def _threshold_recipe(mode: str, value: float) -> dict:
+    return {"pipeline": {"name": "global"},
+            "stage": [{"type": "extract"}, {"type": "language", "languages": [], "min_score": 0.0},
+                      {"type": "score_threshold", "column": "language_score", "mode": mode, "value": value,
+                       "low": 0.0, "high": 1.0, "bins": 200},
+                      {"type": "length", "min_chars": 100}]}
+
+
+def _languages_scores(out):
+    rows = []
+    for shard in sorted((out / "data").glob("*.parquet")):
+        table = pq.read_table(shard, columns=["id", "language_score", "text"])
+        rows.extend(zip(table.column("id").to_pylist(), table.column("language_score").to_pylist(),
+                        table.column("text").to_pylist()))
+    return rows
+
+
+def test_global_threshold_top_fraction_and_budget(tmp_path):
+    """A global stage: histogram in the workers, cut on the driver, filter in a second pass."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("web-sample-00000.warc.gz", "web-sample-00008.warc.gz"):
+        (inp / name).symlink_to(WARC_DIR / name)
+    out = tmp_path / "top"
+    summary = run_pipeline(load_recipe(_threshold_recipe("top_fraction", 0.25)), inp, out, progress=False)
+    decision = summary.stats["decisions"]["score_threshold"]
+    total = decision["documents_total"]
+    assert total == 263 - summary.stats["stages"][0]["drops"].get("extract:empty", 0)
+    kept = _languages_scores(out)
+    threshold = decision["threshold"]
+    assert all(score >= threshold for _, score, _ in kept)
+    # the cut keeps at least a quarter, and no more than the documents in the cut bin above a quarter
+    assert decision["documents_kept"] >= 0.25 * total
+    names = [s["name"] for s in summary.stats["stages"]]
+    assert names == ["extract", "language", "score_threshold", "length"]
+    thr_stats = summary.stats["stages"][2]
+    assert thr_stats["in"] == total and thr_stats["out"] == decision["documents_kept"]
+    # token budget: kept tokens reach the budget with the fewest bins
+    out2 = tmp_path / "budget"
+    summary2 = run_pipeline(load_recipe(_threshold_recipe("token_budget", 50_000)), inp, out2, progress=False)
+    d2 = summary2.stats["decisions"]["score_threshold"]
+    assert d2["tokens_kept"] >= 50_000 and d2["tokens_total"] > 50_000
+    # rerun is a no-op and reuses the saved decision
+    again = run_pipeline(load_recipe(_threshold_recipe("token_budget", 50_000)), inp, out2, progress=False)
+    assert again.shards_skipped == 2 and again.stats["decisions"] == summary2.stats["decisions"]

@@ -93,3 +93,42 @@ def set_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
 
 def non_null(values: pa.ChunkedArray) -> pa.ChunkedArray:
     return pc.fill_null(values, "")
+
+
+class GlobalStage(Stage):
+    """A stage that needs the whole dataset before it can act (percentile thresholds, token budgets ...).
+
+    The runner splits the pipeline at a global stage and runs it as map -> reduce on the driver -> map:
+      1. ``summarize(batch)`` on every batch, in every worker: a small, additive summary (a dict of ints or of
+         equal-length lists of ints, e.g. a fixed-bin histogram); the runner sums them over all shards, so the
+         result is the same on every engine and in any order;
+      2. ``decide(summary)`` once, on the driver: a JSON-serialisable decision (e.g. {"threshold": 2.7});
+      3. ``apply(batch, decision)`` on every batch in a second pass: drops and columns as a normal stage.
+    """
+
+    def summarize(self, batch: pa.Table) -> dict:
+        raise NotImplementedError
+
+    def decide(self, summary: dict) -> dict:
+        raise NotImplementedError
+
+    def apply(self, batch: pa.Table, decision: dict) -> StageOutput:
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        raise RuntimeError(f"{self.name} is a global stage: run it through phi3data.pipelines.runner")
+
+
+def merge_summaries(a: dict, b: dict) -> dict:
+    """Add two GlobalStage summaries key by key (ints add, lists of ints add element-wise)."""
+    out = dict(a)
+    for key, value in b.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, list):
+            if len(value) != len(out[key]):
+                raise ValueError(f"summary list {key!r} has different lengths: {len(out[key])} vs {len(value)}")
+            out[key] = [x + y for x, y in zip(out[key], value)]
+        else:
+            out[key] = out[key] + value
+    return out

@@ -1,7 +1,12 @@
 """Pipeline: read one input shard, push its documents through the stages, write output and rejects atomically.
 
 This is the unit of work every engine runs. It is deterministic: the same shard and recipe give the same
-output bytes-for-rows on any engine, so a rerun can simply redo an unfinished shard.
+rows on any engine, so a rerun can simply redo an unfinished shard.
+
+A recipe with global stages (``GlobalStage``: percentile thresholds, token budgets ...) is cut into segments at
+each of them. Segment 0 reads the input shard; segment k > 0 reads segment k-1's intermediate Parquet for the
+same shard and starts by applying the global stage's decision, which the runner computed on the driver from
+the summaries segment k-1 returned.
 """
 
 from __future__ import annotations
@@ -10,19 +15,22 @@ import json
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from phi3data.documents import REJECT_SCHEMA, make_batch, make_rejects
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import ShardWriter, write_json_atomic
+from phi3data.pipelines.base import GlobalStage, Stage, StageOutput, merge_summaries
 from phi3data.pipelines.recipe import Recipe, load_recipe
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
 PROGRESS_DIR = "_progress"
+SEGMENTS_DIR = "_segments"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,32 @@ class InputShard:
         return f"{stem}-{self.key[:10]}-{recipe_hash[:10]}"
 
 
+@dataclass
+class Segment:
+    """Stages between global stages: ``opening`` (applied first, with its decision) and ``closing`` (summarised
+    at the end, decided on the driver before the next segment)."""
+
+    stages: list[Stage] = field(default_factory=list)
+    opening: GlobalStage | None = None
+    closing: GlobalStage | None = None
+
+
+class _Decided(Stage):
+    """A global stage bound to its decision, so it runs like any other stage."""
+
+    def __init__(self, stage: GlobalStage, decision: dict):
+        super().__init__(stage.params, name=stage.name)
+        self.type_name = stage.type_name
+        self.stage = stage
+        self.decision = decision
+
+    def setup(self) -> None:
+        self.stage.ensure_setup()
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        return self.stage.apply(batch, self.decision)
+
+
 class Pipeline:
     """A recipe's stages, ready to run over shards."""
 
@@ -49,18 +83,43 @@ class Pipeline:
         duplicated = {n for n in names if names.count(n) > 1}
         if duplicated:
             raise ValueError(f"stage names must be unique; give these a 'name': {', '.join(sorted(duplicated))}")
+        self.segments = [Segment()]
+        for stage in self.stages:
+            if isinstance(stage, GlobalStage):
+                self.segments[-1].closing = stage
+                self.segments.append(Segment(opening=stage))
+            else:
+                self.segments[-1].stages.append(stage)
 
-    def output_paths(self, out_dir: Path, shard: InputShard) -> dict[str, Path]:
+    @property
+    def last_segment(self) -> int:
+        return len(self.segments) - 1
+
+    def output_paths(self, out_dir: Path, shard: InputShard, segment: int | None = None) -> dict[str, Path]:
+        """Where a shard's outputs go for one segment (the last segment by default: the final outputs)."""
+        segment = self.last_segment if segment is None else segment
         stem = shard.output_stem(self.hash)
-        ext = "parquet" if self.recipe.output.format == "parquet" else "jsonl"
-        return {"data": out_dir / DATA_DIR / f"{stem}.{ext}",
-                "rejects": out_dir / REJECTS_DIR / f"{stem}.parquet",
-                "done": out_dir / PROGRESS_DIR / f"{stem}.json"}
+        rejects = out_dir / REJECTS_DIR / (f"{stem}.parquet" if segment == 0 else f"{stem}.s{segment}.parquet")
+        if segment == self.last_segment:
+            ext = "parquet" if self.recipe.output.format == "parquet" else "jsonl"
+            return {"data": out_dir / DATA_DIR / f"{stem}.{ext}", "rejects": rejects,
+                    "done": out_dir / PROGRESS_DIR / f"{stem}.json"}
+        base = out_dir / SEGMENTS_DIR / str(segment)
+        return {"data": base / f"{stem}.parquet", "rejects": rejects, "done": base / PROGRESS_DIR / f"{stem}.json"}
 
-    def run_batch(self, batch: pa.Table, stats: list[dict]) -> tuple[pa.Table, list[dict]]:
-        """Push one batch through every stage, adding to per-stage stats; returns kept docs and rejects."""
+    def segment_stages(self, segment: int, decision: dict | None) -> list[Stage]:
+        seg = self.segments[segment]
+        if seg.opening is None:
+            return list(seg.stages)
+        if decision is None:
+            raise ValueError(f"segment {segment} starts with global stage {seg.opening.name} and needs its decision")
+        return [_Decided(seg.opening, decision), *seg.stages]
+
+    @staticmethod
+    def run_batch(stages: list[Stage], batch: pa.Table, stats: list[dict]) -> tuple[pa.Table, list[dict]]:
+        """Push one batch through the stages, adding to per-stage stats; returns kept docs and rejects."""
         rejects: list[dict] = []
-        for stage, stage_stats in zip(self.stages, stats):
+        for stage, stage_stats in zip(stages, stats):
             stage.ensure_setup()
             started = time.perf_counter()
             rows_in = batch.num_rows
@@ -74,51 +133,77 @@ class Pipeline:
             rejects.extend(result.rejects)
         return batch, rejects
 
-    def process_shard(self, shard: InputShard, out_dir: Path) -> dict:
-        """Process one input shard end to end and return its stats (also written as its done marker)."""
-        started = time.perf_counter()
-        cfg_in, cfg_out = self.recipe.input, self.recipe.output
+    def _input_batches(self, shard: InputShard, out_dir: Path, segment: int, read_rejects: Counter,
+                       pending_rejects: list[dict]):
+        """Yield document batches for a segment: parsed input for segment 0, the previous segment's rows after."""
+        cfg_in, batch_size = self.recipe.input, self.recipe.output.batch_size
+        if segment > 0:
+            previous = self.output_paths(out_dir, shard, segment - 1)["data"]
+            for record_batch in pq.ParquetFile(previous).iter_batches(batch_size=batch_size):
+                yield pa.Table.from_batches([record_batch])
+            return
         path = Path(shard.path)
         fmt = detect_format(path) if cfg_in.format == "auto" else cfg_in.format
         with_html = fmt == "warc"
-        paths = self.output_paths(out_dir, shard)
+        records = read_records(path, fmt=fmt, source=cfg_in.source or shard.relpath,
+                               max_document_bytes=cfg_in.max_document_bytes, text_key=cfg_in.text_key,
+                               id_key=cfg_in.id_key, url_key=cfg_in.url_key)
+        pending: list[dict] = []
+        for record in records:
+            if record.pop("reject", False):
+                read_rejects[record["reason"]] += 1
+                pending_rejects.append(record)
+                continue
+            pending.append(record)
+            if len(pending) >= batch_size:
+                yield make_batch(pending, with_html=with_html)
+                pending = []
+        if pending:
+            yield make_batch(pending, with_html=with_html)
+
+    def _empty_input(self, shard: InputShard, out_dir: Path, segment: int) -> pa.Table:
+        if segment > 0:
+            return pq.read_schema(self.output_paths(out_dir, shard, segment - 1)["data"]).empty_table()
+        path = Path(shard.path)
+        fmt = detect_format(path) if self.recipe.input.format == "auto" else self.recipe.input.format
+        return make_batch([], with_html=fmt == "warc")
+
+    def process_shard(self, shard: InputShard, out_dir: Path, segment: int = 0,
+                      decision: dict | None = None) -> dict:
+        """Run one segment of the pipeline over one shard and return its stats (also written as a done marker)."""
+        started = time.perf_counter()
+        cfg_out = self.recipe.output
+        final = segment == self.last_segment
+        stages = self.segment_stages(segment, decision)
+        closing = self.segments[segment].closing
+        paths = self.output_paths(out_dir, shard, segment)
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
         stage_stats = [{"name": s.name, "type": s.type_name, "in": 0, "out": 0, "seconds": 0.0,
-                        "drops": Counter(), "rejects": 0} for s in self.stages]
+                        "drops": Counter(), "rejects": 0} for s in stages]
         read_rejects: Counter = Counter()
+        pending_rejects: list[dict] = []
         docs_read = 0
-        writer = ShardWriter(paths["data"], cfg_out.format, cfg_out.compression)
+        summary: dict = {}
+        writer = ShardWriter(paths["data"], cfg_out.format if final else "parquet", cfg_out.compression)
         reject_writer = ShardWriter(paths["rejects"], "parquet", cfg_out.compression)
         try:
-            empty_out, _ = self.run_batch(make_batch([], with_html=with_html), _fresh(stage_stats))
-            pending: list[dict] = []
-            pending_rejects: list[dict] = []
-
-            def flush() -> None:
-                if pending:
-                    kept, rejects = self.run_batch(make_batch(pending, with_html=with_html), stage_stats)
-                    if kept.num_rows:
-                        writer.write(kept)
-                    pending_rejects.extend(rejects)
-                    pending.clear()
+            scratch = [{"in": 0, "out": 0, "seconds": 0.0, "drops": Counter(), "rejects": 0} for _ in stages]
+            empty_out, _ = self.run_batch(stages, self._empty_input(shard, out_dir, segment), scratch)
+            for batch in self._input_batches(shard, out_dir, segment, read_rejects, pending_rejects):
+                docs_read += batch.num_rows
+                kept, rejects = self.run_batch(stages, batch, stage_stats)
+                if kept.num_rows:
+                    writer.write(kept)
+                    if closing is not None:
+                        closing.ensure_setup()
+                        summary = merge_summaries(summary, closing.summarize(kept))
+                pending_rejects.extend(rejects)
                 if pending_rejects:
                     reject_writer.write(make_rejects(pending_rejects))
                     pending_rejects.clear()
-
-            records = read_records(path, fmt=fmt, source=cfg_in.source or shard.relpath,
-                                   max_document_bytes=cfg_in.max_document_bytes, text_key=cfg_in.text_key,
-                                   id_key=cfg_in.id_key, url_key=cfg_in.url_key)
-            for record in records:
-                if record.pop("reject", False):
-                    read_rejects[record["reason"]] += 1
-                    pending_rejects.append(record)
-                    continue
-                docs_read += 1
-                pending.append(record)
-                if len(pending) >= cfg_out.batch_size:
-                    flush()
-            flush()
+            if pending_rejects:
+                reject_writer.write(make_rejects(pending_rejects))
             writer.close(empty_schema=empty_out.schema)
             reject_writer.close(empty_schema=REJECT_SCHEMA)
         except BaseException:
@@ -132,6 +217,7 @@ class Pipeline:
             "shard": shard.relpath,
             "input_key": shard.key,
             "recipe_hash": self.hash,
+            "segment": segment,
             "outputs": {"data": paths["data"].name, "rejects": paths["rejects"].name},
             "read": {"documents": docs_read, "rejects": dict(sorted(read_rejects.items()))},
             "stages": stage_stats,
@@ -139,21 +225,20 @@ class Pipeline:
             "rejects_out": reject_writer.rows,
             "seconds": round(time.perf_counter() - started, 4),
         }
+        if closing is not None:
+            stats["summary"] = summary
         write_json_atomic(paths["done"], stats)
         return stats
-
-
-def _fresh(stage_stats: list[dict]) -> list[dict]:
-    return [{"in": 0, "out": 0, "seconds": 0.0, "drops": Counter(), "rejects": 0} for _ in stage_stats]
 
 
 _PIPELINES: dict[str, Pipeline] = {}
 
 
-def run_shard_task(recipe_json: str, out_dir: str, shard: dict) -> dict:
-    """Engine entry point (picklable): process one shard. The Pipeline, and the models its stages load, are
-    kept per worker process so each worker loads them once."""
+def run_shard_task(recipe_json: str, out_dir: str, shard: dict, segment: int = 0,
+                   decision: dict | None = None) -> dict:
+    """Engine entry point (picklable): run one segment over one shard. The Pipeline, and the models its stages
+    load, are kept per worker process so each worker loads them once."""
     pipeline = _PIPELINES.get(recipe_json)
     if pipeline is None:
         pipeline = _PIPELINES[recipe_json] = Pipeline(load_recipe(json.loads(recipe_json)))
-    return pipeline.process_shard(InputShard(**shard), Path(out_dir))
+    return pipeline.process_shard(InputShard(**shard), Path(out_dir), segment, decision)

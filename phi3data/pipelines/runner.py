@@ -20,7 +20,8 @@ from phi3data import __version__
 from phi3data.engines import map_shards
 from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
-from phi3data.pipelines.pipeline import InputShard, Pipeline, run_shard_task
+from phi3data.pipelines.base import merge_summaries
+from phi3data.pipelines.pipeline import SEGMENTS_DIR, InputShard, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
 
 # Metadata beside the data (Hugging Face save_to_disk, our own run outputs) is not input.
@@ -94,25 +95,65 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
     remove_stale_tmp(output)
     write_json_atomic(manifest_path, _manifest(recipe, pipeline, shards, engine, complete=False))
 
-    pending = [s for s in shards if not _is_done(pipeline, output, s)]
-    task = functools.partial(run_shard_task, json.dumps(recipe.model_dump(mode="json"), sort_keys=True),
-                             str(output))
-    items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
-    results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
-                         spark_master=spark_master)
-    _drain(results, len(shards), len(shards) - len(pending), progress, engine)
+    recipe_json = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    decision = None
+    skipped = 0
+    for segment in range(pipeline.last_segment + 1):
+        pending = [s for s in shards if not _is_done(pipeline, output, s, segment)]
+        if segment == pipeline.last_segment:
+            skipped = len(shards) - len(pending)
+        task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision)
+        items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
+        results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
+                             spark_master=spark_master)
+        label = engine if pipeline.last_segment == 0 else f"{engine}, pass {segment + 1}/{pipeline.last_segment + 1}"
+        _drain(results, len(shards), len(shards) - len(pending), progress, label)
+        if segment < pipeline.last_segment:
+            decision = _decide(pipeline, output, shards, segment)
 
-    per_shard = [json.loads(pipeline.output_paths(output, s)["done"].read_text()) for s in shards]
-    stats = merge_stats(per_shard)
+    per_segment = [[json.loads(pipeline.output_paths(output, s, k)["done"].read_text()) for s in shards]
+                   for k in range(pipeline.last_segment + 1)]
+    stats = merge_stats(per_segment[0])
+    for later in per_segment[1:]:
+        more = merge_stats(later)
+        stats["stages"].extend(more["stages"])
+        stats["rejects_out"] += more["rejects_out"]
+        stats["documents_out"] = more["documents_out"]
+    stats["decisions"] = {pipeline.segments[k].closing.name: json.loads(_decision_path(output, k).read_text())
+                          for k in range(pipeline.last_segment)}
     stats["recipe_hash"] = pipeline.hash
     stats["engine"] = engine
+    per_shard = per_segment[-1]
     write_json_atomic(output / "stats.json", stats)
     write_json_atomic(manifest_path, _manifest(recipe, pipeline, shards, engine, complete=True, per_shard=per_shard))
-    return RunSummary(output, stats, len(shards), len(shards) - len(pending), time.perf_counter() - started)
+    return RunSummary(output, stats, len(shards), skipped, time.perf_counter() - started)
 
 
-def _is_done(pipeline: Pipeline, output: Path, shard: InputShard) -> bool:
-    paths = pipeline.output_paths(output, shard)
+def _decision_path(output: Path, segment: int) -> Path:
+    return output / SEGMENTS_DIR / f"decision-{segment}.json"
+
+
+def _decide(pipeline: Pipeline, output: Path, shards: list[InputShard], segment: int) -> dict:
+    """Reduce a segment's per-shard summaries on the driver and let its closing global stage decide.
+
+    The decision is saved, and reused by a resumed run, so every shard of the next pass sees the same one.
+    """
+    path = _decision_path(output, segment)
+    if path.exists():
+        return json.loads(path.read_text())
+    summary: dict = {}
+    for shard in shards:
+        done = json.loads(pipeline.output_paths(output, shard, segment)["done"].read_text())
+        summary = merge_summaries(summary, done.get("summary", {}))
+    stage = pipeline.segments[segment].closing
+    stage.ensure_setup()
+    decision = stage.decide(summary)
+    write_json_atomic(path, decision)
+    return decision
+
+
+def _is_done(pipeline: Pipeline, output: Path, shard: InputShard, segment: int | None = None) -> bool:
+    paths = pipeline.output_paths(output, shard, segment)
     return all(p.exists() for p in paths.values())
 
 

@@ -1,0 +1,142 @@
+"""Educational value: ``edu_score`` adds a classifier's score; ``edu_threshold`` keeps documents by absolute
+score, by top-x% percentile, or by a token budget, decided over the whole dataset.
+
+``edu_threshold`` is a global stage. Its summary is two fixed-bin integer histograms over the score range
+(documents per score bin, tokens per score bin), so summing them in any order on any engine gives the same
+numbers, and the decision (a bin index) is identical on local, Ray and Spark. ``apply`` bins each score the
+same way and keeps bins at or above the decided one, so the kept set is exactly what the decision predicted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from phi3data.classifiers.tokens import count_tokens
+from phi3data.pipelines.base import GlobalStage, Stage, StageOutput, StageParams, register, set_column
+
+
+class EduScoreParams(StageParams):
+    model: str
+    """A saved classifier directory (with manifest.json), from `phi3data classify train`."""
+    column: str = "edu_score"
+    verify: bool = True
+    """Check the model files against the manifest's hashes when a worker loads them."""
+
+
+@register
+class EduScore(Stage):
+    """Adds a float32 column (``edu_score``) with a fastText or embedding classifier's score."""
+
+    type_name = "edu_score"
+    Params = EduScoreParams
+    params: EduScoreParams
+
+    def setup(self) -> None:
+        from phi3data.classifiers.saved import load_classifier
+
+        self.classifier, self.manifest = load_classifier(self.params.model, verify=self.params.verify)
+
+    def process(self, batch: pa.Table) -> StageOutput:
+        self.ensure_setup()
+        texts = pc.fill_null(batch.column("text"), "").to_pylist()
+        scores = self.classifier.predict(texts)
+        return StageOutput(set_column(batch, self.params.column, pa.array(scores, pa.float32())))
+
+
+class EduThresholdParams(StageParams):
+    mode: Literal["score", "percentile", "token_budget"] = "score"
+    min_score: float | None = None
+    """score mode: keep documents with score >= min_score."""
+    top_percent: float | None = Field(None, gt=0, le=100)
+    """percentile mode: keep at most this percentage of documents, the highest-scoring ones."""
+    token_budget: int | None = Field(None, gt=0)
+    """token_budget mode: keep at most this many tokens, highest-scoring documents first."""
+    column: str = "edu_score"
+    low: float = 0.0
+    high: float = 5.0
+    """The score range binned by the histograms: 0-5 for graded classifiers, set high = 1.0 for binary ones."""
+    bins: int = Field(1000, gt=0, le=100_000)
+    token_column: str | None = None
+    """An integer column of token counts to use; default: whitespace words of ``text``."""
+
+    @model_validator(mode="after")
+    def _mode_has_its_value(self) -> EduThresholdParams:
+        needed = {"score": "min_score", "percentile": "top_percent", "token_budget": "token_budget"}[self.mode]
+        if getattr(self, needed) is None:
+            raise ValueError(f"mode {self.mode!r} needs {needed}")
+        if self.high <= self.low:
+            raise ValueError("high must be greater than low")
+        return self
+
+
+@register
+class EduThreshold(GlobalStage):
+    """Keeps documents whose score clears a threshold decided over the whole dataset."""
+
+    type_name = "edu_threshold"
+    Params = EduThresholdParams
+    params: EduThresholdParams
+
+    def score_bins(self, batch: pa.Table) -> np.ndarray:
+        """Each row's histogram bin (0 .. bins-1); a missing score falls in bin 0."""
+        p = self.params
+        if p.column not in batch.schema.names:
+            raise ValueError(f"{self.name}: the batch has no {p.column!r} column; put an edu_score stage before it")
+        scores = pc.fill_null(batch.column(p.column), p.low).to_numpy(zero_copy_only=False).astype(np.float64)
+        bins = np.floor((scores - p.low) / (p.high - p.low) * p.bins)
+        return np.clip(np.nan_to_num(bins, nan=0.0), 0, p.bins - 1).astype(np.int64)
+
+    def tokens(self, batch: pa.Table) -> np.ndarray:
+        if self.params.token_column:
+            column = pc.fill_null(batch.column(self.params.token_column), 0)
+            return column.to_numpy(zero_copy_only=False).astype(np.int64)
+        return count_tokens(batch.column("text"))
+
+    def summarize(self, batch: pa.Table) -> dict:
+        bins = self.score_bins(batch)
+        docs = np.bincount(bins, minlength=self.params.bins)
+        tokens = np.bincount(bins, weights=self.tokens(batch), minlength=self.params.bins)
+        return {"docs": [int(x) for x in docs], "tokens": [int(round(x)) for x in tokens]}
+
+    def decide(self, summary: dict) -> dict:
+        p = self.params
+        docs = np.array(summary.get("docs") or [0] * p.bins, dtype=np.int64)
+        tokens = np.array(summary.get("tokens") or [0] * p.bins, dtype=np.int64)
+        # kept_docs[b] / kept_tokens[b]: what "keep bins >= b" keeps; index bins means keep nothing
+        kept_docs = np.append(np.cumsum(docs[::-1])[::-1], 0)
+        kept_tokens = np.append(np.cumsum(tokens[::-1])[::-1], 0)
+        if p.mode == "score":
+            threshold_bin = None
+        elif p.mode == "percentile":
+            target = p.top_percent / 100.0 * int(docs.sum())
+            threshold_bin = int(np.argmax(kept_docs <= target + 1e-9))
+        else:
+            threshold_bin = int(np.argmax(kept_tokens <= p.token_budget))
+        decision = {"mode": p.mode, "total_docs": int(docs.sum()), "total_tokens": int(tokens.sum())}
+        if threshold_bin is None:
+            decision.update(min_score=p.min_score)
+        else:
+            decision.update(threshold_bin=threshold_bin, kept_docs=int(kept_docs[threshold_bin]),
+                            kept_tokens=int(kept_tokens[threshold_bin]),
+                            threshold_score=p.low + threshold_bin * (p.high - p.low) / p.bins)
+        return decision
+
+    def keep_mask(self, batch: pa.Table, decision: dict) -> np.ndarray:
+        if decision["mode"] == "score":
+            scores = pc.fill_null(batch.column(self.params.column), float("-inf"))
+            return scores.to_numpy(zero_copy_only=False).astype(np.float64) >= decision["min_score"]
+        return self.score_bins(batch) >= decision["threshold_bin"]
+
+    def apply(self, batch: pa.Table, decision: dict) -> StageOutput:
+        if batch.num_rows == 0:
+            return StageOutput(batch)
+        keep = self.keep_mask(batch, decision)
+        dropped = int((~keep).sum())
+        drops = Counter({f"{self.name}:below_threshold": dropped}) if dropped else Counter()
+        return StageOutput(batch.filter(pa.array(keep, pa.bool_())) if dropped else batch, drops)
