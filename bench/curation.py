@@ -1,14 +1,17 @@
 """Curation throughput: datatrove's pipeline vs phi3data's equivalent recipe, same WARC shards, same cores.
 
 Runs, one after the other in one process tree:
-  1. datatrove: WarcReader -> Trafilatura -> GopherRepetition -> GopherQuality -> C4Quality -> FineWebQuality
-     -> JsonlWriter (LocalPipelineExecutor, one task per shard, N workers)
-  2. phi3data, the same filter chain with resiliparse extraction (the default)
-  3. phi3data, the same chain with trafilatura extraction: the like-for-like agreement check of kept ids
+  1. end to end, datatrove: WarcReader -> Trafilatura -> GopherRepetition -> GopherQuality -> C4Quality ->
+     FineWebQuality -> JsonlWriter (LocalPipelineExecutor, one task per shard, N workers)
+  2. end to end, phi3data: the same filter chain with resiliparse extraction (the default)
+  3. filters only, like for like: every page extracted once with trafilatura (phi3data's reader), then
+     datatrove's four filters and phi3data's four stages on the very same texts, in one process each.
 
-Prints pages/s of each, the speed ratios, and the overlap of kept document ids.
+Prints pages/s, the speed ratios, and how far the kept documents agree (overall and per filter). The
+end-to-end kept sets differ for reasons outside the filters too: datatrove's WarcReader skips pages whose
+WARC-Target-URI is not http(s) (warcio leaves their HTTP headers unparsed) and its extractor times out.
 
-    python bench/curation.py [--input ../shared/data/web/warc] [--workers 2] [--limit-shards N]
+    python -m bench.curation [--input ../shared/data/web/warc] [--workers 2] [--limit-shards N]
 """
 
 from __future__ import annotations
@@ -72,6 +75,66 @@ def run_phi3data(input_dir: Path, out: Path, workers: int, extractor: str) -> tu
     return seconds, ids, summary.stats["documents_read"]
 
 
+def extract_all(input_dir: Path, out: Path, workers: int) -> list[tuple[str, str]]:
+    """Every page's trafilatura text, via phi3data (no filters)."""
+    import pyarrow.parquet as pq
+
+    from phi3data.pipelines.recipe import load_recipe
+    from phi3data.pipelines.runner import run_pipeline
+
+    recipe = load_recipe({"pipeline": {"name": "extract-only"},
+                          "stage": [{"type": "extract", "extractor": "trafilatura"}]})
+    run_pipeline(recipe, input_dir, out, engine="local", workers=workers, progress=False)
+    rows = []
+    for shard in sorted((out / "data").glob("*.parquet")):
+        table = pq.read_table(shard, columns=["id", "text"])
+        rows.extend(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+    return rows
+
+
+def filters_datatrove(rows: list[tuple[str, str]]) -> tuple[float, dict[str, str | None]]:
+    """datatrove's filters on the texts: seconds, and per id the first filter that dropped it (None: kept)."""
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import (
+        C4QualityFilter,
+        FineWebQualityFilter,
+        GopherQualityFilter,
+        GopherRepetitionFilter,
+    )
+
+    chain = [("gopher_repetition", GopherRepetitionFilter()), ("gopher_quality", GopherQualityFilter()),
+             ("c4_quality", C4QualityFilter()), ("fineweb_quality", FineWebQualityFilter())]
+    verdict: dict[str, str | None] = {}
+    started = time.perf_counter()
+    for doc_id, text in rows:
+        doc = Document(text=text, id=doc_id)
+        verdict[doc_id] = None
+        for name, block in chain:
+            result = block.filter(doc)
+            if result is not True and (result is False or not result[0]):
+                verdict[doc_id] = name
+                break
+    return time.perf_counter() - started, verdict
+
+
+def filters_phi3data(rows: list[tuple[str, str]]) -> tuple[float, dict[str, str | None]]:
+    from phi3data.documents import make_batch
+    from phi3data.pipelines.recipe import load_recipe
+
+    stages = load_recipe({"pipeline": {"name": "filters"}, "stage": FILTERS}).build_stages()
+    verdict: dict[str, str | None] = {doc_id: None for doc_id, _ in rows}
+    started = time.perf_counter()
+    for start in range(0, len(rows), 256):
+        batch = make_batch([{"id": i, "text": t, "source": "bench"} for i, t in rows[start:start + 256]])
+        for stage in stages:
+            stage.ensure_setup()
+            before = set(batch.column("id").to_pylist())
+            batch = stage.process(batch).batch
+            for doc_id in before - set(batch.column("id").to_pylist()):
+                verdict[doc_id] = stage.name
+    return time.perf_counter() - started, verdict
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT)
@@ -90,7 +153,9 @@ def main() -> None:
     try:
         dt_seconds, dt_ids = run_datatrove(input_dir, work / "datatrove", args.workers, len(shards))
         p3_seconds, p3_ids, pages = run_phi3data(input_dir, work / "phi3data", args.workers, "resiliparse")
-        p3t_seconds, p3t_ids, _ = run_phi3data(input_dir, work / "phi3data-traf", args.workers, "trafilatura")
+        rows = extract_all(input_dir, work / "extracted", args.workers)
+        dtf_seconds, dt_verdict = filters_datatrove(rows)
+        p3f_seconds, p3_verdict = filters_phi3data(rows)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -99,14 +164,28 @@ def main() -> None:
         return (f"kept {len(a)} vs {len(b)}, both {both}, Jaccard {both / max(len(a | b), 1):.3f}, "
                 f"agreement on all {pages} pages {(pages - len(a ^ b)) / pages:.3f}")
 
-    rows = [("datatrove (trafilatura)", dt_seconds), ("phi3data (resiliparse)", p3_seconds),
-            ("phi3data (trafilatura)", p3t_seconds)]
     print(f"\n{pages} pages, {len(shards)} shards, {args.workers} workers")
-    print(f"{'pipeline':28} {'seconds':>8} {'pages/s':>8} {'vs datatrove':>13}")
-    for name, seconds in rows:
+    print(f"{'end to end':28} {'seconds':>8} {'pages/s':>8} {'vs datatrove':>13}")
+    for name, seconds in [("datatrove (trafilatura)", dt_seconds), ("phi3data (resiliparse)", p3_seconds)]:
         print(f"{name:28} {seconds:8.1f} {pages / seconds:8.1f} {dt_seconds / seconds:12.2f}x")
-    print(f"\nkept-id overlap, same extractor (phi3data-trafilatura vs datatrove): {overlap(p3t_ids, dt_ids)}")
-    print(f"kept-id overlap, default extractor (phi3data-resiliparse vs datatrove): {overlap(p3_ids, dt_ids)}")
+    print(f"kept ids, end to end: {overlap(p3_ids, dt_ids)}")
+
+    n = len(rows)
+    print(f"\n{'filters only, same texts':28} {'seconds':>8} {'docs/s':>8} {'vs datatrove':>13}")
+    for name, seconds in [("datatrove filters", dtf_seconds), ("phi3data filters", p3f_seconds)]:
+        print(f"{name:28} {seconds:8.1f} {n / seconds:8.1f} {dtf_seconds / seconds:12.2f}x")
+    dt_kept = {i for i, v in dt_verdict.items() if v is None}
+    p3_kept = {i for i, v in p3_verdict.items() if v is None}
+    same = sum(1 for i in dt_verdict if (dt_verdict[i] is None) == (p3_verdict[i] is None))
+    print(f"kept ids, same texts: {len(p3_kept)} vs {len(dt_kept)}, both {len(p3_kept & dt_kept)}, "
+          f"same keep/drop decision on {same}/{n} = {same / n:.3f}")
+    disagree = {}
+    for i in dt_verdict:
+        if (dt_verdict[i] is None) != (p3_verdict[i] is None):
+            key = f"datatrove {dt_verdict[i] or 'keeps'} / phi3data {p3_verdict[i] or 'keeps'}"
+            disagree[key] = disagree.get(key, 0) + 1
+    for key, count in sorted(disagree.items(), key=lambda kv: -kv[1]):
+        print(f"  disagree: {key}: {count}")
 
 
 if __name__ == "__main__":
