@@ -53,9 +53,18 @@ def random_tokens(out: Path, n: int, vocab: int) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------- CPU
-CPU_MODEL = dict(vocab_size=32064, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                 num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                 original_max_position_embeddings=512, pad_token_id=0, eos_token_id=2)
+CPU_MODEL = dict(
+    vocab_size=32064,
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    max_position_embeddings=512,
+    original_max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=2,
+)
 
 
 def bench_cpu(args: argparse.Namespace) -> None:
@@ -67,20 +76,24 @@ def bench_cpu(args: argparse.Namespace) -> None:
     work = Path(args.work)
     data_dir = real_tokens(work / "tokens")
     seq, mb, warm, steps = args.seq_len, args.batch, args.warmup, args.steps
-    results = {}
-    for compile_ in ([False, True] if args.compile else [False]):
-        cfg = TrainConfig(model=dict(CPU_MODEL), data_path=str(data_dir), out_dir=str(work / f"ours{compile_}"),
-                          seq_len=seq, micro_batch_size=mb, max_steps=warm + steps, warmup_steps=2, eval_every=0,
-                          ckpt_every=0, log_every=10**9, resume=False, compile=compile_, val_windows=0)
-        trainer = Trainer(cfg)
-        for _ in range(warm):
-            trainer.train_step()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step()
-        results["phi3data" + (" + torch.compile" if compile_ else "")] = steps * mb * seq / (time.perf_counter() - t0)
+    cfg = TrainConfig(
+        model=dict(CPU_MODEL),
+        data_path=str(data_dir),
+        out_dir=str(work / "ours"),
+        seq_len=seq,
+        micro_batch_size=mb,
+        max_steps=10**6,
+        warmup_steps=2,
+        eval_every=0,
+        ckpt_every=0,
+        log_every=10**9,
+        resume=False,
+        compile=args.compile,
+        val_windows=0,
+    )
+    trainer = Trainer(cfg)
 
-    # transformers, same config / data order / optimizer / clipping
+    # transformers, same config / init seed / data order / optimizer / clipping
     torch.manual_seed(cfg.seed)
     hf_cfg = config_to_hf(Phi3Config(**CPU_MODEL))
     hf_cfg.pop("architectures"), hf_cfg.pop("model_type")
@@ -88,34 +101,57 @@ def bench_cpu(args: argparse.Namespace) -> None:
     model.config._attn_implementation = "sdpa"
     model.train()
     opt = torch.optim.AdamW(
-        [{"params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n],
-          "weight_decay": cfg.weight_decay},
-         {"params": [p for n, p in model.named_parameters() if p.ndim < 2 or "embed_tokens" in n],
-          "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        [
+            {
+                "params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n],
+                "weight_decay": cfg.weight_decay,
+            },
+            {
+                "params": [p for n, p in model.named_parameters() if p.ndim < 2 or "embed_tokens" in n],
+                "weight_decay": 0.0,
+            },
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+    )
     data = trainer.train_data
+    hf_pos = [0]
 
-    def hf_step(i: int) -> None:
-        x, y = data.batch(i * mb, mb)
-        out = model(input_ids=x)
-        loss = torch.nn.functional.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), y.reshape(-1))
+    def hf_step() -> None:
+        x, y = data.batch(hf_pos[0], mb)
+        hf_pos[0] += mb
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for i in range(warm):
-        hf_step(i)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        hf_step(warm + i)
-    results["transformers Phi3ForCausalLM"] = steps * mb * seq / (time.perf_counter() - t0)
+    sides = {
+        "phi3data" + (" + torch.compile" if args.compile else ""): trainer.train_step,
+        "transformers Phi3ForCausalLM": hf_step,
+    }
+    for step in sides.values():
+        for _ in range(warm):
+            step()
+    # alternate timed rounds so machine noise hits both sides alike; report the median round
+    per_round: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(args.rounds):
+        for name, step in sides.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            per_round[name].append(steps * mb * seq / (time.perf_counter() - t0))
+    results = {k: float(np.median(v)) for k, v in per_round.items()}
 
     base = results["transformers Phi3ForCausalLM"]
     n = sum(p.numel() for p in model.parameters())
-    print(f"\nCPU training throughput: {n / 1e6:.1f}M-param phi-3 (h={CPU_MODEL['hidden_size']}, "
-          f"L={CPU_MODEL['num_hidden_layers']}, vocab {CPU_MODEL['vocab_size']}), batch {mb} x {seq}, AdamW, "
-          f"clip 1.0, {torch.get_num_threads()} threads, {steps} timed steps after {warm} warm-up")
+    print(
+        f"\nCPU training throughput: {n / 1e6:.1f}M-param phi-3 (h={CPU_MODEL['hidden_size']}, "
+        f"L={CPU_MODEL['num_hidden_layers']}, vocab {CPU_MODEL['vocab_size']}), batch {mb} x {seq}, AdamW, "
+        f"clip 1.0, {torch.get_num_threads()} threads; median of {args.rounds} alternating rounds of {steps} steps"
+    )
     print(f"{'trainer':<34}{'tokens/s':>12}{'vs transformers':>18}")
     for name, tps in results.items():
         print(f"{name:<34}{tps:>12,.0f}{tps / base:>17.2f}x")
@@ -149,19 +185,27 @@ def bench_kernel(args: argparse.Namespace, rows: list[str]) -> None:
     sd = blocksparse_attention(q, k, v, sc, impl="sdpa", **bs)  # bf16 masked SDPA: the yardstick for bf16 error
     gs = torch.autograd.grad(sd, (q, k, v), do)
     rows.append(f"correctness T={t} H={h}/{hkv} D={d} bf16 vs fp32 reference (max abs err; bf16 masked SDPA):")
-    for name, a, b, c in (("out", out, ref, sd), ("dq", g[0], gr[0], gs[0]), ("dk", g[1], gr[1], gs[1]),
-                          ("dv", g[2], gr[2], gs[2])):
-        rows.append(f"  {name}: triton {(a.float() - b).abs().max().item():.3e}   sdpa {(c.float() - b).abs().max().item():.3e}"
-                    f"   ref max |x| {b.abs().max().item():.2f}")
+    for name, a, b, c in (
+        ("out", out, ref, sd),
+        ("dq", g[0], gr[0], gs[0]),
+        ("dk", g[1], gr[1], gs[1]),
+        ("dv", g[2], gr[2], gs[2]),
+    ):
+        rows.append(
+            f"  {name}: triton {(a.float() - b).abs().max().item():.3e}   sdpa {(c.float() - b).abs().max().item():.3e}"
+            f"   ref max |x| {b.abs().max().item():.2f}"
+        )
     del q, k, v, do, out, g, qf, kf, vf, ref, gr, sd, gs
     torch.cuda.empty_cache()
 
     rows.append("")
-    rows.append(f"{'seq':>6} {'pass':>8} {'dense flash ms':>15} {'blocksparse ms':>15} {'speedup':>8} "
-                f"{'flex ms':>9} {'triton TFLOP/s':>15}")
+    rows.append(
+        f"{'seq':>6} {'pass':>8} {'dense flash ms':>15} {'blocksparse ms':>15} {'speedup':>8} "
+        f"{'flex ms':>9} {'triton TFLOP/s':>15}"
+    )
     from phi3data.model.attention import blocksparse_block_layout
 
-    for t in args.seqs:
+    def one_seq(t: int) -> None:
         b = args.kernel_batch
         q = torch.randn(b, h, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(b, hkv, t, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
@@ -191,6 +235,7 @@ def bench_kernel(args: argparse.Namespace, rows: list[str]) -> None:
 
             def flex():
                 return flex_c(q, k, v, block_mask=bm, scale=sc, enable_gqa=True)
+
             flex()
         except Exception as e:  # noqa: BLE001
             rows.append(f"  (flex attention unavailable: {type(e).__name__}: {str(e)[:120]})")
@@ -201,6 +246,7 @@ def bench_kernel(args: argparse.Namespace, rows: list[str]) -> None:
                 fd, fs, ff = dense_fwd, sparse_fwd, flex
                 fl = flops_fwd
             else:
+
                 def fd():
                     torch.autograd.grad(dense_fwd(), (q, kr, vr), do)
 
@@ -212,12 +258,18 @@ def bench_kernel(args: argparse.Namespace, rows: list[str]) -> None:
             ms_d = tt.do_bench(fd, warmup=25, rep=100)
             ms_s = tt.do_bench(fs, warmup=25, rep=100)
             ms_f = tt.do_bench(ff, warmup=25, rep=100) if ff else float("nan")
-            rows.append(f"{t:>6} {pass_:>8} {ms_d:>15.3f} {ms_s:>15.3f} {ms_d / ms_s:>7.2f}x {ms_f:>9.3f} "
-                        f"{fl / ms_s / 1e9:>15.1f}")
-        del q, k, v, kr, vr, do
+            rows.append(
+                f"{t:>6} {pass_:>8} {ms_d:>15.3f} {ms_s:>15.3f} {ms_d / ms_s:>7.2f}x {ms_f:>9.3f} "
+                f"{fl / ms_s / 1e9:>15.1f}"
+            )
+
+    for t in args.seqs:
+        one_seq(t)
         torch.cuda.empty_cache()
-    rows.append(f"(batch {args.kernel_batch}, phi-3-small heads {h}/{hkv}, head_dim {d}, bf16; block work at 8192 = "
-                f"{blocksparse_block_layout(h, 128, 16, 8).sum().item() / (h * 128 * 129 / 2):.1%} of causal)")
+    rows.append(
+        f"(batch {args.kernel_batch}, phi-3-small heads {h}/{hkv}, head_dim {d}, bf16; block work at 8192 = "
+        f"{blocksparse_block_layout(h, 128, 16, 8).sum().item() / (h * 128 * 129 / 2):.1%} of causal)"
+    )
 
 
 def bench_mfu(args: argparse.Namespace, rows: list[str]) -> None:
@@ -227,9 +279,21 @@ def bench_mfu(args: argparse.Namespace, rows: list[str]) -> None:
     rows.append(f"{'model':<18}{'params':>10}{'batch':>12}{'compile':>9}{'tokens/s':>12}{'MFU':>8}")
     for ref, mb in args.mfu_models:
         for compile_ in (True,):
-            cfg = TrainConfig(model=ref, data_path=str(data), out_dir=str(work / f"mfu-{ref}"), seq_len=2048,
-                              micro_batch_size=mb, max_steps=10**6, warmup_steps=10, eval_every=0, ckpt_every=0,
-                              log_every=10**9, resume=False, compile=compile_, val_windows=0)
+            cfg = TrainConfig(
+                model=ref,
+                data_path=str(data),
+                out_dir=str(work / f"mfu-{ref}"),
+                seq_len=2048,
+                micro_batch_size=mb,
+                max_steps=10**6,
+                warmup_steps=10,
+                eval_every=0,
+                ckpt_every=0,
+                log_every=10**9,
+                resume=False,
+                compile=compile_,
+                val_windows=0,
+            )
             tr = Trainer(cfg)
             for _ in range(args.mfu_warmup):
                 tr.train_step()
@@ -241,8 +305,10 @@ def bench_mfu(args: argparse.Namespace, rows: list[str]) -> None:
             tps = args.mfu_steps * mb * 2048 / (time.perf_counter() - t0)
             mfu = tr.flops_per_token * tps / tr.peak
             n = tr.model.num_parameters()
-            rows.append(f"{ref:<18}{n / 1e6:>9.0f}M{f'{mb}x2048':>12}{str(compile_):>9}{tps:>12,.0f}{mfu:>8.1%}"
-                        f"   loss {rec['loss']:.3f}")
+            rows.append(
+                f"{ref:<18}{n / 1e6:>9.0f}M{f'{mb}x2048':>12}{str(compile_):>9}{tps:>12,.0f}{mfu:>8.1%}"
+                f"   loss {rec['loss']:.3f}"
+            )
             print(rows[-1], flush=True)
             del tr
             torch.cuda.empty_cache()
@@ -250,8 +316,10 @@ def bench_mfu(args: argparse.Namespace, rows: list[str]) -> None:
 
 
 def bench_gpu(args: argparse.Namespace) -> None:
-    rows = [f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
-            f"triton {__import__('triton').__version__}"]
+    rows = [
+        f"device: {torch.cuda.get_device_name()} | torch {torch.__version__} | "
+        f"triton {__import__('triton').__version__}"
+    ]
     try:
         if "kernel" in args.parts:
             bench_kernel(args, rows)
@@ -270,10 +338,11 @@ def main() -> None:
     p.add_argument("mode", choices=["cpu", "gpu"])
     p.add_argument("--work", default=str(ROOT / "bench" / "out" / "train"))
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compile", action="store_true", help="also time our trainer with torch.compile")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="time our trainer with torch.compile")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["kernel", "mfu"])
     p.add_argument("--seqs", nargs="+", type=int, default=[8192, 16384])
     p.add_argument("--kernel-batch", type=int, default=2)

@@ -54,6 +54,16 @@ def run(
                   f"(data/, rejects/, stats.json, manifest.json)")
 
 
+def _mount_subcommands() -> None:
+    """Attach the other planes' commands (each module keeps its own options and help)."""
+    from phi3data.cli_model import model_app, train_command
+
+    app.add_typer(model_app, name="model")
+    app.command("train", help=train_command.__doc__)(train_command)
+
+
+_mount_subcommands()
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 

@@ -48,7 +48,10 @@ def _refs(config: str) -> list[str]:
 def info(
     config: list[str] = typer.Argument(..., help="model recipes: phi-3-mini, model/ladder-cpu.toml, ladder-cpu:s1"),
 ) -> None:
-    """Print parameter counts (total and non-embedding) for model configs."""
+    """Print parameter counts (total and non-embedding) for model configs.
+
+    Example: phi3data model info phi-3-mini phi-3-small model/ladder-cpu.toml
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -56,10 +59,16 @@ def info(
     for ref in [r for c in config for r in _refs(c)]:
         cfg = load_model_config(ref)
         n = num_parameters(cfg)
-        table.add_row(ref, str(cfg.num_hidden_layers), str(cfg.hidden_size),
-                      f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}", str(cfg.intermediate_size),
-                      str(cfg.vocab_size), f"{n['total']:,} ({_human(n['total'])})",
-                      f"{n['non_embedding']:,} ({_human(n['non_embedding'])})")
+        table.add_row(
+            ref,
+            str(cfg.num_hidden_layers),
+            str(cfg.hidden_size),
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}",
+            str(cfg.intermediate_size),
+            str(cfg.vocab_size),
+            f"{n['total']:,} ({_human(n['total'])})",
+            f"{n['non_embedding']:,} ({_human(n['non_embedding'])})",
+        )
     Console(width=160).print(table)
 
 
@@ -67,7 +76,12 @@ def train_command(
     config: Path = typer.Argument(..., exists=True, dir_okay=False, help="training config TOML (model/*.toml)"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. max_steps=10 out_dir=runs/x"),
 ) -> None:
-    """Train a phi-3 model from a TOML config (run under torchrun for DDP / FSDP)."""
+    """Train a phi-3 model from a TOML config (run under torchrun for DDP / FSDP).
+
+    Example: phi3data train model/train-tiny-cpu.toml max_steps=20 out_dir=runs/tiny
+
+    Rerunning with the same out_dir resumes from its last checkpoint.
+    """
     from phi3data.training.overrides import parse_overrides
     from phi3data.training.trainer import TrainingDiverged, train
 

@@ -71,11 +71,27 @@ def test_sdpa_path_backward_matches_reference() -> None:
 
 
 def tiny_small_config(**kw) -> Phi3Config:
-    base = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
-                num_key_value_heads=2, hidden_act="gegelu", gegelu_limit=20.0, mup_embedding_multiplier=10.0,
-                mup_width_multiplier=8.0, mup_attn_multiplier=1.0, mup_use_scaling=True, blocksparse=True,
-                blocksparse_block_size=16, blocksparse_num_local_blocks=2, blocksparse_vert_stride=4,
-                max_position_embeddings=512, original_max_position_embeddings=512, pad_token_id=0)
+    base = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        hidden_act="gegelu",
+        gegelu_limit=20.0,
+        mup_embedding_multiplier=10.0,
+        mup_width_multiplier=8.0,
+        mup_attn_multiplier=1.0,
+        mup_use_scaling=True,
+        blocksparse=True,
+        blocksparse_block_size=16,
+        blocksparse_num_local_blocks=2,
+        blocksparse_vert_stride=4,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        pad_token_id=0,
+    )
     base.update(kw)
     return Phi3Config(**base)
 

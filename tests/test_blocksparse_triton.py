@@ -70,8 +70,7 @@ MODEL_CHECK = textwrap.dedent("""
 
 def _run_interpreted(code: str) -> str:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"kernel check failed:\\n{proc.stdout}\\n{proc.stderr}"
     return proc.stdout
 

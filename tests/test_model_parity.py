@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 from transformers import Phi3Config as HFPhi3Config
-from transformers import Phi3ForCausalLM
 
 from phi3data.model import Phi3, Phi3Config, num_parameters
 from phi3data.model.hf import config_to_hf, load_hf, save_hf
@@ -20,17 +19,30 @@ LONGROPE = {
 CONFIGS = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
     "gqa": dict(num_attention_heads=8, num_key_value_heads=2, hidden_size=128),
-    "longrope": dict(num_attention_heads=4, num_key_value_heads=2, rope_scaling=LONGROPE,
-                     max_position_embeddings=256, original_max_position_embeddings=32),
+    "longrope": dict(
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling=LONGROPE,
+        max_position_embeddings=256,
+        original_max_position_embeddings=32,
+    ),
     "sliding_window": dict(num_attention_heads=4, num_key_value_heads=1, sliding_window=9),
     "tied": dict(num_attention_heads=4, tie_word_embeddings=True, rope_theta=500000.0),
 }
 
 
 def small_config(**kw) -> Phi3Config:
-    base = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
-                max_position_embeddings=256, original_max_position_embeddings=256, pad_token_id=0,
-                eos_token_id=2, bos_token_id=1)
+    base = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
     base.update(kw)
     return Phi3Config(**base)
 
@@ -85,9 +97,16 @@ def test_sliding_window_changes_output() -> None:
 
 def test_saved_checkpoint_loads_in_transformers_and_generates(tmp_path) -> None:
     torch.manual_seed(0)
-    model = Phi3(small_config(num_attention_heads=8, num_key_value_heads=2, rope_scaling=LONGROPE,
-                              hidden_size=128, max_position_embeddings=256,
-                              original_max_position_embeddings=32)).eval()
+    model = Phi3(
+        small_config(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_scaling=LONGROPE,
+            hidden_size=128,
+            max_position_embeddings=256,
+            original_max_position_embeddings=32,
+        )
+    ).eval()
     save_hf(model, tmp_path / "ckpt")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert type(hf).__name__ == "Phi3ForCausalLM"
@@ -111,8 +130,16 @@ def test_saved_checkpoint_loads_in_transformers_and_generates(tmp_path) -> None:
 
 def test_transformers_checkpoint_loads_into_ours(tmp_path) -> None:
     torch.manual_seed(1)
-    cfg = HFPhi3Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    cfg = HFPhi3Config(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
     hf = Phi3ForCausalLM(cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = load_hf(tmp_path / "hf").eval()

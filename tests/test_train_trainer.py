@@ -43,15 +43,35 @@ def make_token_dir(out: Path, max_tokens: int = 120_000) -> Path:
     return out
 
 
-TINY_MODEL = {"vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-              "original_max_position_embeddings": 256, "pad_token_id": 0, "eos_token_id": 2}
+TINY_MODEL = {
+    "vocab_size": 32000,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "original_max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "eos_token_id": 2,
+}
 
 
 def write_config(path: Path, data_dir: Path, out_dir: Path, **train) -> Path:
     """A training config TOML with an inline [model] table."""
-    opts = dict(seq_len=64, micro_batch_size=4, grad_accum=1, max_steps=20, lr=3e-3, min_lr=3e-4,
-                warmup_steps=3, eval_every=0, ckpt_every=5, log_every=5, seed=7)
+    opts = dict(
+        seq_len=64,
+        micro_batch_size=4,
+        grad_accum=1,
+        max_steps=20,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=3,
+        eval_every=0,
+        ckpt_every=5,
+        log_every=5,
+        seed=7,
+    )
     opts.update(train)
     lines = ["[model]"] + [f"{k} = {json.dumps(v)}" for k, v in TINY_MODEL.items()]
     lines += ["", "[data]", f'path = "{data_dir}"', "", "[train]", f'out_dir = "{out_dir}"']
@@ -99,7 +119,7 @@ def test_token_data_windows_and_resume_position(tokens: Path, tmp_path: Path) ->
     assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
     # every window is a real slice of the file
     o = data.offsets[data._order(0)[0]]
-    assert torch.equal(x[0], torch.from_numpy(raw[o:o + 64].astype(np.int64)))
+    assert torch.equal(x[0], torch.from_numpy(raw[o : o + 64].astype(np.int64)))
     # the stream is a pure function of the position: a fresh reader continues identically
     again = TokenData(tokens, seq_len=64, seed=3)
     assert torch.equal(again.batch(len(data) - 2, 4)[0], data.batch(len(data) - 2, 4)[0])
@@ -114,8 +134,17 @@ def test_token_data_windows_and_resume_position(tokens: Path, tmp_path: Path) ->
 def test_grad_accumulation_matches_bigger_batch(tokens: Path, tmp_path: Path) -> None:
     runs = {}
     for name, mb, acc in (("big", 4, 1), ("accum", 2, 2)):
-        cfg = TrainConfig.from_toml(write_config(tmp_path / f"{name}.toml", tokens, tmp_path / name,
-                                                 micro_batch_size=mb, grad_accum=acc, max_steps=6, ckpt_every=0))
+        cfg = TrainConfig.from_toml(
+            write_config(
+                tmp_path / f"{name}.toml",
+                tokens,
+                tmp_path / name,
+                micro_batch_size=mb,
+                grad_accum=acc,
+                max_steps=6,
+                ckpt_every=0,
+            )
+        )
         Trainer(cfg).train()
         runs[name] = losses(tmp_path / name / "metrics.jsonl")
     assert len(runs["big"]) == 6
@@ -141,8 +170,11 @@ def test_eval_metrics_and_checkpoint_loads_in_transformers(tokens: Path, tmp_pat
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    cfg = TrainConfig.from_toml(write_config(tmp_path / "c.toml", tokens, tmp_path / "run", max_steps=10,
-                                             eval_every=5, eval_batches=2, schedule="wsd"))
+    cfg = TrainConfig.from_toml(
+        write_config(
+            tmp_path / "c.toml", tokens, tmp_path / "run", max_steps=10, eval_every=5, eval_batches=2, schedule="wsd"
+        )
+    )
     trainer = Trainer(cfg)
     last = trainer.train()
     assert "val_loss" in last and np.isfinite(last["val_loss"])
@@ -150,8 +182,13 @@ def test_eval_metrics_and_checkpoint_loads_in_transformers(tokens: Path, tmp_pat
     assert [r["step"] for r in recs if "val_loss" in r] == [5, 10]
     assert all(r["tokens_per_s"] > 0 for r in recs if "loss" in r)
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000010"
-    assert {p.name for p in ckpt.iterdir()} >= {"model.safetensors", "optimizer.pt", "rng.safetensors",
-                                               "state.json", "config.json"}
+    assert {p.name for p in ckpt.iterdir()} >= {
+        "model.safetensors",
+        "optimizer.pt",
+        "rng.safetensors",
+        "state.json",
+        "config.json",
+    }
     assert json.loads((ckpt / "state.json").read_text())["samples"] == 40
     torch.load(ckpt / "optimizer.pt", weights_only=True)  # loads without unpickling arbitrary objects
     hf = AutoModelForCausalLM.from_pretrained(ckpt).eval()

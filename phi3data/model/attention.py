@@ -104,8 +104,9 @@ def sdpa_attention(
 
 
 @functools.lru_cache(maxsize=16)
-def _flex_block_mask(n_heads: int, t: int, block_size: int, local_blocks: int, vert_stride: int,
-                     homo_head: bool, device: str):
+def _flex_block_mask(
+    n_heads: int, t: int, block_size: int, local_blocks: int, vert_stride: int, homo_head: bool, device: str
+):
     from torch.nn.attention.flex_attention import create_block_mask
 
     step = 0 if homo_head else max(1, vert_stride // n_heads)
@@ -120,14 +121,19 @@ def _flex_block_mask(n_heads: int, t: int, block_size: int, local_blocks: int, v
 
 
 def flex_blocksparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, block_size: int = 64,
-    local_blocks: int = 16, vert_stride: int = 8, homo_head: bool = False,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    block_size: int = 64,
+    local_blocks: int = 16,
+    vert_stride: int = 8,
+    homo_head: bool = False,
 ) -> torch.Tensor:
     """Blocksparse attention through FlexAttention (torch 2.13: forward only on CPU, fwd+bwd on GPU)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    bm = _flex_block_mask(q.shape[1], q.shape[2], block_size, local_blocks, vert_stride, homo_head,
-                          str(q.device))
+    bm = _flex_block_mask(q.shape[1], q.shape[2], block_size, local_blocks, vert_stride, homo_head, str(q.device))
     return flex_attention(q, k, v, block_mask=bm, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -152,8 +158,9 @@ def blocksparse_attention(
         return blocksparse_attention_triton(q, k, v, scale, block_size, local_blocks, vert_stride, homo_head)
     if impl == "flex":
         return flex_blocksparse_attention(q, k, v, scale, block_size, local_blocks, vert_stride, homo_head)
-    mask = blocksparse_token_mask(q.shape[1], q.shape[2], block_size, local_blocks, vert_stride, homo_head,
-                                  device=q.device)
+    mask = blocksparse_token_mask(
+        q.shape[1], q.shape[2], block_size, local_blocks, vert_stride, homo_head, device=q.device
+    )
     if impl == "reference":
         return reference_attention(q, k, v, mask, scale)
     if impl == "sdpa":

@@ -45,10 +45,30 @@ def _luts(n_heads: int, n_blocks: int, local_blocks: int, vert_stride: int, homo
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, LUT, CNT,
-    sqb, sqh, sqt, skb, skh, skt, sob, soh, sot,
-    H, G, T, NB, MAXN, qk_scale,
-    BLOCK: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,  # noqa: E741
+    LSE,
+    LUT,
+    CNT,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    sob,
+    soh,
+    sot,
+    H,
+    G,
+    T,
+    NB,
+    MAXN,
+    qk_scale,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -94,17 +114,40 @@ def _fwd_kernel(
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     m_i = m_new
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :],
+        acc.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, LUT, CNT,
-    sqb, sqh, sqt, skb, skh, skt,
-    H, G, T, NB, MAXN, qk_scale, sm_scale,
-    BLOCK: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    LUT,
+    CNT,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    H,
+    G,
+    T,
+    NB,
+    MAXN,
+    qk_scale,
+    sm_scale,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,10 +185,32 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, LUT_T, CNT_T,
-    sqb, sqh, sqt, skb, skh, skt,
-    H, HKV, G, T, NB, MAXN, qk_scale, sm_scale,
-    BLOCK: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    LUT_T,
+    CNT_T,
+    sqb,
+    sqh,
+    sqt,
+    skb,
+    skh,
+    skt,
+    H,
+    HKV,
+    G,
+    T,
+    NB,
+    MAXN,
+    qk_scale,
+    sm_scale,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -209,11 +274,31 @@ class _BlocksparseAttention(torch.autograd.Function):
         o = torch.empty_like(q)
         lse = torch.empty((b, h, t), device=q.device, dtype=torch.float32)
         _fwd_kernel[(nb, b * h)](
-            q, k, v, o, lse, lut, cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            o.stride(0), o.stride(1), o.stride(2),
-            h, h // hkv, t, nb, lut.shape[-1], scale * LOG2E,
-            BLOCK=block, D=d, **_launch_opts("fwd"),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            lut,
+            cnt,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            o.stride(0),
+            o.stride(1),
+            o.stride(2),
+            h,
+            h // hkv,
+            t,
+            nb,
+            lut.shape[-1],
+            scale * LOG2E,
+            BLOCK=block,
+            D=d,
+            **_launch_opts("fwd"),
         )
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.cfg = (scale, block, local_blocks, vert_stride, homo_head)
@@ -231,16 +316,60 @@ class _BlocksparseAttention(torch.autograd.Function):
         delta = (o.float() * do.float()).sum(-1)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _bwd_dq_kernel[(nb, b * h)](
-            q, k, v, do, dq, lse, delta, lut, cnt,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, h // hkv, t, nb, lut.shape[-1], scale * LOG2E, scale,
-            BLOCK=block, D=d, **_launch_opts("dq"),
+            q,
+            k,
+            v,
+            do,
+            dq,
+            lse,
+            delta,
+            lut,
+            cnt,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            h,
+            h // hkv,
+            t,
+            nb,
+            lut.shape[-1],
+            scale * LOG2E,
+            scale,
+            BLOCK=block,
+            D=d,
+            **_launch_opts("dq"),
         )
         _bwd_dkdv_kernel[(nb, b * hkv)](
-            q, k, v, do, dk, dv, lse, delta, lut_t, cnt_t,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            h, hkv, h // hkv, t, nb, lut_t.shape[-1], scale * LOG2E, scale,
-            BLOCK=block, D=d, **_launch_opts("dkdv"),
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            lut_t,
+            cnt_t,
+            q.stride(0),
+            q.stride(1),
+            q.stride(2),
+            k.stride(0),
+            k.stride(1),
+            k.stride(2),
+            h,
+            hkv,
+            h // hkv,
+            t,
+            nb,
+            lut_t.shape[-1],
+            scale * LOG2E,
+            scale,
+            BLOCK=block,
+            D=d,
+            **_launch_opts("dkdv"),
         )
         return dq, dk, dv, None, None, None, None, None
 

@@ -16,9 +16,21 @@ from safetensors.torch import load_file, save_file
 from phi3data.model.model import Phi3, Phi3Config
 
 _HF_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "max_position_embeddings", "original_max_position_embeddings", "rms_norm_eps",
-    "sliding_window", "tie_word_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "original_max_position_embeddings",
+    "rms_norm_eps",
+    "sliding_window",
+    "tie_word_embeddings",
+    "initializer_range",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
 )
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phi3data.model.attention import blocksparse_attention, reference_attention, sdpa_attention, causal_mask
+from phi3data.model.attention import blocksparse_attention, causal_mask, reference_attention, sdpa_attention
 
 
 @dataclass
@@ -88,8 +88,13 @@ class Phi3Config:
     @property
     def hf_compatible(self) -> bool:
         """True when the config is plain phi-3 (loadable as transformers' Phi3ForCausalLM)."""
-        return (self.hidden_act == "silu" and not self.blocksparse and not self.mup_use_scaling
-                and self.mup_embedding_multiplier == 1.0 and self.mup_width_multiplier == 1.0)
+        return (
+            self.hidden_act == "silu"
+            and not self.blocksparse
+            and not self.mup_use_scaling
+            and self.mup_embedding_multiplier == 1.0
+            and self.mup_width_multiplier == 1.0
+        )
 
     def is_blocksparse_layer(self, layer_idx: int) -> bool:
         return self.blocksparse and layer_idx % self.dense_attention_every_n_layers != 0
@@ -118,6 +123,43 @@ def num_parameters(cfg: Phi3Config) -> dict[str, int]:
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     non_embedding = cfg.num_hidden_layers * per_layer + h
     return {"total": non_embedding + embed + head, "non_embedding": non_embedding}
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``(x @ w.T) * scale`` against ``targets``, computed in row chunks.
+
+    The full (tokens x vocab) fp32 logits are never materialized: each chunk's logits give its loss and, right
+    away, its gradients (softmax - one-hot), which are kept for the backward pass. Saves memory and several
+    passes over the largest activation of a small model.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, targets, scale, ignore_index, chunk):
+        n = targets.numel()
+        valid = (targets != ignore_index).sum().clamp(min=1)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        for i in range(0, n, chunk):
+            xc, tc = x[i : i + chunk], targets[i : i + chunk]
+            logits = (xc @ w.t()).float() * scale
+            lse = torch.logsumexp(logits, dim=-1)
+            ok = tc != ignore_index
+            safe_t = torch.where(ok, tc, 0)
+            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+            g = torch.softmax(logits, dim=-1)
+            g[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
+            g *= (ok.float() * scale / valid)[:, None]
+            g = g.to(x.dtype)
+            grad_x[i : i + chunk] = g @ w
+            grad_w += (g.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+        return loss / valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_out, grad_w * grad_out, None, None, None, None
 
 
 class RMSNorm(nn.Module):
@@ -150,7 +192,9 @@ class Rotary(nn.Module):
             factor = cfg.rope_scaling.get("factor") or cfg.max_position_embeddings / self.original_max
             attention_factor = cfg.rope_scaling.get("attention_factor")
             if attention_factor is None:
-                attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+                attention_factor = (
+                    1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
+                )
             self.scaling = attention_factor
         self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
         self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
@@ -193,8 +237,15 @@ class Attention(nn.Module):
         cfg = self.cfg
         if self.blocksparse:
             y = blocksparse_attention(
-                q, k, v, self.scale, cfg.blocksparse_block_size, cfg.blocksparse_num_local_blocks,
-                cfg.blocksparse_vert_stride, cfg.blocksparse_homo_head_pattern, impl=cfg.blocksparse_impl,
+                q,
+                k,
+                v,
+                self.scale,
+                cfg.blocksparse_block_size,
+                cfg.blocksparse_num_local_blocks,
+                cfg.blocksparse_vert_stride,
+                cfg.blocksparse_homo_head_pattern,
+                impl=cfg.blocksparse_impl,
             )
         elif cfg.attn_impl == "reference":
             y = reference_attention(q, k, v, causal_mask(t, cfg.sliding_window, device=x.device), self.scale)
@@ -250,7 +301,9 @@ class Backbone(nn.Module):
 
 
 class Phi3(nn.Module):
-    """phi-3 causal language model. ``forward(idx, targets)`` returns ``(logits, loss)``."""
+    """phi-3 causal language model. ``forward(idx)`` returns ``(logits, None)``; ``forward(idx, targets)``
+    returns ``(None, loss)`` through the chunked lm_head + cross-entropy (``fused_loss=False``: ``(logits, loss)``).
+    """
 
     def __init__(self, cfg: Phi3Config) -> None:
         super().__init__()
@@ -260,6 +313,8 @@ class Phi3(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
+        self.fused_loss = True  # chunked lm_head + cross-entropy when targets are given
+        self.loss_chunk = 1024
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -277,13 +332,29 @@ class Phi3(nn.Module):
         for block in self.model.layers:
             x = block(x, cos, sin)
         x = self.model.norm(x)
+        if targets is not None and self.fused_loss:
+            # training: loss without materializing logits (logits are returned as None)
+            w = self.lm_head.weight
+            if torch.is_autocast_enabled(x.device.type):
+                w = w.to(torch.get_autocast_dtype(x.device.type))
+                x = x.to(w.dtype)
+            loss = ChunkedLinearCrossEntropy.apply(
+                x.reshape(-1, x.shape[-1]),
+                w,
+                targets.reshape(-1),
+                1.0 / self.cfg.mup_width_multiplier,
+                ignore_index,
+                self.loss_chunk,
+            )
+            return None, loss
         logits = self.lm_head(x)
         if self.cfg.mup_width_multiplier != 1.0:
             logits = logits / self.cfg.mup_width_multiplier
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                   ignore_index=ignore_index)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
+            )
         return logits, loss
 
     def num_parameters(self, non_embedding: bool = False) -> int:

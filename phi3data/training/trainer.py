@@ -175,8 +175,7 @@ class Trainer:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16
-                         else contextlib.nullcontext())
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         self.is_main = self.rank == 0
@@ -194,15 +193,24 @@ class Trainer:
         # model + optimizer
         torch.manual_seed(cfg.seed)
         self.model_cfg = cfg.model_config()
-        if self.model_cfg.vocab_size <= int(max(a.max(initial=0) for a in [self.train_data.arrays[0][:100000]])):
-            raise ValueError(f"token ids in {cfg.data_path} exceed the model vocab_size {self.model_cfg.vocab_size}")
+        top = int(self.train_data.arrays[0][:1_000_000].max(initial=0))
+        if top >= self.model_cfg.vocab_size:
+            raise ValueError(
+                f"token id {top} in {cfg.data_path} is outside the model vocab ({self.model_cfg.vocab_size})"
+            )
         self.model = Phi3(self.model_cfg).to(self.device)
+        # chunked lm_head + loss helps eager mode; under torch.compile inductor fuses the plain loss better
+        # (H100: 40.9% vs 39.6% MFU at 350M), so the compiled path uses it
+        self.model.fused_loss = not cfg.compile
         self.step = 0
         self.samples = 0
         self.tokens = 0
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+            _param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
             fused=fused,
         )
         self.resumed_from: Path | None = None
@@ -221,8 +229,9 @@ class Trainer:
             else:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
-                self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                       else None)
+                self.train_model = DDP(
+                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                )
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.peak = _peak_flops(cfg, self.device)
@@ -235,7 +244,8 @@ class Trainer:
         if self.model_cfg.tie_word_embeddings:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
         self.model.load_state_dict(model_sd)
-        self.optimizer.load_state_dict(optim_sd)
+        if optim_sd:  # FSDP checkpoints carry no optimizer state (see save)
+            self.optimizer.load_state_dict(optim_sd)
         self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
         self.resumed_from = path
 
@@ -251,10 +261,16 @@ class Trainer:
             model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         path = None
         if self.is_main:
-            state = {"step": self.step, "samples": self.samples, "tokens": self.tokens,
-                     "world_size": self.world, "train_config": asdict(self.cfg)}
-            path = save_checkpoint(self.ckpt_root, self.step, model_sd, self.model_cfg, optim_sd, state,
-                                   keep=self.cfg.keep_checkpoints)
+            state = {
+                "step": self.step,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "world_size": self.world,
+                "train_config": asdict(self.cfg),
+            }
+            path = save_checkpoint(
+                self.ckpt_root, self.step, model_sd, self.model_cfg, optim_sd, state, keep=self.cfg.keep_checkpoints
+            )
         if self.world > 1:
             dist.barrier()
         return path
@@ -309,8 +325,9 @@ class Trainer:
                     _, loss = self.train_model(x, y)
                 (loss / accum).backward()
             loss_sum += loss.detach().float()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                   cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
         loss_val = self._all_mean(loss_sum / accum)
         if not (torch.isfinite(loss_val) and torch.isfinite(grad_norm)):
             last = latest_checkpoint(self.ckpt_root)
@@ -355,9 +372,11 @@ class Trainer:
             last = rec
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 mfu_s = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                self._say(f"step {self.step}/{cfg.max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                          f"grad {rec['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu_s} | "
-                          f"{1000 * dt / steps_since:.0f} ms/step")
+                self._say(
+                    f"step {self.step}/{cfg.max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                    f"grad {rec['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu_s} | "
+                    f"{1000 * dt / steps_since:.0f} ms/step"
+                )
                 t_last, steps_since = time.perf_counter(), 0
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 val = self.evaluate()

@@ -15,7 +15,9 @@ import pyarrow as pa
 
 from phi3data.pipelines.base import Filter, StageParams, register, texts
 
-WORD_RE = re.compile(r"\w+|[^\w\s]+")
+# Close to spaCy's English tokenizer on web text: numbers such as 3.6.0 or 1,000 and contractions stay whole,
+# runs of dots are one token, and every other punctuation mark is a token of its own.
+WORD_RE = re.compile(r"\d+(?:[.,:/]\d+)+|\w+(?:['’]\w+)*|\.{2,}|[^\w\s]")
 # Characters that make a "word" a symbol when a word consists only of them.
 _PUNCT = set(
     "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~¡§«¶·»¿‐‑‒–—―‘’‚‛“”„‟†‡•…‰"
