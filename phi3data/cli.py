@@ -57,7 +57,10 @@ def run(
 def _mount_subcommands() -> None:
     """Attach the other planes' commands (each module keeps its own options and help)."""
     from phi3data.cli_model import model_app, train_command
+    from phi3data.cli_tokenize import mix_command, tokenize_command
 
+    app.command("tokenize")(tokenize_command)
+    app.command("mix")(mix_command)
     app.add_typer(model_app, name="model")
     app.command("train", help=train_command.__doc__)(train_command)
 

@@ -232,10 +232,12 @@ def tokenize(inputs: list[Path], output: Path, config: TokenizeConfig, *, source
     if len(stems) != len(items):
         raise ValueError("two inputs have the same relative path and content; tokenize them once")
     pending = [i for i in items if not (output / f"{i['stem']}.json").exists()]
-    cpus = os.cpu_count() or 1
-    parallel = max(1, min(workers or cpus, len(pending) or 1))
+    # Largest inputs first, each with every core's worth of encoder threads (the tokenizers release the GIL), so
+    # a single big file at the end of the run still uses all cores.
+    pending.sort(key=lambda i: -Path(i["path"]).stat().st_size)
+    threads = max(1, os.cpu_count() or 1)
     for item in pending:
-        item["threads"] = max(1, cpus // parallel)
+        item["threads"] = threads
     task = functools.partial(tokenize_shard, json.dumps(asdict(config), sort_keys=True), str(output))
     results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
                          spark_master=spark_master)

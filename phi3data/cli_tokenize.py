@@ -1,0 +1,101 @@
+"""``phi3data tokenize`` and ``phi3data mix``: curated text -> token shards -> training phases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def tokenize_command(
+    inputs: Annotated[list[Path], typer.Argument(help="Input files or directories: `phi3data run` output, or "
+                                                      "JSONL/Parquet/Arrow with a text column")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory of token shards")],
+    tokenizer: Annotated[str, typer.Option(help="phi3-mini | phi3-mini-hf | phi3-small | cl100k_base | path to "
+                                                "tokenizer.json, an HF tokenizer dir, .model or .tiktoken")]
+    = "phi3-mini",
+    source: Annotated[str | None, typer.Option(help="Source name recorded in the manifest "
+                                                    "(default: the input's name)")] = None,
+    text_key: Annotated[str, typer.Option(help="Text column / JSON field")] = "text",
+    add_bos: Annotated[bool, typer.Option(help="Start each document with the BOS token")] = False,
+    add_eos: Annotated[bool, typer.Option(help="End each document with the end-of-document token")] = True,
+    max_document_chars: Annotated[int, typer.Option(help="Longer documents are rejected (counted)")] = 5_000_000,
+    max_document_tokens: Annotated[int | None, typer.Option(help="Reject documents with more tokens")] = None,
+    chat: Annotated[bool, typer.Option(help="Inputs are JSONL conversations (`messages`): phi-3 chat template "
+                                            "with an assistant-only loss mask")] = False,
+    engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
+    workers: Annotated[int | None, typer.Option(help="Parallel workers (default: CPU count)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster")] = None,
+    spark_master: Annotated[str | None, typer.Option(help="Spark master URL, e.g. spark://host:7077")] = None,
+    export_llmc: Annotated[Path | None, typer.Option(help="Also write all tokens as one llm.c .bin file")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Tokenize curated text into training shards (.bin tokens, .offsets, Megatron .idx, manifest.json).
+
+    Example: phi3data tokenize out/web --output out/tokens/web --tokenizer phi3-mini --engine spark
+
+    One shard per input file, named from the input's content and the tokenizer/config hash: reruns skip
+    finished shards, and local, Ray and Spark give identical bytes. Empty, too long and malformed documents
+    are counted by reason in manifest.json (details in *.rejects.jsonl); lone surrogates are replaced by U+FFFD
+    and counted.
+    """
+    from phi3data.tokenization.runner import TokenizeConfig, tokenize
+    from phi3data.tokenization.shards import export_llmc as write_llmc
+    from phi3data.tokenization.tokenizers import TokenizerNotFound
+
+    config = TokenizeConfig(tokenizer=tokenizer, text_key=text_key, add_bos=add_bos, add_eos=add_eos,
+                            max_document_chars=max_document_chars, max_document_tokens=max_document_tokens,
+                            chat=chat)
+    try:
+        summary = tokenize(inputs, output, config, source=source, engine=engine, workers=workers,
+                           ray_address=ray_address, spark_master=spark_master, progress=progress)
+    except (TokenizerNotFound, FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    m = summary.manifest
+    rejects = ", ".join(f"{k}={v}" for k, v in m["rejects"].items()) or "none"
+    skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
+    console.print(f"{m['documents']:,} documents -> {m['tokens']:,} tokens ({m['dtype']}, tokenizer "
+                  f"{m['tokenizer']['name']} {m['tokenizer_hash'][:10]}) in {summary.shards_total} shards{skipped}, "
+                  f"{summary.seconds:.1f}s; rejects: {rejects}; repaired documents: {m['repaired_documents']}")
+    if export_llmc is not None:
+        info = write_llmc(output, export_llmc)
+        console.print(f"llm.c file {info['path']}: {info['tokens']:,} tokens (magic {info['magic']}, "
+                      f"version {info['version']})")
+
+
+def mix_command(
+    recipe: Annotated[Path, typer.Argument(help="Mix recipe (TOML), e.g. mixes/phase_example.toml")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (one folder per phase)")],
+    dry_run: Annotated[bool, typer.Option(help="Only plan and print the report; write nothing")] = False,
+) -> None:
+    """Mix tokenized sources into training phases by weights or token budgets, and report repetition.
+
+    Example: phi3data mix mixes/phase_example.toml --output out/mix
+
+    Each phase becomes out/mix/<phase>/ (token shards + manifest.json with the report). The table shows per
+    source the tokens taken, their share, unique vs repeated tokens and epochs; a source repeated more than
+    the recipe's max_epochs is flagged.
+    """
+    import warnings
+
+    from phi3data.tokenization.mixer import MixError, RepetitionWarning, build_mix, load_mix, report_table
+
+    try:
+        loaded = load_mix(recipe)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RepetitionWarning)
+            reports = build_mix(loaded, output, dry_run=dry_run)
+    except (MixError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    for report in reports:
+        console.print(report_table(report))
+    for w in caught:
+        console.print(f"[yellow]warning:[/yellow] {w.message}")
+    if not dry_run:
+        console.print(f"{len(reports)} phases -> {output}")

@@ -1,0 +1,245 @@
+"""Token shards: round trip, Megatron .idx read by an independent reader, llm.c export, exactly-once reruns,
+bad input, identical shards on local / Ray / Spark, and the packed dataset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phi3data.io.readers import read_records
+from phi3data.tokenization.dataset import PackedDataset
+from phi3data.tokenization.runner import TokenizeConfig, tokenize
+from phi3data.tokenization.shards import TokenShard, export_llmc, open_shards
+from phi3data.tokenization.tokenizers import get_tokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEXTBOOKS = SHARED / "textbooks" / "openstax.jsonl.gz"
+WEB_JSONL = SHARED / "web" / "jsonl"
+WARC = SHARED / "web" / "warc"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"missing {path}: these tests read the shared data in ../shared/data (see ../shared/README.md)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def curated_web(tmp_path_factory) -> Path:
+    """`phi3data run` output for two real WARC shards (a Parquet data/ folder)."""
+    from phi3data.pipelines.recipe import load_recipe
+    from phi3data.pipelines.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("curated")
+    warc_in = root / "warc"
+    warc_in.mkdir()
+    for name in ("web-sample-00000.warc.gz", "web-sample-00001.warc.gz"):
+        (warc_in / name).symlink_to(_need(WARC / name))
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "pipelines" / "web_quality.toml")
+    run_pipeline(recipe, warc_in, root / "out", workers=2, progress=False)
+    return root / "out"
+
+
+def _texts(path: Path) -> list[str]:
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        out += [r["text"] for r in read_records(f, source="t", max_document_bytes=5_000_000) if not r.get("reject")]
+    return out
+
+
+@pytest.mark.parametrize("name", ["phi3-mini", "phi3-small"])
+def test_shards_round_trip_to_the_input_text(tmp_path, curated_web, name):
+    out = tmp_path / "tok"
+    summary = tokenize([_need(TEXTBOOKS), curated_web, _need(WEB_JSONL)], out, TokenizeConfig(tokenizer=name),
+                       workers=2)
+    tok = get_tokenizer(name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dtype"] == ("uint16" if name == "phi3-mini" else "uint32")
+    assert manifest["tokenizer_hash"] == tok.identity_hash and manifest["tokenizer"]["name"] == name
+    assert set(manifest["sources"]) == {"openstax", "out", "jsonl"}
+    shards = open_shards(out)
+    assert len(shards) == summary.shards_total == 1 + len(list((curated_web / "data").iterdir())) + 7
+    files = {TEXTBOOKS.name: TEXTBOOKS}
+    files.update({p.name: p for p in (curated_web / "data").iterdir()})
+    files.update({p.name: p for p in WEB_JSONL.iterdir()})
+    docs = 0
+    for shard in shards:
+        text_in = _texts(files[shard.manifest["input"]])
+        assert len(shard) == len(text_in)
+        for i, text in enumerate(text_in):
+            ids = shard.document(i)
+            assert ids[-1] == tok.eos_id
+            assert tok.decode(ids[:-1]) == text
+        docs += len(shard)
+    assert docs == manifest["documents"] > 900
+    assert manifest["tokens"] == sum(len(s.tokens) for s in shards)
+
+
+def _read_megatron_idx(path: Path) -> dict:
+    """An independent reader written from Megatron-LM's published MMapIndexedDataset index layout."""
+    data = path.read_bytes()
+    assert data[:9] == b"MMIDIDX\x00\x00"
+    (version,) = struct.unpack_from("<Q", data, 9)
+    (code,) = struct.unpack_from("<B", data, 17)
+    seq_count, doc_count = struct.unpack_from("<QQ", data, 18)
+    pos = 34
+    sizes = np.frombuffer(data, dtype="<i4", count=seq_count, offset=pos)
+    pos += 4 * seq_count
+    pointers = np.frombuffer(data, dtype="<i8", count=seq_count, offset=pos)
+    pos += 8 * seq_count
+    doc_idx = np.frombuffer(data, dtype="<i8", count=doc_count, offset=pos)
+    pos += 8 * doc_count
+    assert pos == len(data)
+    dtypes = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
+              8: np.uint16}
+    return {"version": version, "dtype": np.dtype(dtypes[code]), "sizes": sizes, "pointers": pointers,
+            "doc_idx": doc_idx}
+
+
+@pytest.mark.parametrize("name", ["phi3-mini", "phi3-small"])
+def test_megatron_index_reads_our_bin(tmp_path, name):
+    out = tmp_path / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer=name), workers=1)
+    for shard in open_shards(out):
+        idx = _read_megatron_idx(shard.stem.with_name(shard.stem.name + ".idx"))
+        assert idx["version"] == 1 and idx["dtype"].itemsize == shard.tokens.dtype.itemsize
+        assert len(idx["sizes"]) == len(shard) and idx["doc_idx"].tolist() == list(range(len(shard) + 1))
+        raw = shard.stem.with_name(shard.stem.name + ".bin").read_bytes()
+        for i in range(len(shard)):
+            seq = np.frombuffer(raw, dtype=idx["dtype"], count=int(idx["sizes"][i]), offset=int(idx["pointers"][i]))
+            assert seq.tolist() == shard.document(i).tolist()
+
+
+def test_llmc_export_header(tmp_path):
+    out = tmp_path / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
+    info = export_llmc(out, tmp_path / "train.bin")
+    data = (tmp_path / "train.bin").read_bytes()
+    header = np.frombuffer(data, dtype="<i4", count=256)
+    assert header[0] == 20240520 and header[1] == 1 and header[2] == info["tokens"]
+    tokens = np.frombuffer(data, dtype="<u2", offset=1024)
+    assert len(tokens) == info["tokens"]
+    assert tokens.tolist() == np.concatenate([s.tokens for s in open_shards(out)]).tolist()
+
+
+def test_rerun_skips_finished_shards_and_refuses_another_config(tmp_path):
+    out = tmp_path / "tok"
+    first = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    victim = open_shards(out)[0].stem
+    for suffix in (".json",):
+        victim.with_name(victim.name + suffix).unlink()  # as if killed before the shard finished
+    again = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
+    assert again.shards_skipped == first.shards_total - 1
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    assert set(after) == set(before)
+    assert again.manifest["tokens"] == first.manifest["tokens"]
+    with pytest.raises(ValueError, match="another config"):
+        tokenize([_need(WEB_JSONL)], out, TokenizeConfig(add_bos=True), workers=1)
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path):
+    lines = [
+        json.dumps({"id": "ok", "text": "A fine document."}),
+        json.dumps({"id": "empty", "text": ""}),
+        json.dumps({"id": "blank", "text": "   \n\t "}),
+        '{"id": "surrogate", "text": "broken \\ud800 pair and \\udc00 end"}',
+        json.dumps({"id": "huge", "text": "x" * 5000}),
+        json.dumps({"id": "many", "text": "word " * 300}),
+        '{"id": "cut", "text": "unterminated',
+        json.dumps({"id": "number", "text": 42}),
+        json.dumps({"id": "notext"}),
+        json.dumps({"id": "ok2", "text": "Zweites Dokument, mit Umlauten: äöü ß."}),
+    ]
+    src = tmp_path / "bad.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "tok"
+    config = TokenizeConfig(max_document_chars=4000, max_document_tokens=200)
+    summary = tokenize([src, empty], out, config, source="bad", workers=1)
+    m = summary.manifest
+    assert m["documents"] == 3 and m["documents_read"] == 10
+    assert m["rejects"] == {"empty_document": 2, "malformed_json": 1, "malformed_record": 1, "missing_text": 1,
+                            "too_large": 1, "too_many_tokens": 1}
+    assert m["repaired_documents"] == 1 and m["repaired_characters"] == 2
+    tok = get_tokenizer("phi3-mini")
+    shard = next(s for s in open_shards(out) if len(s))
+    assert tok.decode(shard.document(1)[:-1]) == "broken \ufffd pair and \ufffd end"
+    rejects = [json.loads(x) for x in next(out.glob("*.rejects.jsonl")).read_text().splitlines()]
+    assert {r["id"] for r in rejects} >= {"empty", "blank", "huge", "many", "number", "notext"}
+    assert len(next(s for s in open_shards(out) if not len(s)).tokens) == 0  # the empty file is a finished shard
+
+
+def test_chat_shards_carry_the_loss_mask(tmp_path):
+    conversations = [
+        {"messages": [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "wizard", "content": "?"}]},
+    ]
+    src = tmp_path / "sft.jsonl.gz"
+    with gzip.open(src, "wt") as handle:
+        handle.write("\n".join(json.dumps(c) for c in conversations) + "\n")
+    out = tmp_path / "sft"
+    summary = tokenize([src], out, TokenizeConfig(chat=True), workers=1)
+    assert summary.manifest["documents"] == 2 and summary.manifest["rejects"] == {"bad_chat_record": 1}
+    shard = open_shards(out)[0]
+    tok = get_tokenizer("phi3-mini")
+    assert shard.mask is not None and len(shard.mask) == len(shard.tokens)
+    assert tok.decode(np.asarray(shard.tokens)[np.asarray(shard.mask) == 1]) == (
+        "7<|end|><|endoftext|>4<|end|><|endoftext|>")
+    data = PackedDataset(out, seq_len=8, shuffle=False)
+    sample = data.sample(0)
+    assert sample["mask"].tolist() == np.asarray(shard.mask[:9]).tolist()
+
+
+def _digests(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
+            if p.suffix in (".bin", ".offsets", ".idx", ".mask")}
+
+
+@pytest.fixture(scope="module")
+def local_shards(tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("local") / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="local", workers=2)
+    return _digests(out)
+
+
+def test_ray_gives_identical_shards(tmp_path, local_shards):
+    out = tmp_path / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="ray", workers=2)
+    assert _digests(out) == local_shards and len(local_shards) == 21
+
+
+def test_spark_gives_identical_shards(tmp_path, local_shards):
+    out = tmp_path / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="spark", workers=2)
+    assert _digests(out) == local_shards
+
+
+def test_packed_dataset_is_deterministic_and_resumable(tmp_path):
+    out = tmp_path / "tok"
+    tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
+    stream = np.concatenate([np.asarray(s.tokens) for s in open_shards(out)]).astype(np.int64)
+    data = PackedDataset(out, seq_len=64, seed=7)
+    assert len(data) == (len(stream) - 1) // 64
+    for i in (0, 5, len(data) - 1):
+        assert data.sample(i)["tokens"].tolist() == stream[i * 64:i * 64 + 65].tolist()
+    assert sorted(data.order(0).tolist()) == list(range(len(data)))
+    assert data.order(0).tolist() != data.order(1).tolist()
+    first = [data.batch(4)["tokens"] for _ in range(3)]
+    state = data.state_dict()
+    rest = [data.batch(4)["tokens"] for _ in range(len(data) // 4 + 2)]  # runs into the next epoch
+    resumed = PackedDataset(out, seq_len=64, seed=7)
+    resumed.load_state_dict(state)
+    assert all((a == b).all() for a, b in zip(rest, [resumed.batch(4)["tokens"] for _ in range(len(rest))]))
+    again = PackedDataset(out, seq_len=64, seed=7)
+    assert all((a == b).all() for a, b in zip(first, [again.batch(4)["tokens"] for _ in range(3)]))
+    assert TokenShard.open(open_shards(out)[0].stem).manifest["format"] == "phi3data-tokens"
