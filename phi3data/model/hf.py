@@ -120,9 +120,9 @@ def save_native(model: Phi3, path: str | Path) -> Path:
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("model*.safetensors"))  # not rng.safetensors beside it in a training checkpoint
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {path} (pickled .bin checkpoints are not loaded)")
+        raise FileNotFoundError(f"no model*.safetensors file in {path} (pickled .bin checkpoints are not loaded)")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         sd.update(load_file(str(f)))
