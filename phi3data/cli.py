@@ -137,28 +137,24 @@ def eval_checkpoint(
         console.print(f"results: {output}")
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-
-
 @app.command()
 def quickstart(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where results go")] = Path("out/quickstart"),
-    data: Annotated[Path, typer.Option(help="The shared data folder")] = SHARED_DATA,
-    engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
+    data: Annotated[Path | None, typer.Option(help="The shared data folder (default: ../shared/data)")] = None,
+    engine: Annotated[str, typer.Option(help="local | ray | spark, for the curation steps")] = "local",
 ) -> None:
-    """Curate the shared WARC sample with pipelines/web_quality.toml and print its stats table.
+    """Curate the shared web sample, train an edu classifier, filter by it, run a 3-size x 2-recipe ladder, and
+    write the scaling plot and report (about 10 minutes on 2 cores; rerun to resume).
 
     Example: phi3data quickstart --output out/quickstart
     """
-    warc = data / "web" / "warc"
-    if not warc.exists():
-        console.print(f"[red]error:[/red] the shared WARC sample is missing at {warc}; pass --data DIR")
-        raise typer.Exit(2)
-    run(REPO_ROOT / "pipelines" / "web_quality.toml", input=warc, output=output / "web_quality", engine=engine,
-        workers=None, ray_address=None, spark_master=None, progress=True)
-    console.print(f"curated documents: {output / 'web_quality' / 'data'}  (per-stage stats: "
-                  f"{output / 'web_quality' / 'stats.json'})")
+    from phi3data.quickstart import SHARED_DATA, run_quickstart
+
+    try:
+        run_quickstart(output, data or SHARED_DATA, engine=engine, console=console)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def test_global_stage_decides_the_same_on_every_engine(engine, tmp_path):
     inp.mkdir()
     for name in ("web-sample-00002.warc.gz", "web-sample-00008.warc.gz"):
         (inp / name).symlink_to(WARC_DIR / name)
-    recipe = load_recipe(_threshold_recipe("top_fraction", 0.3))
+    recipe = load_recipe(_threshold_recipe("percentile", 30))
     local = run_pipeline(recipe, inp, tmp_path / "local", engine="local", workers=2, progress=False)
     other = run_pipeline(recipe, inp, tmp_path / engine, engine=engine, workers=2, progress=False)
     assert other.stats["decisions"] == local.stats["decisions"]

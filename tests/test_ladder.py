@@ -126,3 +126,12 @@ def test_killed_ladder_resumes_to_the_same_results(full_ladder, tmp_path):
     stdout, _ = again.communicate(timeout=900)
     assert again.returncode == 0, stdout
     assert _results(out) == _results(full_ladder)
+
+
+def test_changed_config_is_refused_in_an_existing_ladder(full_ladder, tmp_path):
+    from phi3data.scaling.ladder import load_ladder, run_ladder
+
+    config = _config(tmp_path)
+    config.write_text(config.read_text().replace("tokens_per_param = 1", "tokens_per_param = 2"))
+    with pytest.raises(ValueError, match="another configuration"):
+        run_ladder(load_ladder(config), full_ladder)

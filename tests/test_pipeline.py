@@ -204,9 +204,11 @@ def test_hugging_face_saved_dataset_as_input(tmp_path):
 
 
 def _threshold_recipe(mode: str, value: float) -> dict:
+    """A global stage over a score every page has (fastText's language score), so it runs without a classifier."""
+    key = {"percentile": "top_percent", "token_budget": "token_budget", "score": "min_score"}[mode]
     return {"pipeline": {"name": "global"},
             "stage": [{"type": "extract"}, {"type": "language", "languages": [], "min_score": 0.0},
-                      {"type": "score_threshold", "column": "language_score", "mode": mode, "value": value,
+                      {"type": "edu_threshold", "column": "language_score", "mode": mode, key: value,
                        "low": 0.0, "high": 1.0, "bins": 200},
                       {"type": "length", "min_chars": 100}]}
 
@@ -220,31 +222,29 @@ def _languages_scores(out):
     return rows
 
 
-def test_global_threshold_top_fraction_and_budget(tmp_path):
+def test_global_threshold_percentile_and_budget(tmp_path):
     """A global stage: histogram in the workers, cut on the driver, filter in a second pass."""
     inp = tmp_path / "in"
     inp.mkdir()
     for name in ("web-sample-00000.warc.gz", "web-sample-00008.warc.gz"):
         (inp / name).symlink_to(WARC_DIR / name)
     out = tmp_path / "top"
-    summary = run_pipeline(load_recipe(_threshold_recipe("top_fraction", 0.25)), inp, out, progress=False)
-    decision = summary.stats["decisions"]["score_threshold"]
-    total = decision["documents_total"]
+    summary = run_pipeline(load_recipe(_threshold_recipe("percentile", 25)), inp, out, progress=False)
+    decision = summary.stats["decisions"]["edu_threshold"]
+    total = decision["total_docs"]
     assert total == 263 - summary.stats["stages"][0]["drops"].get("extract:empty", 0)
     kept = _languages_scores(out)
-    threshold = decision["threshold"]
-    assert all(score >= threshold for _, score, _ in kept)
-    # the cut keeps at least a quarter, and no more than the documents in the cut bin above a quarter
-    assert decision["documents_kept"] >= 0.25 * total
+    assert all(score >= decision["threshold_score"] for _, score, _ in kept)
+    # at most a quarter is kept, and the next bin down would have gone past it
+    assert 0 < decision["kept_docs"] <= 0.25 * total
     names = [s["name"] for s in summary.stats["stages"]]
-    assert names == ["extract", "language", "score_threshold", "length"]
+    assert names == ["extract", "language", "edu_threshold", "length"]
     thr_stats = summary.stats["stages"][2]
-    assert thr_stats["in"] == total and thr_stats["out"] == decision["documents_kept"]
-    # token budget: kept tokens reach the budget with the fewest bins
+    assert thr_stats["in"] == total and thr_stats["out"] == decision["kept_docs"]
     out2 = tmp_path / "budget"
-    summary2 = run_pipeline(load_recipe(_threshold_recipe("token_budget", 50_000)), inp, out2, progress=False)
-    d2 = summary2.stats["decisions"]["score_threshold"]
-    assert d2["tokens_kept"] >= 50_000 and d2["tokens_total"] > 50_000
+    summary2 = run_pipeline(load_recipe(_threshold_recipe("token_budget", 20_000)), inp, out2, progress=False)
+    d2 = summary2.stats["decisions"]["edu_threshold"]
+    assert 0 < d2["kept_tokens"] <= 20_000 < d2["total_tokens"]
     # rerun is a no-op and reuses the saved decision
-    again = run_pipeline(load_recipe(_threshold_recipe("token_budget", 50_000)), inp, out2, progress=False)
+    again = run_pipeline(load_recipe(_threshold_recipe("token_budget", 20_000)), inp, out2, progress=False)
     assert again.shards_skipped == 2 and again.stats["decisions"] == summary2.stats["decisions"]

@@ -18,6 +18,7 @@ import xxhash
 
 from phi3data import __version__
 from phi3data.engines import map_shards
+from phi3data.engines.progress import drain
 from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
 from phi3data.pipelines.base import merge_summaries
@@ -107,7 +108,8 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
         results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
                              spark_master=spark_master)
         label = engine if pipeline.last_segment == 0 else f"{engine}, pass {segment + 1}/{pipeline.last_segment + 1}"
-        _drain(results, len(shards), len(shards) - len(pending), progress, label)
+        drain(results, total=len(shards), skipped=len(shards) - len(pending), label=f"run ({label})",
+              count=lambda r: r["read"]["documents"], unit="docs", progress=progress)
         if segment < pipeline.last_segment:
             decision = _decide(pipeline, output, shards, segment)
 
@@ -155,25 +157,6 @@ def _decide(pipeline: Pipeline, output: Path, shards: list[InputShard], segment:
 def _is_done(pipeline: Pipeline, output: Path, shard: InputShard, segment: int | None = None) -> bool:
     paths = pipeline.output_paths(output, shard, segment)
     return all(p.exists() for p in paths.values())
-
-
-def _drain(results, total: int, skipped: int, progress: bool, engine: str) -> None:
-    if not progress:
-        for _ in results:
-            pass
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    docs = 0
-    started = time.perf_counter()
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-               TimeElapsedColumn(), TextColumn("{task.fields[rate]}")]
-    with Progress(*columns, transient=False) as bar:
-        task = bar.add_task(f"run ({engine})", total=total, completed=skipped, rate="")
-        for result in results:
-            docs += result["read"]["documents"]
-            rate = docs / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=1, rate=f"{docs} docs, {rate:.0f} docs/s")
 
 
 def merge_stats(per_shard: list[dict]) -> dict:

@@ -284,6 +284,12 @@ def run_ladder(cfg: LadderConfig, out: Path, *, progress: bool = True) -> list[d
 
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
+    plan_path = out / "plan.json"
+    if plan_path.exists():
+        previous = json.loads(plan_path.read_text())["config"]
+        if previous != json.loads(json.dumps(cfg.model_dump(mode="json"))):
+            raise ValueError(f"{out} holds a ladder with another configuration; use a new --output directory "
+                             "(or the old configuration to resume it)")
     started = time.perf_counter()
     info = prepare_data(cfg, out)
     tokenizer = prepare_tokenizer(cfg, out)
@@ -292,8 +298,12 @@ def run_ladder(cfg: LadderConfig, out: Path, *, progress: bool = True) -> list[d
 
     vocab_size = get_tokenizer(tokenizer).vocab_size
     plan = run_plan(cfg, vocab_size)
+    recipe_tokens = {name: json.loads((token_dirs[name] / "manifest.json").read_text())["tokens"]
+                     for name in cfg.recipes}
+    for run in plan:
+        run["epochs"] = round(run["tokens"] / max(recipe_tokens[run["recipe"]], 1), 2)
     write_json_atomic(out / "plan.json", {"tokenizer": tokenizer, "vocab_size": vocab_size, "data": info,
-                                          "recipe_order": list(cfg.recipes),
+                                          "recipe_order": list(cfg.recipes), "recipe_tokens": recipe_tokens,
                                           "config": cfg.model_dump(mode="json"), "runs": plan})
     results = []
     for index, run in enumerate(plan, start=1):

@@ -34,6 +34,10 @@ def plot_scaling(fits: Sequence[PowerLawFit], path: Path, *, metric: str = "erro
         ax.fill_between(grid, band_lo, band_hi, color=color, alpha=0.12, lw=0)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax.set_xlabel("model size (non-embedding parameters, log scale)")
     ax.set_ylabel(f"{metric} (log scale)")
     ax.set_title(title)

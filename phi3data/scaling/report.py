@@ -67,21 +67,27 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
               f"- benchmarks: {', '.join(plan['config']['eval']['tasks'])}, {plan['config']['eval']['limit']} items "
               f"each, {plan['config']['eval']['shots']}-shot; error = 1 - p(correct choice), averaged over items",
               f"- validation: {plan['data']['validation_documents']} held-out documents shared by all recipes", ""]
-    lines += ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | train s | val loss | bits/byte | "
-              "benchmark error | acc (mean) | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if plan.get("recipe_tokens"):
+        sizes_txt = ", ".join(f"{k} {v:,}" for k, v in plan["recipe_tokens"].items())
+        lines += [f"- training tokens available per recipe: {sizes_txt}; a run that needs more repeats its data "
+                  "(the epochs column) and is then data-limited, not only model-limited", ""]
+    lines += ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | epochs | train s | val loss | bits/byte | "
+              "benchmark error | acc (mean) | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["recipe"], r["params"], r["seed"])):
         tasks = r["tasks"].values()
         error = np.mean([1 - p for t in tasks for p in t["p_gold"]])
         acc = np.mean([t["acc"] for t in tasks])
         chance = np.mean([t["chance"] for t in tasks])
-        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['seed']} | {r['tokens']:,} | {r['train_seconds']} | "
+        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['seed']} | {r['tokens']:,} | {r.get('epochs', '-')} | "
+                     f"{r['train_seconds']} | "
                      f"{r['validation']['loss']:.3f} | {r['validation']['bits_per_byte']:.3f} | {error:.4f} | "
                      f"{acc:.3f} | {chance:.3f} |")
     lines += ["", "## Fits: log(error) = a + b·log(N), 90% bootstrap intervals over seeds and items", "",
               "| metric | recipe | a | b (slope) | b interval |", "|---|---|---:|---:|---|"]
     for metric, per in fits.items():
         for name, fit in per.items():
-            interval = f"[{fit.b_ci[0]:+.4f}, {fit.b_ci[1]:+.4f}]"
+            one_value = metric == "bits_per_byte" and len(plan["config"]["ladder"]["seeds"]) < 2
+            interval = "n/a (one seed per size)" if one_value else f"[{fit.b_ci[0]:+.4f}, {fit.b_ci[1]:+.4f}]"
             lines.append(f"| {metric} | {name} | {fit.a:.3f} | {fit.b:+.4f} | {interval} |")
     lines += ["", "## Verdict", ""]
     lines += _verdict(fits, recipes, sizes, n_seeds=len(plan["config"]["ladder"]["seeds"]))

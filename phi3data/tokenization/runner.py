@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3data.engines import map_shards
+from phi3data.engines.progress import drain
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
@@ -241,7 +242,8 @@ def tokenize(inputs: list[Path], output: Path, config: TokenizeConfig, *, source
     task = functools.partial(tokenize_shard, json.dumps(asdict(config), sort_keys=True), str(output))
     results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
                          spark_master=spark_master)
-    _drain(results, len(items), len(items) - len(pending), progress, engine)
+    drain(results, total=len(items), skipped=len(items) - len(pending), label=f"tokenize ({engine})",
+          count=lambda r: r["tokens"], unit="tokens", progress=progress)
     manifest = write_directory_manifest(output, config, config_hash)
     return TokenizeSummary(output, manifest, len(items), len(items) - len(pending), time.perf_counter() - started)
 
@@ -253,24 +255,6 @@ def _source_name(root: Path) -> str:
     for suffix in (".gz", ".zst", ".jsonl", ".json", ".parquet", ".arrow"):
         name = name.removesuffix(suffix)
     return name or "input"
-
-
-def _drain(results, total: int, skipped: int, progress: bool, engine: str) -> None:
-    if not progress:
-        for _ in results:
-            pass
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    tokens = 0
-    started = time.perf_counter()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
-                  TimeElapsedColumn(), TextColumn("{task.fields[rate]}")) as bar:
-        task = bar.add_task(f"tokenize ({engine})", total=total, completed=skipped, rate="")
-        for result in results:
-            tokens += result["tokens"]
-            rate = tokens / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=1, rate=f"{tokens:,} tokens, {rate:,.0f} tokens/s")
 
 
 TOTAL_KEYS = ("tokens", "documents", "documents_read", "characters", "repaired_documents", "repaired_characters")
