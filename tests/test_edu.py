@@ -102,8 +102,8 @@ def test_decision_is_order_independent_and_apply_keeps_exactly_it(scored, params
     assert kept_scores.min() >= dropped_scores.max(), "only the highest-scoring documents are kept"
     tokens = int(count_tokens(kept.column("text")).sum())
     if params["mode"] == "percentile":
-        assert kept.num_rows == decision["kept_docs"] <= 0.30 * scored.num_rows
-        assert kept.num_rows >= 0.30 * scored.num_rows - 5, "the cut is at most a few tied documents short"
+        assert kept.num_rows == decision["kept_docs"]
+        assert abs(kept.num_rows - 0.30 * scored.num_rows) <= 5, "the cut is the one nearest the target"
     elif params["mode"] == "token_budget":
         assert tokens == decision["kept_tokens"] <= 40_000
         bins = stage.score_bins(scored)
@@ -145,5 +145,5 @@ def test_same_kept_documents_on_local_ray_and_spark(dclm_model, tmp_path):
     assert outputs["local"] == outputs["spark"] == outputs["ray"]
     assert decisions["local"] == decisions["spark"] == decisions["ray"]
     decision = decisions["local"]["edu_threshold"]
-    assert len(outputs["local"]) == decision["kept_docs"] <= 0.25 * 499
+    assert len(outputs["local"]) == decision["kept_docs"] and abs(decision["kept_docs"] - 0.25 * 499) <= 10
     assert len(outputs["local"]) > 0.2 * 499

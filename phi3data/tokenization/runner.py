@@ -130,28 +130,25 @@ def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer:
 
 def _flush(config: TokenizeConfig, tok, texts: list[str], ids: list[str], writer: TokenShardWriter,
            rejects: list[dict], counts: Counter, threads: int) -> None:
-    encoded = tok.encode_batch(texts, threads=threads)
-    flat: list[int] = []
+    encoded = tok.encode_batch_arrays(texts, threads=threads)
+    pieces: list[np.ndarray] = []
     lengths: list[int] = []
-    head = [tok.bos_id] if config.add_bos and tok.bos_id is not None else []
-    tail = [tok.eos_id] if config.add_eos else []
+    head = np.array([tok.bos_id] if config.add_bos and tok.bos_id is not None else [], dtype=np.uint32)
+    tail = np.array([tok.eos_id] if config.add_eos else [], dtype=np.uint32)
     limit = config.max_document_tokens
     for doc_id, text, doc in zip(ids, texts, encoded, strict=True):
-        if not doc:
+        if not len(doc):
             rejects.append({"id": doc_id, "reason": "empty_document", "detail": "no tokens"})
             continue
         if limit is not None and len(doc) > limit:
             rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(doc)} tokens > {limit}"})
             continue
         counts["chars"] += len(text)
-        if head:
-            flat += head
-        flat += doc
-        if tail:
-            flat += tail
+        pieces.extend((head, doc, tail))
         lengths.append(len(doc) + len(head) + len(tail))
     if lengths:
-        writer.write_flat(np.array(flat, dtype=writer.dtype), np.array(lengths, dtype=np.uint64))
+        writer.write_flat(np.concatenate(pieces).astype(writer.dtype, copy=False),
+                          np.array(lengths, dtype=np.uint64))
 
 
 def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,

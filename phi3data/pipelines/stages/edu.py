@@ -114,11 +114,20 @@ class EduThreshold(GlobalStage):
         if p.mode == "score":
             threshold_bin = None
         elif p.mode == "percentile":
+            # the cut whose kept count is closest to the target; ties in a score bin cannot be split, and with
+            # many tied scores "at most the target" could keep nothing, so the nearest cut wins (larger on a tie)
             target = p.top_percent / 100.0 * int(docs.sum())
-            threshold_bin = int(np.argmax(kept_docs <= target + 1e-9))
+            distance = np.abs(kept_docs - target)
+            threshold_bin = int(np.flatnonzero(distance == distance.min())[0])
         else:
+            # the budget is an upper bound; when even the top non-empty bin exceeds it, keep that bin rather
+            # than nothing (the decision records the overshoot)
             threshold_bin = int(np.argmax(kept_tokens <= p.token_budget))
+            if kept_docs[threshold_bin] == 0 and docs.sum() > 0:
+                threshold_bin = int(np.flatnonzero(docs)[-1])
         decision = {"mode": p.mode, "total_docs": int(docs.sum()), "total_tokens": int(tokens.sum())}
+        if p.mode == "token_budget" and threshold_bin is not None and kept_tokens[threshold_bin] > p.token_budget:
+            decision["over_budget"] = True
         if threshold_bin is None:
             decision.update(min_score=p.min_score)
         else:
