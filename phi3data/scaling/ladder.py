@@ -52,7 +52,7 @@ class LadderSection(_Strict):
 
 class TokenizerSection(_Strict):
     train_vocab: int | None = 2048
-    """Train a byte-level BPE of this size on the recipes' training text; None to use ``name``."""
+    """Train a byte-level BPE of this size on the recipes' training text; 0 or None to use ``name``."""
     name: str = "phi3-mini"
     sample_chars: int = 20_000_000
 
@@ -156,7 +156,7 @@ def _read_texts(path: Path) -> list[str]:
 
 def prepare_tokenizer(cfg: LadderConfig, out: Path) -> str:
     """The tokenizer spec every run uses: a BPE trained here on all recipes' training text, or a named one."""
-    if cfg.tokenizer.train_vocab is None:
+    if not cfg.tokenizer.train_vocab:
         return cfg.tokenizer.name
     path = out / "tokenizer" / "tokenizer.json"
     if path.exists():
