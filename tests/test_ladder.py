@@ -135,3 +135,22 @@ def test_changed_config_is_refused_in_an_existing_ladder(full_ladder, tmp_path):
     config.write_text(config.read_text().replace("tokens_per_param = 1", "tokens_per_param = 2"))
     with pytest.raises(ValueError, match="another configuration"):
         run_ladder(load_ladder(config), full_ladder)
+
+
+def test_a_page_shared_by_recipes_is_held_out_of_all_of_them(tmp_path):
+    """Recipes that contain the same documents (heuristic is a subset of raw) hold out the same pages."""
+    from phi3data.scaling.ladder import LadderConfig, prepare_data
+
+    books = str(SHARED / "textbooks" / "openstax.jsonl.gz")
+    web = str(SHARED / "web" / "jsonl")
+    cfg = LadderConfig(ladder={"name": "t"}, sizes={"a": {"hidden_size": 16, "num_hidden_layers": 1,
+                                                         "num_attention_heads": 2, "intermediate_size": 32}},
+                       recipes={"books": {"sources": [books]}, "books_web": {"sources": [web, books]}},
+                       eval={"val_fraction": 0.1, "val_max_docs": 10_000})
+    info = prepare_data(cfg, tmp_path)
+    val = {json.loads(line)["id"] for line in (tmp_path / "data" / "validation.jsonl").open()}
+    train = {name: {json.loads(line)["id"] for line in (tmp_path / "data" / name / "train.jsonl").open()}
+             for name in ("books", "books_web")}
+    assert val and not val & (train["books"] | train["books_web"])
+    assert train["books"] < train["books_web"]  # the shared textbook sections split the same way in both
+    assert info["validation_documents"] == len(val)

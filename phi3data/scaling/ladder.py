@@ -101,13 +101,14 @@ def load_ladder(path: Path) -> LadderConfig:
 # --- data ------------------------------------------------------------------------------------------------------
 
 def _documents(sources: list[str]) -> list[tuple[str, str]]:
-    """(key, text) for every readable document of the sources; the key is source-qualified and stable."""
+    """(id, text) for every readable document of the sources. The id is the document's own (a WARC-Record-ID
+    survives every pipeline), so the same page is held out of every recipe that contains it."""
     docs = []
     for source in sources:
         for shard in plan_shards(Path(source)):
             for rec in read_records(Path(shard.path), source=shard.relpath, max_document_bytes=10_000_000):
                 if not rec.get("reject"):
-                    docs.append((f"{Path(source).name}/{shard.relpath}/{rec['id']}", rec["text"]))
+                    docs.append((str(rec["id"]), rec["text"]))
     if not docs:
         raise ValueError(f"no documents in {sources}")
     return docs
@@ -128,7 +129,9 @@ def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
     for name, recipe in cfg.recipes.items():
         docs = _documents(recipe.sources)
         train = [(k, t) for k, t in docs if not _is_validation(k, cfg.eval.val_fraction)]
-        validation.update((k, t) for k, t in docs if _is_validation(k, cfg.eval.val_fraction))
+        for key, text in docs:  # the first recipe's version of a held-out page (the baseline's) is the one kept
+            if _is_validation(key, cfg.eval.val_fraction):
+                validation.setdefault(key, text)
         path = out / "data" / name / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_jsonl(path, train)
