@@ -8,8 +8,7 @@ import pytest
 import torch
 from conftest import SHARED
 
-from phi3data.evaluation.harness import (logits_fn_for, score_gsm8k, score_multiple_choice, split_tokens,
-                                         validation_loss)
+from phi3data.evaluation.harness import logits_fn_for, score_gsm8k, score_multiple_choice, split_tokens, validation_loss
 from phi3data.evaluation.tasks import final_number, load_gsm8k, load_mc_task, subsample, with_shots
 
 EVAL = SHARED / "eval"
