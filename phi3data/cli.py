@@ -144,7 +144,7 @@ def quickstart(
     engine: Annotated[str, typer.Option(help="local | ray | spark, for the curation steps")] = "local",
 ) -> None:
     """Curate the shared web sample, train an edu classifier, filter by it, run a 3-size x 2-recipe ladder, and
-    write the scaling plot and report (about 10 minutes on 2 cores; rerun to resume).
+    write the scaling plot and report (about 8 minutes on 2 cores; rerun to resume).
 
     Example: phi3data quickstart --output out/quickstart
     """

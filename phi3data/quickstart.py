@@ -1,6 +1,6 @@
 """The quickstart: curate -> train an edu classifier -> filter by it -> a 3-size x 2-recipe ladder -> plot and report.
 
-Everything runs on the shared real data on this machine's CPU, in about 10 minutes on 2 cores. Each step is
+Everything runs on the shared real data on this machine's CPU, in about 8 minutes on 2 cores. Each step is
 resumable, so rerunning the quickstart after an interruption continues where it stopped.
 """
 
