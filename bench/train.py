@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from phi3data.model import Phi3Config  # noqa: E402
 from phi3data.training import TrainConfig, Trainer  # noqa: E402
+from phi3data.training.trainer import _param_groups  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -101,16 +102,7 @@ def bench_cpu(args: argparse.Namespace) -> None:
     model.config._attn_implementation = "sdpa"
     model.train()
     opt = torch.optim.AdamW(
-        [
-            {
-                "params": [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n],
-                "weight_decay": cfg.weight_decay,
-            },
-            {
-                "params": [p for n, p in model.named_parameters() if p.ndim < 2 or "embed_tokens" in n],
-                "weight_decay": 0.0,
-            },
-        ],
+        _param_groups(model, cfg.weight_decay),  # the same decay groups as our trainer
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -62,7 +62,3 @@ def make_rejects(records: Iterable[dict]) -> pa.Table:
                 value = bytes(value[:REJECT_EXCERPT_BYTES])
             columns[name].append(value)
     return pa.table(columns, schema=REJECT_SCHEMA)
-
-
-def empty_batch() -> pa.Table:
-    return CORE_SCHEMA.empty_table()

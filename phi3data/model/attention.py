@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 
+# Masks depend only on shape, pattern and device, and every layer of every forward pass asks for the same one,
+# so they are built once and shared (read-only: callers combine them out of place).
+@functools.lru_cache(maxsize=32)
 def causal_mask(t: int, sliding_window: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (T, T) mask, True where query i may attend key j (j <= i, and i - j < window if windowed)."""
     i = torch.arange(t, device=device)[:, None]
@@ -49,6 +52,7 @@ def blocksparse_block_layout(
     return (kb <= qb) & ((qb - kb < local_blocks) | vertical)
 
 
+@functools.lru_cache(maxsize=32)
 def blocksparse_token_mask(
     n_heads: int,
     t: int,

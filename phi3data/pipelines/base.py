@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
 STAGES: dict[str, type[Stage]] = {}
@@ -89,10 +88,6 @@ def set_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:
     if index >= 0:
         return batch.set_column(index, name, values)
     return batch.append_column(name, values)
-
-
-def non_null(values: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.fill_null(values, "")
 
 
 class GlobalStage(Stage):

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -254,10 +255,23 @@ def train_run(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dic
     return ckpt
 
 
+@functools.cache
+def _eval_items(task: str, eval_dir: Path, shots: int, limit: int) -> tuple:
+    """A task's prompted, subsampled items; the same for every run of a ladder, so built once per process."""
+    from phi3data.evaluation.tasks import load_mc_task, subsample, with_shots
+
+    return tuple(subsample(with_shots(load_mc_task(task, eval_dir), shots), limit, seed=0))
+
+
+@functools.cache
+def _validation_texts(path: Path) -> tuple[str, ...]:
+    return tuple(_read_texts(path))
+
+
 def evaluate_run(cfg: LadderConfig, out: Path, checkpoint: Path, tokenizer: str) -> dict[str, Any]:
     """Validation loss / bits per byte and benchmark log-likelihoods for one trained checkpoint."""
     from phi3data.evaluation.harness import logits_fn_for, score_multiple_choice, validation_loss
-    from phi3data.evaluation.tasks import DEFAULT_EVAL_DIR, load_mc_task, subsample, with_shots
+    from phi3data.evaluation.tasks import DEFAULT_EVAL_DIR
     from phi3data.model.hf import load_hf
     from phi3data.tokenization.tokenizers import get_tokenizer
 
@@ -266,12 +280,12 @@ def evaluate_run(cfg: LadderConfig, out: Path, checkpoint: Path, tokenizer: str)
     encode = tok.encode_text
     max_length = model.cfg.max_position_embeddings
     logits = logits_fn_for(model)
-    val_texts = _read_texts(out / "data" / "validation.jsonl")
+    val_texts = _validation_texts(out / "data" / "validation.jsonl")
     result: dict[str, Any] = {"validation": validation_loss(logits, encode, val_texts, max_length=max_length)}
     eval_dir = Path(cfg.eval.eval_dir) if cfg.eval.eval_dir else DEFAULT_EVAL_DIR
     tasks = {}
     for task in cfg.eval.tasks:
-        items = subsample(with_shots(load_mc_task(task, eval_dir), cfg.eval.shots), cfg.eval.limit, seed=0)
+        items = _eval_items(task, eval_dir, cfg.eval.shots, cfg.eval.limit)
         scored = score_multiple_choice(logits, encode, items, max_length=max_length, batch_size=32)
         tasks[task] = {"n": scored["n"], "acc": scored["acc"], "acc_norm": scored["acc_norm"],
                        "prob_correct": scored["prob_correct"],
