@@ -133,12 +133,14 @@ def test_rerun_skips_finished_shards_and_refuses_another_config(tmp_path):
     first = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
     victim = open_shards(out)[0].stem
-    for suffix in (".json",):
-        victim.with_name(victim.name + suffix).unlink()  # as if killed before the shard finished
+    victim.with_name(victim.name + ".json").unlink()  # as if killed before the shard finished
     again = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
     assert again.shards_skipped == first.shards_total - 1
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
     assert set(after) == set(before)
+    # finished shards were skipped, not rewritten: only the victim's files have new times
+    untouched = {n: t for n, t in before.items() if not n.startswith(victim.name)}
+    assert untouched and all(after[n] == t for n, t in untouched.items())
     assert again.manifest["tokens"] == first.manifest["tokens"]
     with pytest.raises(ValueError, match="another config"):
         tokenize([_need(WEB_JSONL)], out, TokenizeConfig(add_bos=True), workers=1)

@@ -11,6 +11,7 @@ from pathlib import Path
 from phi3data import __version__
 from phi3data.classifiers.embedding_classifier import EmbeddingClassifier
 from phi3data.classifiers.fasttext_classifier import FastTextClassifier
+from phi3data.io.writers import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "phi3data-classifier/1"
@@ -37,9 +38,7 @@ def save_classifier(classifier: Classifier, directory: Path, *, name: str, thres
         "data_hash": data_hash, "metrics": metrics, "files": {f: file_sha256(directory / f) for f in files},
         "phi3data_version": __version__, **(extra or {}),
     }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=float), encoding="utf-8")
-    tmp.replace(directory / MANIFEST)
+    write_json_atomic(directory / MANIFEST, manifest, default=float)
     return manifest
 
 

@@ -70,9 +70,10 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_json_atomic(path: Path, obj, default=str) -> None:
+    """Write JSON to ``path`` atomically; ``default`` converts values json cannot (numpy floats: pass float)."""
     tmp = tmp_path_for(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=default), encoding="utf-8")
     commit(tmp, path)
 
 

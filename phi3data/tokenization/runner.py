@@ -25,7 +25,7 @@ import numpy as np
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.readers import detect_format, read_records
-from phi3data.io.writers import remove_stale_tmp, write_json_atomic
+from phi3data.io.writers import commit, remove_stale_tmp, tmp_path_for, write_json_atomic
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
 from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
@@ -79,8 +79,6 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
             _tokenize_text(config, tok, Path(item["path"]), item["source"], writer, rejects, counts, threads)
         if rejects:
             reject_path = stem.with_name(stem.name + ".rejects.jsonl")
-            from phi3data.io.writers import commit, tmp_path_for
-
             tmp = tmp_path_for(reject_path)
             with open(tmp, "w", encoding="utf-8") as handle:
                 for r in rejects:
@@ -98,7 +96,6 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
     except BaseException:
         writer.abort()
         raise
-    manifest.pop("seconds", None)  # timings vary; the shard manifest on disk keeps them, the result need not
     return {"stem": item["stem"], "tokens": manifest["tokens"], "documents": manifest["documents"],
             "rejects": manifest["rejects"], "documents_read": manifest["documents_read"]}
 
