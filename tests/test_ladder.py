@@ -107,21 +107,35 @@ def test_ladder_trains_evaluates_and_reports(full_ladder):
     assert set(fits["benchmark"]) == {"web", "textbooks"}
 
 
+def _interrupted_run(out: Path) -> bool:
+    """True once some run is done and another has stopped mid-training (a checkpoint short of its last step)."""
+    runs = out / "runs"
+    if not runs.exists() or not any(runs.rglob("result.json")):
+        return False
+    for path in runs.rglob("checkpoints/step_*/state.json"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):  # pruned while we read it
+            continue
+        if state["step"] < state["train_config"]["max_steps"] and not (path.parents[2] / "result.json").exists():
+            return True
+    return False
+
+
 def test_killed_ladder_resumes_to_the_same_results(full_ladder, tmp_path):
     out = tmp_path / "killed"
     proc = _ablate(_config(tmp_path), out, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        if len(list((out / "runs").rglob("result.json"))) >= 1 if (out / "runs").exists() else False:
-            # let the next run get going, then kill it mid-training
-            time.sleep(1.5)
-            break
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and not _interrupted_run(out):
+        time.sleep(0.005)
     assert proc.poll() is None, "the ladder finished before it could be killed"
+    # freeze the ladder the moment a run is mid-training, so what we count is what the kill interrupts
+    os.killpg(proc.pid, signal.SIGSTOP)
+    interrupted = _interrupted_run(out)
+    finished_before = len(list((out / "runs").rglob("result.json")))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    finished_before = len(list((out / "runs").rglob("result.json")))
-    assert 1 <= finished_before < 4
+    assert interrupted and 1 <= finished_before < 4
     again = _ablate(_config(tmp_path), out)
     stdout, _ = again.communicate(timeout=900)
     assert again.returncode == 0, stdout

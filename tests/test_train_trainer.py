@@ -219,9 +219,10 @@ def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
         if metrics.exists() and max(losses(metrics), default=0) >= 12:
             break
         time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGSTOP)  # freeze first so the step we read is the step the kill interrupts
+    killed_at = max(losses(metrics))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
-    killed_at = max(losses(metrics))
     assert 12 <= killed_at < steps, "the run finished before it could be killed; make it longer"
 
     subprocess.run(cmd + [str(cfg)], env=env, check=True, capture_output=True, timeout=300)
