@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import zstandard
 from conftest import EDGE_DIR, JSONL_DIR, WARC_DIR, require_shared
 
@@ -197,3 +198,23 @@ def test_parquet_and_hf_arrow(tmp_path):
     corrupt = tmp_path / "corrupt.parquet"
     corrupt.write_bytes(b"PAR1 this is not a parquet file")
     assert records(corrupt)[0]["reason"] == "corrupt_parquet"
+
+
+def test_a_run_output_directory_lists_only_its_data(tmp_path):
+    """Labelled-data sources and pipeline inputs share one listing: run metadata and hidden files are not input."""
+    from phi3data.classifiers.data import read_documents
+    from phi3data.io.readers import list_input_files
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(3)]
+    (data / "part-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": ["part-0"]}))
+    (tmp_path / "stats.json").write_text(json.dumps({"documents": 3}))
+    (data / ".part-1.jsonl.tmp").write_text('{"id": "partial", "text": "unfinished"}\n')
+    assert list_input_files(tmp_path) == [data / "part-0.jsonl"]
+    assert [d["id"] for d in read_documents(tmp_path)] == ["d0", "d1", "d2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no labelled data files"):
+        list(read_documents(empty))

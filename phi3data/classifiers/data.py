@@ -17,9 +17,7 @@ from pathlib import Path
 import xxhash
 from pydantic import BaseModel, ConfigDict
 
-from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES, read_records
-
-READABLE = JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES + WARC_SUFFIXES
+from phi3data.io.readers import WARC_SUFFIXES, list_input_files, read_records
 
 
 @dataclass(frozen=True)
@@ -45,24 +43,11 @@ class SourceConfig(BaseModel):
     """Keep at most this many documents (a deterministic hash sample, see ``sample``)."""
 
 
-def input_files(path: Path) -> list[Path]:
-    """A file, or every readable file under a directory, sorted."""
-    if not path.exists():
-        raise FileNotFoundError(f"labelled data not found: {path}")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(READABLE)
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    if not files:
-        raise FileNotFoundError(f"no readable files under {path} (looked for {', '.join(READABLE)})")
-    return files
-
-
 def read_documents(path: str | Path, *, text_key: str = "text", id_key: str = "id",
                    languages: list[str] | None = None) -> Iterator[dict]:
     """Yield documents ``{"id", "text", "metadata"}`` from every file under ``path``; bad records are skipped."""
     root = Path(path)
-    for file in input_files(root):
+    for file in list_input_files(root, "labelled data"):
         source = file.name if root.is_file() else file.relative_to(root).as_posix()
         records = read_records(file, source=source, max_document_bytes=10_000_000, text_key=text_key, id_key=id_key)
         if file.name.lower().endswith(WARC_SUFFIXES):

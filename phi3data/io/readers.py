@@ -23,6 +23,23 @@ WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet.gz", ".warc.
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
+INPUT_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
+# Metadata beside the data (Hugging Face save_to_disk, our own run outputs) is not input.
+METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "manifest.json", "stats.json"}
+
+
+def list_input_files(path: Path, what: str = "input") -> list[Path]:
+    """A file, or every readable data file under a directory (hidden, ``_``-prefixed and metadata skipped), sorted."""
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*")
+                   if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and p.name not in METADATA_FILES
+                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(f"no {what} files under {path} (looked for {', '.join(INPUT_SUFFIXES)})")
+    return files
 HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xhtml", "text/xhtml")
 
 

@@ -19,30 +19,17 @@ import xxhash
 from phi3data import __version__
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
-from phi3data.io.readers import ARROW_SUFFIXES, JSONL_SUFFIXES, PARQUET_SUFFIXES, WARC_SUFFIXES
+from phi3data.io.readers import list_input_files
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
 from phi3data.pipelines.base import merge_summaries
 from phi3data.pipelines.pipeline import SEGMENTS_DIR, InputShard, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
 
-# Metadata beside the data (Hugging Face save_to_disk, our own run outputs) is not input.
-METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "manifest.json", "stats.json"}
-INPUT_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
-
 
 def plan_shards(input_path: Path) -> list[InputShard]:
     """List input shards (a file, or every readable file under a directory) with content keys, sorted."""
-    if not input_path.exists():
-        raise FileNotFoundError(f"input not found: {input_path}")
-    if input_path.is_file():
-        files, root = [input_path], input_path.parent
-    else:
-        root = input_path
-        files = sorted(p for p in input_path.rglob("*")
-                       if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and p.name not in METADATA_FILES
-                       and not any(part.startswith((".", "_")) for part in p.relative_to(input_path).parts))
-        if not files:
-            raise FileNotFoundError(f"no input files under {input_path} (looked for {', '.join(INPUT_SUFFIXES)})")
+    files = list_input_files(input_path)
+    root = input_path.parent if input_path.is_file() else input_path
     shards = []
     for path in files:
         digest = xxhash.xxh3_128()
