@@ -141,7 +141,9 @@ def test_jsonl_plain_gzip_zstd_and_bad_lines(tmp_path):
              json.dumps({"id": "e"}).encode(),
              json.dumps(["not", "an", "object"]).encode(),
              json.dumps({"id": "g", "text": "x" * 2_000_000}).encode(),
-             json.dumps({"text": "no id here", "source_meta": 3}).encode()]
+             json.dumps({"text": "no id here", "source_meta": 3}).encode(),
+             # a lone surrogate escape and NaN: valid for Python's json, refused by orjson's fast path
+             b'{"id": "i", "text": "lone \\ud800 surrogate", "score": NaN}']
     blob = b"\n".join(lines) + b"\n"
     for name, data in [("d.jsonl", blob), ("d.jsonl.gz", gzip.compress(blob)),
                        ("d.jsonl.zst", zstandard.ZstdCompressor().compress(blob))]:
@@ -151,9 +153,10 @@ def test_jsonl_plain_gzip_zstd_and_bad_lines(tmp_path):
         kinds = [(r["id"], r.get("reason", "ok")) for r in got]
         assert kinds == [("a", "ok"), (f"{name}:2", "malformed_json"), (f"{name}:3", "undecodable_bytes"),
                          ("d", "empty_document"), ("e", "missing_text"), (f"{name}:6", "malformed_record"),
-                         (f"{name}:7", "too_large"), (f"{name}:8", "ok")], name
-        assert json.loads(got[-1]["metadata"] if isinstance(got[-1]["metadata"], str)
-                          else json.dumps(got[-1]["metadata"])) == {"source_meta": 3}
+                         (f"{name}:7", "too_large"), (f"{name}:8", "ok"), ("i", "ok")], name
+        assert json.loads(got[-2]["metadata"] if isinstance(got[-2]["metadata"], str)
+                          else json.dumps(got[-2]["metadata"])) == {"source_meta": 3}
+        assert got[-1]["text"] == "lone \ud800 surrogate"
 
 
 def test_corrupt_gzip_jsonl_keeps_the_readable_part(tmp_path):
@@ -203,7 +206,7 @@ def test_parquet_and_hf_arrow(tmp_path):
 def test_a_run_output_directory_lists_only_its_data(tmp_path):
     """Labelled-data sources and pipeline inputs share one listing: run metadata and hidden files are not input."""
     from phi3data.classifiers.data import read_documents
-    from phi3data.io.readers import list_input_files
+    from phi3data.io.inputs import list_input_files
 
     data = tmp_path / "data"
     data.mkdir()

@@ -245,3 +245,18 @@ def test_packed_dataset_is_deterministic_and_resumable(tmp_path):
     again = PackedDataset(out, seq_len=64, seed=7)
     assert all((a == b).all() for a, b in zip(first, [again.batch(4)["tokens"] for _ in range(3)]))
     assert TokenShard.open(open_shards(out)[0].stem).manifest["format"] == "phi3data-tokens"
+
+
+@pytest.mark.parametrize("name", ["phi3-small", "phi3-mini", "phi3-mini-hf"])
+def test_threaded_encode_stream_keeps_document_order(name):
+    """Chunks encoded on several threads come back in input order with the ids of a one-at-a-time encode."""
+    from phi3data.tokenization.runner import encode_stream
+
+    tok = get_tokenizer(name)
+    docs = [(f"d{i}", t) for i, t in enumerate(_texts(_need(WEB_JSONL))[:60])]
+    # small chunks, so many are in flight at once and finish out of order
+    got = list(encode_stream(tok, iter(docs), threads=3, chunk_chars=2_000))
+    assert [g[0] for g in got] == [d[0] for d in docs]
+    assert [g[1] for g in got] == [len(t) for _, t in docs]
+    for (_, text), (_, _, ids) in zip(docs, got, strict=True):
+        assert ids.dtype == np.uint32 and ids.tolist() == tok.encode_text(text)

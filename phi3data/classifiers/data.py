@@ -17,7 +17,8 @@ from pathlib import Path
 import xxhash
 from pydantic import BaseModel, ConfigDict
 
-from phi3data.io.readers import WARC_SUFFIXES, list_input_files, read_records
+from phi3data.io.inputs import list_input_files
+from phi3data.io.readers import WARC_SUFFIXES, read_records
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -23,23 +24,6 @@ WARC_SUFFIXES = (".warc", ".warc.gz", ".wet", ".wet.gz", ".warc.wet.gz", ".warc.
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
 ARROW_SUFFIXES = (".arrow",)
-INPUT_SUFFIXES = WARC_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
-# Metadata beside the data (Hugging Face save_to_disk, our own run outputs) is not input.
-METADATA_FILES = {"dataset_info.json", "state.json", "dataset_dict.json", "manifest.json", "stats.json"}
-
-
-def list_input_files(path: Path, what: str = "input") -> list[Path]:
-    """A file, or every readable data file under a directory (hidden, ``_``-prefixed and metadata skipped), sorted."""
-    if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*")
-                   if p.is_file() and p.name.lower().endswith(INPUT_SUFFIXES) and p.name not in METADATA_FILES
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    if not files:
-        raise FileNotFoundError(f"no {what} files under {path} (looked for {', '.join(INPUT_SUFFIXES)})")
-    return files
 HTML_TYPES = ("text/html", "application/xhtml+xml", "application/xhtml", "text/xhtml")
 
 
@@ -215,17 +199,22 @@ def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str,
                          doc_id=fallback_id, excerpt=line[:256])
             continue
         try:
-            text_line = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            yield reject(source, "undecodable_bytes", f"line {number}: {exc}", offset=line_offset,
-                         doc_id=fallback_id, excerpt=line[:256])
-            continue
-        try:
-            obj = json.loads(text_line)
-        except json.JSONDecodeError as exc:
-            yield reject(source, "malformed_json", f"line {number}: {exc}", offset=line_offset,
-                         doc_id=fallback_id, excerpt=line[:256])
-            continue
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            # orjson is strict (lone surrogate escapes, NaN, 1e400); the standard library decides what such a
+            # line is, so the result and the reject reasons do not depend on the fast path
+            try:
+                text_line = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield reject(source, "undecodable_bytes", f"line {number}: {exc}", offset=line_offset,
+                             doc_id=fallback_id, excerpt=line[:256])
+                continue
+            try:
+                obj = json.loads(text_line)
+            except json.JSONDecodeError as exc:
+                yield reject(source, "malformed_json", f"line {number}: {exc}", offset=line_offset,
+                             doc_id=fallback_id, excerpt=line[:256])
+                continue
         doc = _doc_from_mapping(obj, source, fallback_id, max_document_bytes, text_key, id_key, url_key)
         if doc.get("reject"):
             doc["offset"] = line_offset

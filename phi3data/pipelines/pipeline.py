@@ -12,7 +12,6 @@ the summaries segment k-1 returned.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from phi3data.documents import REJECT_SCHEMA, make_batch, make_rejects
+from phi3data.io.inputs import InputShard
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import ShardWriter, write_json_atomic
 from phi3data.pipelines.base import GlobalStage, Stage, StageOutput, merge_summaries
@@ -31,19 +31,6 @@ DATA_DIR = "data"
 REJECTS_DIR = "rejects"
 PROGRESS_DIR = "_progress"
 SEGMENTS_DIR = "_segments"
-
-
-@dataclass(frozen=True)
-class InputShard:
-    """One unit of work: an input file, its path relative to the input root, and a content key."""
-
-    path: str
-    relpath: str
-    key: str
-
-    def output_stem(self, recipe_hash: str) -> str:
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", self.relpath)
-        return f"{stem}-{self.key[:10]}-{recipe_hash[:10]}"
 
 
 @dataclass

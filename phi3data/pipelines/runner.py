@@ -14,30 +14,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
 from phi3data import __version__
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
-from phi3data.io.readers import list_input_files
+from phi3data.io.inputs import InputShard, plan_shards
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
 from phi3data.pipelines.base import merge_summaries
-from phi3data.pipelines.pipeline import SEGMENTS_DIR, InputShard, Pipeline, run_shard_task
+from phi3data.pipelines.pipeline import SEGMENTS_DIR, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
-
-
-def plan_shards(input_path: Path) -> list[InputShard]:
-    """List input shards (a file, or every readable file under a directory) with content keys, sorted."""
-    files = list_input_files(input_path)
-    root = input_path.parent if input_path.is_file() else input_path
-    shards = []
-    for path in files:
-        digest = xxhash.xxh3_128()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                digest.update(chunk)
-        shards.append(InputShard(str(path.resolve()), path.relative_to(root).as_posix(), digest.hexdigest()))
-    return shards
 
 
 def materialise_hf_dataset(name: str, target: Path) -> Path:

@@ -25,9 +25,9 @@ from typing import Any
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
+from phi3data.io.inputs import plan_shards
 from phi3data.io.readers import read_records
 from phi3data.io.writers import write_json_atomic
-from phi3data.pipelines.runner import plan_shards
 
 EOS = "<|endoftext|>"
 

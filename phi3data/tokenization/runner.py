@@ -16,7 +16,9 @@ import json
 import os
 import re
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,11 +26,15 @@ import numpy as np
 
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
+from phi3data.io.inputs import plan_shards
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import commit, remove_stale_tmp, tmp_path_for, write_json_atomic
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
 from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
+
+CHUNK_CHARS = 32_000  # characters per encoding task: small, so even a small file keeps every thread busy
+WRITE_TOKENS = 1 << 20  # tokens buffered before a write to the shard files
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,6 @@ class TokenizeConfig:
     max_document_tokens: int | None = None
     chat: bool = False
     messages_key: str = "messages"
-    batch_chars: int = 4_000_000
     extra: dict = field(default_factory=dict)
 
     def hash(self) -> str:
@@ -102,50 +107,87 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
 
 def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
                    rejects: list[dict], counts: Counter, threads: int) -> None:
-    texts: list[str] = []
-    ids: list[str] = []
-    size = 0
-    for record in read_records(path, source=source, max_document_bytes=config.max_document_chars,
-                               text_key=config.text_key, id_key=config.id_key):
-        counts["read"] += 1
-        if record.get("reject"):
-            rejects.append({"id": record.get("id"), "reason": record["reason"], "detail": record.get("detail")})
-            continue
-        text, repaired = sanitize(record["text"])
-        if repaired:
-            counts["repaired_docs"] += 1
-            counts["repaired_chars"] += repaired
-        texts.append(text)
-        ids.append(record["id"])
-        size += len(text)
-        if size >= config.batch_chars:
-            _flush(config, tok, texts, ids, writer, rejects, counts, threads)
-            texts, ids, size = [], [], 0
-    if texts:
-        _flush(config, tok, texts, ids, writer, rejects, counts, threads)
+    def documents() -> Iterator[tuple[str, str]]:
+        for record in read_records(path, source=source, max_document_bytes=config.max_document_chars,
+                                   text_key=config.text_key, id_key=config.id_key):
+            counts["read"] += 1
+            if record.get("reject"):
+                rejects.append({"id": record.get("id"), "reason": record["reason"], "detail": record.get("detail")})
+                continue
+            text, repaired = sanitize(record["text"])
+            if repaired:
+                counts["repaired_docs"] += 1
+                counts["repaired_chars"] += repaired
+            yield record["id"], text
 
-
-def _flush(config: TokenizeConfig, tok, texts: list[str], ids: list[str], writer: TokenShardWriter,
-           rejects: list[dict], counts: Counter, threads: int) -> None:
-    encoded = tok.encode_batch_arrays(texts, threads=threads)
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
     head = np.array([tok.bos_id] if config.add_bos and tok.bos_id is not None else [], dtype=np.uint32)
     tail = np.array([tok.eos_id] if config.add_eos else [], dtype=np.uint32)
     limit = config.max_document_tokens
-    for doc_id, text, doc in zip(ids, texts, encoded, strict=True):
+    pieces: list[np.ndarray] = []
+    lengths: list[int] = []
+    buffered = 0
+    for doc_id, chars, doc in encode_stream(tok, documents(), threads):
         if not len(doc):
             rejects.append({"id": doc_id, "reason": "empty_document", "detail": "no tokens"})
             continue
         if limit is not None and len(doc) > limit:
             rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(doc)} tokens > {limit}"})
             continue
-        counts["chars"] += len(text)
+        counts["chars"] += chars
         pieces.extend((head, doc, tail))
         lengths.append(len(doc) + len(head) + len(tail))
+        buffered += lengths[-1]
+        if buffered >= WRITE_TOKENS:
+            _write(writer, pieces, lengths)
+            pieces, lengths, buffered = [], [], 0
+    _write(writer, pieces, lengths)
+
+
+def _write(writer: TokenShardWriter, pieces: list[np.ndarray], lengths: list[int]) -> None:
     if lengths:
         writer.write_flat(np.concatenate(pieces).astype(writer.dtype, copy=False),
                           np.array(lengths, dtype=np.uint64))
+
+
+def encode_stream(tok, documents: Iterator[tuple[str, str]], threads: int,
+                  chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Encode ``(id, text)`` pairs into ``(id, characters, uint32 ids)``, in input order.
+
+    Documents are grouped into chunks of about ``chunk_chars`` characters and encoded on ``threads`` threads
+    while this generator's caller keeps reading: reading and JSON parsing overlap with encoding, and no batch
+    boundary leaves a thread idle waiting for the slowest document. At most ``4 * threads`` chunks are in flight,
+    so memory stays bounded whatever the input size.
+    """
+    if threads <= 1:
+        for chunk in _chunks(documents, chunk_chars):
+            yield from _encoded(tok, chunk, 1)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        in_flight: deque = deque()
+        for chunk in _chunks(documents, chunk_chars):
+            in_flight.append(pool.submit(_encoded, tok, chunk, 1))
+            if len(in_flight) >= 4 * threads:
+                yield from in_flight.popleft().result()
+        while in_flight:
+            yield from in_flight.popleft().result()
+
+
+def _chunks(documents: Iterator[tuple[str, str]], chunk_chars: int) -> Iterator[list[tuple[str, str]]]:
+    chunk: list[tuple[str, str]] = []
+    size = 0
+    for doc in documents:
+        chunk.append(doc)
+        size += len(doc[1])
+        if size >= chunk_chars:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encoded(tok, chunk: list[tuple[str, str]], threads: int) -> list[tuple[str, int, np.ndarray]]:
+    arrays = tok.encode_batch_arrays([text for _, text in chunk], threads=threads)
+    return [(doc_id, len(text), ids) for (doc_id, text), ids in zip(chunk, arrays, strict=True)]
 
 
 def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
@@ -188,8 +230,6 @@ class TokenizeSummary:
 
 def plan_inputs(input_path: Path) -> tuple[Path, list]:
     """Input files under a path; a ``phi3data run`` output directory means its ``data/`` folder."""
-    from phi3data.pipelines.runner import plan_shards
-
     if input_path.is_dir() and (input_path / "manifest.json").exists() and (input_path / "data").is_dir():
         input_path = input_path / "data"
     shards = plan_shards(input_path)

@@ -108,7 +108,9 @@ class Tokenizer(ABC):
 
     @abstractmethod
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        """Encode ordinary texts (special-token strings stay text); valid UTF-8 text only."""
+        """Encode ordinary texts (special-token strings stay text); valid UTF-8 text only.
+
+        Implementations release the GIL while encoding, so several Python threads encode in parallel."""
 
     @abstractmethod
     def encode_text(self, text: str) -> list[int]:
@@ -250,9 +252,8 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self.tok.token_to_id(bos_name) if bos_name else None
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        if threads > 1 and len(texts) > 1:
-            return [e.ids for e in self.plain.encode_batch(texts, add_special_tokens=False)]
-        return [self.plain.encode(t, add_special_tokens=False).ids for t in texts]
+        # encode_batch releases the GIL (a single encode does not), so callers' threads run in parallel too
+        return [e.ids for e in self.plain.encode_batch(texts, add_special_tokens=False)]
 
     def encode_text(self, text: str) -> list[int]:
         return self.plain.encode(text, add_special_tokens=False).ids
@@ -302,7 +303,7 @@ class TiktokenTokenizer(Tokenizer):
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(threads) as pool:
-                return list(pool.map(one, texts, chunksize=max(1, len(texts) // (4 * threads))))
+                return list(pool.map(one, texts))
         return [one(t) for t in texts]
 
     def encode_special(self, text: str) -> list[int]:
