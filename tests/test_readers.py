@@ -221,3 +221,33 @@ def test_a_run_output_directory_lists_only_its_data(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no labelled data files"):
         list(read_documents(empty))
+
+
+def test_jsonl_streams_gzip_members_padding_and_long_lines(tmp_path):
+    """JSONL is read as a stream: several gzip members with NUL padding read whole, offsets point at each line
+    in the decompressed bytes, and an oversized line spanning many read pieces is rejected with its length."""
+    import random
+
+    rng = random.Random(1)
+    rows = [json.dumps({"id": f"r{i}", "text": " ".join(f"w{rng.randrange(10**6)}" for _ in range(1 + i * 37 % 900))}
+                       ).encode() for i in range(300)]
+    rows[150] = b'{"id": "bad", "text": '
+    rows[200] = json.dumps({"id": "huge", "text": "z" * 3_500_000}).encode()
+    blob = b"\n".join(rows) + b"\n"
+    members = gzip.compress(blob[:400_000]) + bytes(64) + gzip.compress(blob[400_000:]) + bytes(512)
+    path = tmp_path / "multi.jsonl.gz"
+    path.write_bytes(members)
+    got = records(path, max_document_bytes=1_000_000)
+    assert [r["id"] for r in got if not r.get("reject")] == [f"r{i}" for i in range(300) if i not in (150, 200)]
+    bad = {r["reason"]: r for r in got if r.get("reject")}
+    assert set(bad) == {"malformed_json", "too_large"}
+    assert bad["malformed_json"]["offset"] == blob.index(rows[150])
+    assert bad["too_large"]["offset"] == blob.index(rows[200])
+    assert bad["too_large"]["detail"] == f"line 201 has {len(rows[200])} bytes"
+    # a member cut short: what was inflated is kept, the cut line is not, and the fault says where the member began
+    first, second = gzip.compress(blob[:400_000]), gzip.compress(blob[400_000:])
+    path.write_bytes(first + second[: len(second) // 2])
+    got = records(path, max_document_bytes=1_000_000)
+    assert got[-1]["reason"] == "truncated_gzip" and got[-1]["offset"] == len(first)
+    kept = [r["id"] for r in got if not r.get("reject")]
+    assert kept == [f"r{i}" for i in range(300) if i not in (150, 200)][:len(kept)] and 150 < len(kept) < 298

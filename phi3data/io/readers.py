@@ -8,7 +8,6 @@ it becomes a reject and reading goes on with the next record.
 
 from __future__ import annotations
 
-import io
 import json
 import zlib
 from collections.abc import Iterator
@@ -142,61 +141,105 @@ def _mostly_replacement(text: str) -> bool:
 
 # --- JSONL ------------------------------------------------------------------------------------------------
 
-def _open_jsonl_bytes(path: Path) -> tuple[bytes, dict | None]:
-    """Return the file's decompressed bytes, and a reject for a corrupt tail (what was readable is kept)."""
-    raw = path.read_bytes()
-    name = path.name.lower()
-    if name.endswith(".gz") or raw.startswith(b"\x1f\x8b"):
-        out = io.BytesIO()
-        pos = 0
-        while pos < len(raw):
-            inflater = zlib.decompressobj(31)
-            cursor = pos
-            try:
-                while not inflater.eof and cursor < len(raw):
-                    chunk = raw[cursor : cursor + (1 << 13)]
-                    cursor += len(chunk)
-                    out.write(inflater.decompress(chunk))
-            except zlib.error as exc:
-                return out.getvalue(), {"reason": "corrupt_gzip", "detail": f"near byte {cursor}: {exc}",
-                                        "offset": cursor}
-            if not inflater.eof:
-                return out.getvalue(), {"reason": "truncated_gzip", "detail": "gzip stream ends early",
-                                        "offset": pos}
-            pos = cursor - len(inflater.unused_data)
-            if not raw[pos:].strip(b"\x00"):
-                break
-        return out.getvalue(), None
-    if name.endswith(".zst"):
-        import zstandard
+READ_BYTES = 1 << 20  # decompressed bytes handed on at a time: JSONL is read as a stream, never whole
 
-        out = io.BytesIO()
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(raw)) as reader:
-                while chunk := reader.read(1 << 20):
-                    out.write(chunk)
-        except zstandard.ZstdError as exc:
-            return out.getvalue(), {"reason": "corrupt_zstd", "detail": str(exc), "offset": 0}
-        return out.getvalue(), None
-    return raw, None
+
+def _jsonl_byte_stream(path: Path) -> Iterator[bytes | dict]:
+    """The file's decompressed bytes in pieces; an unreadable tail ends the stream with a fault dict."""
+    name = path.name.lower()
+    with open(path, "rb") as handle:
+        gzipped = name.endswith(".gz") or handle.read(2) == b"\x1f\x8b"
+        handle.seek(0)
+        if gzipped:
+            yield from _gunzip_stream(handle)
+        elif name.endswith(".zst"):
+            import zstandard
+
+            try:
+                with zstandard.ZstdDecompressor().stream_reader(handle) as reader:
+                    while chunk := reader.read(READ_BYTES):
+                        yield chunk
+            except zstandard.ZstdError as exc:
+                yield {"reason": "corrupt_zstd", "detail": str(exc), "offset": 0}
+        else:
+            while chunk := handle.read(READ_BYTES):
+                yield chunk
+
+
+def _gunzip_stream(handle) -> Iterator[bytes | dict]:
+    """Inflate every gzip member in turn (NUL padding around members is skipped); a fault dict ends a bad tail."""
+    inflater, started, member_start, consumed = zlib.decompressobj(31), False, 0, 0
+    while chunk := handle.read(1 << 16):
+        consumed += len(chunk)
+        data = chunk
+        while data:
+            if not started:
+                data = data.lstrip(b"\x00")
+                if not data:
+                    break
+                started, member_start = True, consumed - len(data)
+            try:
+                out = inflater.decompress(data, READ_BYTES)
+                while out:
+                    yield out
+                    out = inflater.decompress(inflater.unconsumed_tail, READ_BYTES) if inflater.unconsumed_tail \
+                        else b""
+            except zlib.error as exc:
+                yield {"reason": "corrupt_gzip", "detail": f"near byte {consumed}: {exc}", "offset": consumed}
+                return
+            if inflater.eof:
+                data = inflater.unused_data
+                inflater, started = zlib.decompressobj(31), False
+            else:
+                data = b""
+    if started:
+        yield {"reason": "truncated_gzip", "detail": "gzip stream ends early", "offset": member_start}
+
+
+def _jsonl_lines(path: Path, limit: int) -> Iterator[tuple[int, int, bytes, int] | dict]:
+    """``(line number, byte offset, line, length)`` per line, streaming; a fault dict last for a bad tail.
+
+    A line longer than ``limit`` bytes is not kept in memory: it comes back as its first 256 bytes with its
+    full length, for the caller to reject. The partly inflated last line before a fault belongs to the fault.
+    """
+    parts: list[bytes] = []
+    held = length = offset = number = 0
+    for piece in _jsonl_byte_stream(path):
+        if isinstance(piece, dict):
+            yield piece
+            return
+        start = 0
+        while (newline := piece.find(b"\n", start)) >= 0:
+            segment = piece[start:newline]
+            length += len(segment)
+            line = b"".join(parts) + segment if held <= limit else b"".join(parts)
+            number += 1
+            yield number, offset, line if length <= limit else line[:256], length
+            offset += length + 1
+            parts, held, length, start = [], 0, 0, newline + 1
+        rest = piece[start:]
+        length += len(rest)
+        if held <= limit:  # past the limit, keep only the head (for the reject's excerpt)
+            parts.append(rest)
+            held += len(rest)
+    if length:
+        line = b"".join(parts)
+        yield number + 1, offset, line if length <= limit else line[:256], length
 
 
 def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str, id_key: str,
                 url_key: str) -> Iterator[dict]:
-    data, fault = _open_jsonl_bytes(path)
-    lines = data.split(b"\n")
-    if fault is not None and lines and not data.endswith(b"\n"):
-        lines.pop()  # the last, partly inflated line belongs to the fault
-    offset = 0
-    for number, line in enumerate(lines, start=1):
-        line_offset = offset
-        offset += len(line) + 1
-        if not line.strip():
-            continue
+    for item in _jsonl_lines(path, max_document_bytes + 4096):
+        if isinstance(item, dict):
+            yield reject(source, item["reason"], item["detail"], offset=item["offset"])
+            return
+        number, line_offset, line, length = item
         fallback_id = f"{source}:{number}"
-        if len(line) > max_document_bytes + 4096:
-            yield reject(source, "too_large", f"line {number} has {len(line)} bytes", offset=line_offset,
+        if length > max_document_bytes + 4096:
+            yield reject(source, "too_large", f"line {number} has {length} bytes", offset=line_offset,
                          doc_id=fallback_id, excerpt=line[:256])
+            continue
+        if not line.strip():
             continue
         try:
             obj = orjson.loads(line)
@@ -220,8 +263,6 @@ def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str,
             doc["offset"] = line_offset
             doc["excerpt"] = line[:256]
         yield doc
-    if fault is not None:
-        yield reject(source, fault["reason"], fault["detail"], offset=fault["offset"])
 
 
 def _doc_from_mapping(obj, source: str, fallback_id: str, max_document_bytes: int, text_key: str, id_key: str,
