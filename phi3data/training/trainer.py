@@ -205,19 +205,11 @@ class Trainer:
         self.step = 0
         self.samples = 0
         self.tokens = 0
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            fused=fused,
-        )
         self.resumed_from: Path | None = None
-        if cfg.resume:
-            last = latest_checkpoint(self.ckpt_root)
-            if last is not None:
-                self._restore(last)
+        last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
+        optim_sd: dict[str, Any] = {}
+        if last is not None:
+            optim_sd = self._restore(last)
         self.train_model: torch.nn.Module = self.model
         if self.world > 1:
             if cfg.distributed == "fsdp":
@@ -232,6 +224,16 @@ class Trainer:
                 self.train_model = DDP(
                     self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
                 )
+        # after fully_shard: it replaces the parameters with sharded ones, which the optimizer must hold
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            fused=self.device.type == "cuda",
+        )
+        if optim_sd:  # FSDP checkpoints carry no optimizer state (see save)
+            self.optimizer.load_state_dict(optim_sd)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.peak = _peak_flops(cfg, self.device)
@@ -239,15 +241,15 @@ class Trainer:
         self.tb = None
 
     # ---- checkpoints -------------------------------------------------------------------------------------
-    def _restore(self, path: Path) -> None:
+    def _restore(self, path: Path) -> dict[str, Any]:
+        """Load weights and the data position (before any sharding); returns the optimizer state to load."""
         model_sd, optim_sd, state = load_checkpoint(path)
         if self.model_cfg.tie_word_embeddings:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
         self.model.load_state_dict(model_sd)
-        if optim_sd:  # FSDP checkpoints carry no optimizer state (see save)
-            self.optimizer.load_state_dict(optim_sd)
         self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
         self.resumed_from = path
+        return optim_sd
 
     def save(self) -> Path | None:
         if self.world > 1 and self.cfg.distributed == "fsdp":
