@@ -159,6 +159,26 @@ def test_parameter_count_formula(name: str) -> None:
     assert n["total"] == sum(p.numel() for p in hf_twin(model).parameters())
 
 
+def test_layernorm_and_bias_options_count_and_work() -> None:
+    """phi-3-small's LayerNorm-with-bias and projection biases: counted by the formula, and live in the forward."""
+    cfg = small_config(norm_type="layernorm", linear_bias=True, num_attention_heads=4, num_key_value_heads=2)
+    model = Phi3(cfg).eval()
+    n = num_parameters(cfg)
+    assert n["total"] == model.num_parameters() and n["non_embedding"] == model.num_parameters(non_embedding=True)
+    plain = num_parameters(small_config(num_attention_heads=4, num_key_value_heads=2))
+    assert n["total"] > plain["total"]
+    assert isinstance(model.model.norm, torch.nn.LayerNorm) and model.model.layers[0].mlp.down_proj.bias is not None
+    idx = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before = model(idx)[0]
+        model.model.layers[1].self_attn.o_proj.bias.fill_(0.5)
+        model.model.norm.bias.fill_(0.1)
+        assert not torch.allclose(model(idx)[0], before)
+    assert not cfg.hf_compatible
+    with pytest.raises(ValueError, match="norm_type"):
+        small_config(norm_type="batchnorm")
+
+
 def test_phi3_small_options_refuse_hf_export(tmp_path) -> None:
     model = Phi3(small_config(hidden_act="gegelu", mup_use_scaling=True, blocksparse=True))
     with pytest.raises(ValueError, match="phi-3-small"):

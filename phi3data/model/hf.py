@@ -66,7 +66,7 @@ def config_to_hf(cfg: Phi3Config) -> dict[str, Any]:
     """Our config as a Hugging Face ``Phi3Config`` dict (classic ``rope_scaling`` form, as Microsoft ships it)."""
     if not cfg.hf_compatible:
         raise ValueError(
-            "this config uses phi-3-small options (gegelu / muP / blocksparse) that transformers' "
+            "this config uses phi-3-small options (gegelu / muP / blocksparse / LayerNorm / biases) that transformers' "
             "Phi3ForCausalLM does not implement; save it with phi3data.model.hf.save_native instead"
         )
     d: dict[str, Any] = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu"}

@@ -35,7 +35,9 @@ class Phi3Config:
     rope_theta: float = 10000.0
     # LongRoPE: {"type": "longrope", "short_factor": [...], "long_factor": [...]} (each head_dim/2 floats)
     rope_scaling: dict[str, Any] | None = None
-    rms_norm_eps: float = 1e-5
+    rms_norm_eps: float = 1e-5  # the epsilon of either norm type
+    norm_type: str = "rmsnorm"  # "rmsnorm" (phi-3) or "layernorm" (phi-3-small: LayerNorm with bias)
+    linear_bias: bool = False  # biases on qkv/o and the MLP projections (phi-3-small)
     sliding_window: int | None = None
     tie_word_embeddings: bool = False
     initializer_range: float = 0.02
@@ -71,6 +73,8 @@ class Phi3Config:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.hidden_act not in ("silu", "gegelu"):
             raise ValueError(f"hidden_act must be 'silu' or 'gegelu', got {self.hidden_act!r}")
+        if self.norm_type not in ("rmsnorm", "layernorm"):
+            raise ValueError(f"norm_type must be 'rmsnorm' or 'layernorm', got {self.norm_type!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if kind in ("su", "yarn"):
@@ -90,6 +94,8 @@ class Phi3Config:
         """True when the config is plain phi-3 (loadable as transformers' Phi3ForCausalLM)."""
         return (
             self.hidden_act == "silu"
+            and self.norm_type == "rmsnorm"
+            and not self.linear_bias
             and not self.blocksparse
             and not self.mup_use_scaling
             and self.mup_embedding_multiplier == 1.0
@@ -116,12 +122,15 @@ class Phi3Config:
 def num_parameters(cfg: Phi3Config) -> dict[str, int]:
     """Parameter counts computed from the config alone: total and non-embedding (without embeddings / lm_head)."""
     h, d, kv = cfg.hidden_size, cfg.head_dim, cfg.num_key_value_heads
-    attn = h * (cfg.num_attention_heads * d + 2 * kv * d) + cfg.num_attention_heads * d * h
+    qkv = cfg.num_attention_heads * d + 2 * kv * d
+    attn = h * qkv + cfg.num_attention_heads * d * h
     mlp = h * 2 * cfg.intermediate_size + cfg.intermediate_size * h
-    per_layer = attn + mlp + 2 * h
+    biases = qkv + h + 2 * cfg.intermediate_size + h if cfg.linear_bias else 0
+    norm = 2 * h if cfg.norm_type == "layernorm" else h
+    per_layer = attn + mlp + biases + 2 * norm
     embed = cfg.vocab_size * h
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    non_embedding = cfg.num_hidden_layers * per_layer + h
+    non_embedding = cfg.num_hidden_layers * per_layer + norm
     return {"total": non_embedding + embed + head, "non_embedding": non_embedding}
 
 
@@ -174,6 +183,12 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
+def make_norm(cfg: Phi3Config) -> nn.Module:
+    if cfg.norm_type == "layernorm":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+    return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
 class Rotary(nn.Module):
     """RoPE, with LongRoPE's per-frequency short/long factors and attention scaling when configured."""
 
@@ -223,8 +238,9 @@ class Attention(nn.Module):
             self.scale = cfg.mup_attn_multiplier / self.head_dim
         else:
             self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        bias = cfg.linear_bias
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -266,8 +282,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: Phi3Config) -> None:
         super().__init__()
         self.act, self.limit = cfg.hidden_act, cfg.gegelu_limit
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.linear_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.linear_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up_proj(x)
@@ -280,9 +296,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: Phi3Config, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -297,7 +313,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
 
 
 class Phi3(nn.Module):
@@ -320,6 +336,8 @@ class Phi3(nn.Module):
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
