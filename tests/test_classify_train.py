@@ -60,6 +60,19 @@ def test_roc_auc_and_confusion_match_sklearn():
     assert np.isnan(roc_auc(np.ones(5), np.arange(5)))
 
 
+def test_best_f1_threshold_is_the_smallest_threshold_with_the_best_f1():
+    from phi3data.classifiers.evaluate import best_f1_threshold
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        labels = rng.integers(0, 2, int(rng.integers(3, 80)))
+        scores = np.round(rng.random(len(labels)) * 3 + labels * rng.random(), 1)
+        candidates = np.unique(scores)
+        f1s = np.array([binary_metrics(labels, scores, t)["f1"] for t in candidates])  # brute force
+        best = best_f1_threshold(labels, scores)
+        assert best == candidates[np.flatnonzero(f1s > f1s.max() - 1e-12)[0]]
+
+
 def test_agreement_and_sweep():
     grades = np.array([0, 1, 2, 3, 4, 5, 5, 2])
     assert quadratic_kappa(grades, grades) == pytest.approx(1.0)

@@ -17,16 +17,9 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     positives, negatives = int(labels.sum()), int((~labels).sum())
     if positives == 0 or negatives == 0:
         return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    sorted_scores = scores[order]
-    ranks = np.empty(len(scores), dtype=np.float64)
-    start = 0
-    while start < len(scores):  # average ranks over tied groups
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        ranks[order[start:end + 1]] = (start + end) / 2 + 1
-        start = end + 1
+    # average ranks over tied groups: a group of c equal scores after k smaller ones has rank k + (c + 1) / 2
+    _, group, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - counts + (counts + 1) / 2)[group]
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
@@ -48,9 +41,13 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
 
 def best_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
     """The score threshold with the highest F1 (the smallest such, over the observed scores)."""
-    candidates = np.unique(np.asarray(scores))
-    f1s = [binary_metrics(labels, scores, t)["f1"] for t in candidates]
-    return float(candidates[int(np.argmax(f1s))])
+    labels = np.asarray(labels).astype(bool)
+    candidates, group = np.unique(np.asarray(scores), return_inverse=True)
+    # predicted positive at threshold t = every score >= t: cumulative counts from the top score down
+    kept = np.cumsum(np.bincount(group, minlength=len(candidates))[::-1])[::-1]
+    tp = np.cumsum(np.bincount(group, weights=labels, minlength=len(candidates))[::-1])[::-1]
+    f1 = np.divide(2 * tp, kept + labels.sum(), out=np.zeros(len(candidates)), where=tp > 0)
+    return float(candidates[int(np.argmax(f1))])
 
 
 def quadratic_kappa(a: np.ndarray, b: np.ndarray, classes: int = 6) -> float:
