@@ -99,3 +99,29 @@ def test_global_stage_decides_the_same_on_every_engine(engine, tmp_path):
     other = run_pipeline(recipe, inp, tmp_path / engine, engine=engine, workers=2, progress=False)
     assert other.stats["decisions"] == local.stats["decisions"]
     assert read_output(tmp_path / engine) == read_output(tmp_path / "local")
+
+
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_engine_session_keeps_one_cluster_across_passes(engine):
+    """A pipeline's passes share one Ray / Spark start (engine_session); it is stopped when the session ends."""
+    from phi3data.engines import engine_session, map_shards
+
+    items = [{"n": i} for i in range(3)]
+
+    def cluster_id() -> str:
+        if engine == "ray":
+            import ray
+
+            return ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+        from pyspark import SparkContext
+
+        context = SparkContext._active_spark_context
+        return context.applicationId if context is not None else ""
+
+    with engine_session(engine, workers=2):
+        first = cluster_id()
+        assert first
+        for _ in range(2):  # two passes
+            assert sorted(r["n"] for r in map_shards(dict, items, engine=engine, workers=2)) == [0, 1, 2]
+            assert cluster_id() == first
+    assert cluster_id() == ""

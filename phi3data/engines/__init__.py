@@ -10,6 +10,7 @@ Ray or Spark, or redone after a crash, never duplicates or loses data.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 ENGINES = ("local", "ray", "spark")
 
@@ -38,3 +39,22 @@ def default_workers(workers: int | None) -> int:
     import os
 
     return max(1, workers or os.cpu_count() or 1)
+
+
+@contextmanager
+def engine_session(engine: str, *, workers: int | None = None, ray_address: str | None = None,
+                   spark_master: str | None = None) -> Iterator[None]:
+    """Keep Ray or Spark up across several ``map_shards`` calls (a pipeline's passes), instead of starting and
+    stopping it for each; stops only what it started. A no-op for the local engine."""
+    if engine == "ray":
+        from phi3data.engines.ray import ray_session
+
+        with ray_session(workers=workers, address=ray_address):
+            yield
+    elif engine == "spark":
+        from phi3data.engines.spark import held_spark_session
+
+        with held_spark_session(master=spark_master, workers=workers):
+            yield
+    else:
+        yield

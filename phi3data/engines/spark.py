@@ -6,6 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from phi3data.engines import default_workers
 
@@ -32,6 +33,23 @@ def spark_session(master: str | None = None, workers: int | None = None):
     return spark
 
 
+_held = 0  # nesting depth of held_spark_session: while > 0, map_spark leaves the session running
+
+
+@contextmanager
+def held_spark_session(*, master: str | None = None, workers: int | None = None) -> Iterator[None]:
+    """One SparkSession for the duration; a local one is stopped at the end (a cluster's is left running)."""
+    global _held
+    spark = spark_session(master, workers)
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+        if master is None and _held == 0:
+            spark.stop()
+
+
 def map_spark(fn: Callable[[dict], dict], items: list[dict], *, workers: int | None = None,
               master: str | None = None) -> Iterator[dict]:
     import pyarrow as pa
@@ -49,5 +67,5 @@ def map_spark(fn: Callable[[dict], dict], items: list[dict], *, workers: int | N
         for row in frame.mapInArrow(apply, "result string").toLocalIterator(prefetchPartitions=True):
             yield json.loads(row["result"])
     finally:
-        if master is None:
+        if master is None and _held == 0:
             spark.stop()

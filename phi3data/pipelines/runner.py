@@ -7,6 +7,7 @@ after ``kill -9`` the output equals that of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3data import __version__
-from phi3data.engines import map_shards
+from phi3data.engines import engine_session, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import InputShard, plan_shards
 from phi3data.io.writers import remove_stale_tmp, write_json_atomic
@@ -70,19 +71,25 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
     recipe_json = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
     decision = None
     skipped = 0
-    for segment in range(pipeline.last_segment + 1):
-        pending = [s for s in shards if not _is_done(pipeline, output, s, segment)]
-        if segment == pipeline.last_segment:
-            skipped = len(shards) - len(pending)
-        task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision)
-        items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
-        results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
-                             spark_master=spark_master)
-        label = engine if pipeline.last_segment == 0 else f"{engine}, pass {segment + 1}/{pipeline.last_segment + 1}"
-        drain(results, total=len(shards), skipped=len(shards) - len(pending), label=f"run ({label})",
-              count=lambda r: r["read"]["documents"], unit="docs", progress=progress)
-        if segment < pipeline.last_segment:
-            decision = _decide(pipeline, output, shards, segment)
+    # several passes with work left: start Ray / Spark once for all of them, not once per pass
+    unfinished = any(not _is_done(pipeline, output, s, pipeline.last_segment) for s in shards)
+    session = engine_session(engine, workers=workers, ray_address=ray_address, spark_master=spark_master) \
+        if pipeline.last_segment > 0 and unfinished else contextlib.nullcontext()
+    with session:
+        for segment in range(pipeline.last_segment + 1):
+            pending = [s for s in shards if not _is_done(pipeline, output, s, segment)]
+            if segment == pipeline.last_segment:
+                skipped = len(shards) - len(pending)
+            task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision)
+            items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
+            results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
+                                 spark_master=spark_master)
+            label = engine if pipeline.last_segment == 0 else \
+                f"{engine}, pass {segment + 1}/{pipeline.last_segment + 1}"
+            drain(results, total=len(shards), skipped=len(shards) - len(pending), label=f"run ({label})",
+                  count=lambda r: r["read"]["documents"], unit="docs", progress=progress)
+            if segment < pipeline.last_segment:
+                decision = _decide(pipeline, output, shards, segment)
 
     per_segment = [[json.loads(pipeline.output_paths(output, s, k)["done"].read_text()) for s in shards]
                    for k in range(pipeline.last_segment + 1)]
