@@ -220,3 +220,35 @@ def test_chat_rejects_bad_conversations():
         encode_chat([{"role": "user", "content": None}], tok)
     with pytest.raises(ChatFormatError):
         encode_chat([], tok)
+
+
+def test_chat_shards_from_parquet_and_jsonl_are_identical(tmp_path):
+    """Chat (SFT) data reads from Parquet as from JSONL; a malformed JSONL line is a counted reader reject."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phi3data.tokenization.runner import TokenizeConfig, tokenize
+    from phi3data.tokenization.shards import open_shards
+
+    conversations = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"What is {i} + {i}?"},
+                                     {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(5)
+    ]
+    jsonl = tmp_path / "jsonl" / "sft.jsonl"
+    jsonl.parent.mkdir()
+    jsonl.write_text("".join(json.dumps(c) + "\n" for c in conversations) + '{"id": "broken", "messages": [\n')
+    parquet = tmp_path / "parquet" / "sft.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(conversations), parquet)
+    shards = {}
+    for name, src in (("jsonl", jsonl), ("parquet", parquet)):
+        summary = tokenize([src], tmp_path / f"out_{name}", TokenizeConfig(chat=True), workers=1)
+        assert summary.manifest["documents"] == 5
+        (shard,) = open_shards(tmp_path / f"out_{name}")
+        shards[name] = (np.asarray(shard.tokens), np.asarray(shard.mask))
+    assert summary.manifest["rejects"] == {}
+    assert tokenize([jsonl], tmp_path / "again", TokenizeConfig(chat=True), workers=1).manifest["rejects"] == {
+        "malformed_json": 1}
+    assert all((a == b).all() for a, b in zip(shards["jsonl"], shards["parquet"], strict=True))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pyarrow as pa
@@ -43,10 +45,35 @@ def read_records(path: Path, *, fmt: str = "auto", source: str, max_document_byt
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "warc":
         yield from _read_warc(path, source, max_document_bytes)
-    elif fmt == "jsonl":
-        yield from _read_jsonl(path, source, max_document_bytes, text_key, id_key, url_key)
+        return
+    for item in read_objects(path, fmt=fmt, source=source, max_record_bytes=max_document_bytes + 4096):
+        if isinstance(item, dict):
+            yield item
+            continue
+        doc = _doc_from_mapping(item.obj, source, item.fallback_id, max_document_bytes, text_key, id_key, url_key)
+        if doc.get("reject") and item.offset is not None:
+            doc["offset"], doc["excerpt"] = item.offset, item.excerpt
+        yield doc
+
+
+@dataclass
+class RawRecord:
+    """One parsed record of a JSONL / Parquet / Arrow file, before any field is looked at."""
+
+    fallback_id: str  # ``<source>:<line or row>``, for records without an id of their own
+    obj: Any
+    offset: int | None = None  # byte offset of a JSONL line in the decompressed file
+    excerpt: bytes = b""
+
+
+def read_objects(path: Path, *, fmt: str = "auto", source: str, max_record_bytes: int) -> Iterator[RawRecord | dict]:
+    """Every record of a JSONL, Parquet or Arrow file as a :class:`RawRecord`, for readers that need fields other
+    than text (chat messages, labels); an unreadable line or file tail comes back as a reject dict instead."""
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        yield from _jsonl_objects(path, source, max_record_bytes)
     elif fmt in ("parquet", "arrow"):
-        yield from _read_table(path, fmt, source, max_document_bytes, text_key, id_key, url_key)
+        yield from _table_objects(path, fmt, source)
     else:
         raise ValueError(f"unknown input format {fmt!r}: use auto, warc, jsonl, parquet or arrow")
 
@@ -227,15 +254,14 @@ def _jsonl_lines(path: Path, limit: int) -> Iterator[tuple[int, int, bytes, int]
         yield number + 1, offset, line if length <= limit else line[:256], length
 
 
-def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str, id_key: str,
-                url_key: str) -> Iterator[dict]:
-    for item in _jsonl_lines(path, max_document_bytes + 4096):
+def _jsonl_objects(path: Path, source: str, max_record_bytes: int) -> Iterator[RawRecord | dict]:
+    for item in _jsonl_lines(path, max_record_bytes):
         if isinstance(item, dict):
             yield reject(source, item["reason"], item["detail"], offset=item["offset"])
             return
         number, line_offset, line, length = item
         fallback_id = f"{source}:{number}"
-        if length > max_document_bytes + 4096:
+        if length > max_record_bytes:
             yield reject(source, "too_large", f"line {number} has {length} bytes", offset=line_offset,
                          doc_id=fallback_id, excerpt=line[:256])
             continue
@@ -247,22 +273,16 @@ def _read_jsonl(path: Path, source: str, max_document_bytes: int, text_key: str,
             # orjson is strict (lone surrogate escapes, NaN, 1e400); the standard library decides what such a
             # line is, so the result and the reject reasons do not depend on the fast path
             try:
-                text_line = line.decode("utf-8")
+                obj = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 yield reject(source, "undecodable_bytes", f"line {number}: {exc}", offset=line_offset,
                              doc_id=fallback_id, excerpt=line[:256])
                 continue
-            try:
-                obj = json.loads(text_line)
             except json.JSONDecodeError as exc:
                 yield reject(source, "malformed_json", f"line {number}: {exc}", offset=line_offset,
                              doc_id=fallback_id, excerpt=line[:256])
                 continue
-        doc = _doc_from_mapping(obj, source, fallback_id, max_document_bytes, text_key, id_key, url_key)
-        if doc.get("reject"):
-            doc["offset"] = line_offset
-            doc["excerpt"] = line[:256]
-        yield doc
+        yield RawRecord(fallback_id, obj, line_offset, line[:256])
 
 
 def _doc_from_mapping(obj, source: str, fallback_id: str, max_document_bytes: int, text_key: str, id_key: str,
@@ -292,16 +312,13 @@ def _doc_from_mapping(obj, source: str, fallback_id: str, max_document_bytes: in
 
 # --- Parquet / Arrow (Hugging Face datasets save Arrow files) ----------------------------------------------
 
-def _read_table(path: Path, fmt: str, source: str, max_document_bytes: int, text_key: str, id_key: str,
-                url_key: str) -> Iterator[dict]:
+def _table_objects(path: Path, fmt: str, source: str) -> Iterator[RawRecord | dict]:
+    row = 0
     try:
-        batches = _iter_arrow_batches(path, fmt)
-        row = 0
-        for batch in batches:
+        for batch in _iter_arrow_batches(path, fmt):
             for obj in batch.to_pylist():
                 row += 1
-                yield _doc_from_mapping(obj, source, f"{source}:{row}", max_document_bytes, text_key, id_key,
-                                        url_key)
+                yield RawRecord(f"{source}:{row}", obj)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         yield reject(source, f"corrupt_{fmt}", str(exc))
 

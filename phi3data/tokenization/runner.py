@@ -10,7 +10,6 @@ bytes.
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import json
 import os
@@ -27,7 +26,7 @@ import numpy as np
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import plan_shards
-from phi3data.io.readers import detect_format, read_records
+from phi3data.io.readers import detect_format, read_objects, read_records
 from phi3data.io.writers import commit, remove_stale_tmp, tmp_path_for, write_json_atomic
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
@@ -192,29 +191,27 @@ def _encoded(tok, chunk: list[tuple[str, str]], threads: int) -> list[tuple[str,
 
 def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
                    rejects: list[dict], counts: Counter) -> None:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", errors="surrogateescape") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            counts["read"] += 1
-            doc_id = f"{source}:{number}"
-            try:
-                obj = json.loads(line)
-                doc_id = str(obj.get(config.id_key) or doc_id)
-                messages = obj[config.messages_key]
-                for m in messages:
-                    if isinstance(m.get("content"), str):
-                        m["content"], repaired = sanitize(m["content"])
-                        counts["repaired_chars"] += repaired
-                ids, mask = encode_chat(messages, tok)
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ChatFormatError) as exc:
-                rejects.append({"id": doc_id, "reason": "bad_chat_record", "detail": f"line {number}: {exc}"})
-                continue
-            if config.max_document_tokens is not None and len(ids) > config.max_document_tokens:
-                rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(ids)} tokens"})
-                continue
-            writer.write(ids, mask)
+    for record in read_objects(path, source=source, max_record_bytes=config.max_document_chars):
+        counts["read"] += 1
+        if isinstance(record, dict):  # unreadable line or file tail
+            rejects.append({"id": record.get("id"), "reason": record["reason"], "detail": record.get("detail")})
+            continue
+        obj, doc_id = record.obj, record.fallback_id
+        try:
+            doc_id = str(obj.get(config.id_key) or doc_id)
+            messages = obj[config.messages_key]
+            for m in messages:
+                if isinstance(m.get("content"), str):
+                    m["content"], repaired = sanitize(m["content"])
+                    counts["repaired_chars"] += repaired
+            ids, mask = encode_chat(messages, tok)
+        except (KeyError, TypeError, AttributeError, ChatFormatError) as exc:
+            rejects.append({"id": doc_id, "reason": "bad_chat_record", "detail": f"{record.fallback_id}: {exc}"})
+            continue
+        if config.max_document_tokens is not None and len(ids) > config.max_document_tokens:
+            rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(ids)} tokens"})
+            continue
+        writer.write(ids, mask)
 
 
 # --- planning and running ----------------------------------------------------------------------------------
