@@ -200,6 +200,23 @@ def test_chat_shards_carry_the_loss_mask(tmp_path):
     data = PackedDataset(out, seq_len=8, shuffle=False)
     sample = data.sample(0)
     assert sample["mask"].tolist() == np.asarray(shard.mask[:9]).tolist()
+    # the trainer's targets: the next token, or -100 (ignored by the loss) where that token's mask is 0
+    assert data.has_mask and len(data) == (len(shard.tokens) - 1) // 8
+    x, y = data.batch(0, len(data))  # unshuffled: window i is tokens[8i : 8i + 9]
+    tokens, mask = np.asarray(shard.tokens).astype(np.int64), np.asarray(shard.mask)
+    for i in range(len(data)):
+        window = slice(8 * i + 1, 8 * i + 9)
+        assert x[i].tolist() == tokens[8 * i:8 * i + 8].tolist()
+        assert y[i].tolist() == np.where(mask[window] == 0, -100, tokens[window]).tolist()
+    assert (y == -100).any() and (y != -100).any()
+    [(_, y_eval)] = data.fixed_batches(1, len(data))  # evaluation targets are masked the same way
+    assert y_eval.tolist() == y.tolist()
+    # shards with and without a loss mask do not mix silently
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text(json.dumps({"text": "Plain text has no loss mask."}) + "\n")
+    tokenize([plain], tmp_path / "plain", TokenizeConfig(), workers=1)
+    with pytest.raises(ValueError, match="loss mask"):
+        PackedDataset([out, tmp_path / "plain"], seq_len=4)
 
 
 def _digests(directory: Path) -> dict[str, bytes]:
@@ -226,24 +243,89 @@ def test_spark_gives_identical_shards(tmp_path, local_shards):
     assert _digests(out) == local_shards
 
 
+def test_packed_dataset_reads_every_input_kind_and_refuses_bad_ones(tmp_path):
+    from phi3data.tokenization.shards import TokenShardWriter
+
+    def shard(stem, tokens, dtype="<u2", mask=None):
+        writer = TokenShardWriter(stem, np.dtype(dtype), with_mask=mask is not None)
+        writer.write(np.asarray(tokens), None if mask is None else np.asarray(mask))
+        writer.close({})
+        return stem
+
+    (tmp_path / "a").mkdir()
+    a0, a1 = shard(tmp_path / "a" / "s0", range(10)), shard(tmp_path / "a" / "s1", range(100, 130))
+    stream = lambda d, pos: [d.batch(p, 1)[0][0].tolist() for p in pos]  # noqa: E731
+    both = PackedDataset(tmp_path / "a", seq_len=4, shuffle=False)
+    assert len(both) == 2 + 7 and both.num_tokens == 40 and not both.has_mask
+    assert stream(both, [1, 2]) == [[4, 5, 6, 7], [100, 101, 102, 103]]  # the 10th token of s0 is never read
+    # one shard stem (or its .bin), a list of inputs, a plain .bin with its dtype: the same windows
+    assert stream(PackedDataset(a1, seq_len=4, shuffle=False), range(7)) == stream(both, range(2, 9))
+    assert stream(PackedDataset(f"{a1}.bin", seq_len=4, shuffle=False), [0]) == [[100, 101, 102, 103]]
+    assert stream(PackedDataset([a0, a1], seq_len=4, shuffle=False), range(9)) == stream(both, range(9))
+    plain = tmp_path / "plain.bin"
+    np.arange(100, 130, dtype="<u2").tofile(plain)
+    assert stream(PackedDataset(plain, seq_len=4, dtype="uint16", shuffle=False), range(7)) == stream(both, range(2, 9))
+    with pytest.raises(ValueError, match="dtype"):
+        PackedDataset(plain, seq_len=4)
+    (tmp_path / "p").mkdir()
+    np.arange(30, dtype="<u2").tofile(tmp_path / "p" / "x.bin")
+    with pytest.raises(ValueError, match="manifest.json"):
+        PackedDataset(tmp_path / "p", seq_len=4)
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    assert len(PackedDataset(tmp_path / "p", seq_len=4)) == 7
+    (tmp_path / "p" / "manifest.json").write_text(json.dumps({"tokens": 30}))
+    with pytest.raises(ValueError, match="no 'dtype' key"):
+        PackedDataset(tmp_path / "p", seq_len=4)
+    wide = shard(tmp_path / "wide", range(30), dtype="<u4")
+    with pytest.raises(ValueError, match="mix dtypes"):
+        PackedDataset([tmp_path / "a", wide], seq_len=4)
+    with pytest.raises(ValueError, match="not the dtype uint16"):
+        PackedDataset(wide, seq_len=4, dtype="uint16")
+    with pytest.raises(ValueError, match="no token file has 33 tokens"):  # s1 has 30
+        PackedDataset(tmp_path / "a", seq_len=32)
+    with pytest.raises(ValueError, match="no tokens"):
+        PackedDataset(shard(tmp_path / "empty", []), seq_len=4)
+    with pytest.raises(FileNotFoundError):
+        PackedDataset(tmp_path / "missing", seq_len=4)
+    masked = shard(tmp_path / "m", range(30), mask=[i % 2 for i in range(30)])
+    with pytest.raises(ValueError, match="some token files have a loss mask and some do not"):
+        PackedDataset([masked, a1], seq_len=4)
+
+
 def test_packed_dataset_is_deterministic_and_resumable(tmp_path):
     out = tmp_path / "tok"
     tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
-    stream = np.concatenate([np.asarray(s.tokens) for s in open_shards(out)]).astype(np.int64)
+    shards = [np.asarray(s.tokens).astype(np.int64) for s in open_shards(out)]
+    assert len(shards) > 1
     data = PackedDataset(out, seq_len=64, seed=7)
-    assert len(data) == (len(stream) - 1) // 64
-    for i in (0, 5, len(data) - 1):
-        assert data.sample(i)["tokens"].tolist() == stream[i * 64:i * 64 + 65].tolist()
+    per_shard = [(len(s) - 1) // 64 for s in shards]
+    assert len(data) == sum(per_shard) and not data.has_mask
+    # windows are taken shard by shard, in shard order, and never cross from one shard into the next
+    first = 0
+    for tokens, n in zip(shards, per_shard):
+        for j in (0, n - 1):
+            assert data.sample(first + j)["tokens"].tolist() == tokens[j * 64:j * 64 + 65].tolist()
+        first += n
     assert sorted(data.order(0).tolist()) == list(range(len(data)))
     assert data.order(0).tolist() != data.order(1).tolist()
-    first = [data.batch(4)["tokens"] for _ in range(3)]
+    # the iterator walks the same stream as the trainer's batch(start, size), epoch after epoch
+    it = iter(data)
+    head = [next(it)["tokens"] for _ in range(12)]
     state = data.state_dict()
-    rest = [data.batch(4)["tokens"] for _ in range(len(data) // 4 + 2)]  # runs into the next epoch
+    assert state == {"samples": 12, "seed": 7, "seq_len": 64, "num_tokens": sum(map(len, shards))}
+    rest = [next(it)["tokens"] for _ in range(len(data) + 8)]  # runs into the next epoch
+    x, y = data.batch(12, 4)
+    assert x.tolist() == [r[:-1].tolist() for r in rest[:4]] and y.tolist() == [r[1:].tolist() for r in rest[:4]]
+    k = len(data) - 12  # rest[k] is the first sample of epoch 1
+    assert rest[k].tolist() == data.sample(int(data.order(1)[0]))["tokens"].tolist()
     resumed = PackedDataset(out, seq_len=64, seed=7)
     resumed.load_state_dict(state)
-    assert all((a == b).all() for a, b in zip(rest, [resumed.batch(4)["tokens"] for _ in range(len(rest))]))
-    again = PackedDataset(out, seq_len=64, seed=7)
-    assert all((a == b).all() for a, b in zip(first, [again.batch(4)["tokens"] for _ in range(3)]))
+    it = iter(resumed)
+    assert all((a == next(it)["tokens"]).all() for a in rest)
+    again = iter(PackedDataset(out, seq_len=64, seed=7))
+    assert all((a == next(again)["tokens"]).all() for a in head)
+    with pytest.raises(ValueError, match="another dataset or sequence length"):
+        PackedDataset(out, seq_len=32, seed=7).load_state_dict(state)
     assert TokenShard.open(open_shards(out)[0].stem).manifest["format"] == "phi3data-tokens"
 
 

@@ -1,4 +1,5 @@
-"""The trainer on real tokens: schedules, data, NaN guard, exact resume after kill -9, HF-loadable checkpoints."""
+"""The trainer on real tokens: schedules, data, NaN guard, exact resume after kill -9, HF-loadable checkpoints,
+loss-masked chat shards."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from phi3data.tokenization.dataset import PackedDataset
 from phi3data.training import TrainConfig, Trainer, TrainingDiverged, lr_at
-from phi3data.training.data import TokenData
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -111,24 +112,25 @@ def test_schedules() -> None:
     assert lr_at(wsd, 100) == pytest.approx(0.0)
 
 
-def test_token_data_windows_and_resume_position(tokens: Path, tmp_path: Path) -> None:
-    data = TokenData(tokens, seq_len=64, seed=3)
+def test_packed_dataset_windows_and_resume_position(tokens: Path, tmp_path: Path) -> None:
+    data = PackedDataset(tokens, seq_len=64, seed=3)
     raw = np.fromfile(tokens / "openstax-00000.bin", dtype="<u2")
-    assert data.num_tokens == len(raw)
+    assert data.num_tokens == len(raw) and len(data) == (len(raw) - 1) // 64 and not data.has_mask
     x, y = data.batch(0, 4)
     assert x.shape == (4, 64) and torch.equal(x[:, 1:], y[:, :-1])
-    # every window is a real slice of the file
-    o = data.offsets[data._order(0)[0]]
+    # every window is a real slice of the file, taken in the seeded order
+    o = data.offsets[data.order(0)[0]]
     assert torch.equal(x[0], torch.from_numpy(raw[o : o + 64].astype(np.int64)))
+    assert torch.equal(y[0], torch.from_numpy(raw[o + 1 : o + 65].astype(np.int64)))
     # the stream is a pure function of the position: a fresh reader continues identically
-    again = TokenData(tokens, seq_len=64, seed=3)
+    again = PackedDataset(tokens, seq_len=64, seed=3)
     assert torch.equal(again.batch(len(data) - 2, 4)[0], data.batch(len(data) - 2, 4)[0])
     # a plain .bin needs its dtype, and says so
     plain = tmp_path / "plain.bin"
     plain.write_bytes((tokens / "openstax-00000.bin").read_bytes())
     with pytest.raises(ValueError, match="dtype"):
-        TokenData(plain, 64)
-    assert torch.equal(TokenData(plain, 64, dtype="uint16", seed=3).batch(5, 2)[0], data.batch(5, 2)[0])
+        PackedDataset(plain, 64)
+    assert torch.equal(PackedDataset(plain, 64, dtype="uint16", seed=3).batch(5, 2)[0], data.batch(5, 2)[0])
 
 
 def test_grad_accumulation_matches_bigger_batch(tokens: Path, tmp_path: Path) -> None:
@@ -151,6 +153,25 @@ def test_grad_accumulation_matches_bigger_batch(tokens: Path, tmp_path: Path) ->
     for step, loss in runs["big"].items():
         assert runs["accum"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
     assert runs["big"][6] < runs["big"][1]
+
+
+def test_grad_accumulation_matches_bigger_batch_with_a_loss_mask(tmp_path: Path) -> None:
+    """With SFT masks, micro-batches hold different numbers of trained targets; a step must still be the mean
+    over all of them, so accumulation gives the bigger batch's trajectory."""
+    chat = make_chat_shards(tmp_path / "chat")
+    runs = {}
+    for name, mb, acc in (("big", 4, 1), ("accum", 1, 4)):
+        toml = write_config(tmp_path / f"{name}.toml", chat, tmp_path / name, seq_len=32, micro_batch_size=mb,
+                            grad_accum=acc, max_steps=5, ckpt_every=0)
+        trainer = Trainer(TrainConfig.from_toml(toml, {"model.vocab_size": 32064}))
+        if name == "accum":
+            counts = {int((trainer.train_data.batch(s, 1)[1] != -100).sum()) for s in range(4)}
+            assert len(counts) > 1  # unequal micro-batches, so equal weighting would give another result
+        trainer.train()
+        runs[name] = losses(tmp_path / name / "metrics.jsonl")
+    assert sorted(runs["big"]) == list(range(1, 6))
+    for step, loss in runs["big"].items():
+        assert runs["accum"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
 
 
 def test_nan_guard_stops_with_clear_message(tokens: Path, tmp_path: Path) -> None:
@@ -231,3 +252,42 @@ def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
     resumed = losses(metrics)
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed == reference  # bit-identical trajectory
+
+
+def make_chat_shards(out: Path, n: int = 120) -> Path:
+    """Chat shards (phi3-mini tokens + loss mask): short arithmetic conversations, trained on the replies only."""
+    from phi3data.tokenization.runner import TokenizeConfig, tokenize
+
+    rng = np.random.default_rng(0)
+    src = out.with_suffix(".jsonl")
+    with open(src, "w") as f:
+        for _ in range(n):
+            a, b = (int(v) for v in rng.integers(0, 50, 2))
+            messages = [{"role": "user", "content": f"What is {a} plus {b}? Answer with the number only."},
+                        {"role": "assistant", "content": str(a + b)}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    tokenize([src], out, TokenizeConfig(chat=True), workers=1)
+    return out
+
+
+def test_trainer_on_chat_shards_skips_masked_targets(tmp_path: Path) -> None:
+    chat = make_chat_shards(tmp_path / "chat")
+    toml = write_config(tmp_path / "c.toml", chat, tmp_path / "run", seq_len=32, max_steps=6, eval_every=3,
+                        eval_batches=2, ckpt_every=0)
+    trainer = Trainer(TrainConfig.from_toml(toml, {"model.vocab_size": 32064}))  # phi3-mini's chat tokens
+    data = trainer.train_data
+    assert data.has_mask and trainer.val_data is not None and trainer.val_data.has_mask
+    x, y = data.batch(0, 4)
+    assert (y == -100).any() and (y != -100).any()
+    full = torch.from_numpy(np.stack([data.window(data.index(s))[1:] for s in range(4)]))
+    assert torch.equal(y[y != -100], full[y != -100])
+    with torch.no_grad():
+        masked_loss = float(trainer.model(x, y)[1])
+        full_loss = float(trainer.model(x, full)[1])
+    assert abs(masked_loss - full_loss) > 0.01  # the mask changes the loss, so the check below can tell
+    # the first optimizer step's loss is the masked loss of the first micro-batch (same weights, same samples)
+    assert trainer.train_step()["loss"] == pytest.approx(masked_loss, rel=1e-5)
+    last = trainer.train()
+    recs = losses(tmp_path / "run" / "metrics.jsonl")
+    assert sorted(recs) == list(range(2, 7)) and all(np.isfinite(v) for v in recs.values())
+    assert np.isfinite(last["val_loss"]) and last["tokens"] == 6 * 4 * 32

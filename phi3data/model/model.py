@@ -370,9 +370,12 @@ class Phi3(nn.Module):
             logits = logits / self.cfg.mup_width_multiplier
         loss = None
         if targets is not None:
+            # sum / count rather than "mean": a batch whose targets are all masked gives 0, not NaN (0 / 0)
+            valid = (targets != ignore_index).sum().clamp(min=1)
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
-            )
+                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index,
+                reduction="sum",
+            ) / valid
         return logits, loss
 
     def num_parameters(self, non_embedding: bool = False) -> int:

@@ -292,7 +292,7 @@ TOTAL_KEYS = ("tokens", "documents", "documents_read", "characters", "repaired_d
 
 
 def write_directory_manifest(output: Path, config: TokenizeConfig, config_hash: str) -> dict:
-    """Sum every finished shard in ``output`` into its ``manifest.json`` (the trainer reads ``dtype`` there)."""
+    """Sum every finished shard in ``output`` into its ``manifest.json`` (totals, sources, rejects, ``dtype``)."""
     tok = get_tokenizer(config.tokenizer)
     entries, sources, rejects = [], {}, Counter()
     totals = Counter()

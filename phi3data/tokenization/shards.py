@@ -12,7 +12,8 @@ One shard is a group of files sharing a stem ``S``:
 - ``S.json``     the shard's manifest (tokenizer identity and hash, dtype, counts, sources), written last: its
                  presence marks the shard finished.
 
-A directory of shards has a ``manifest.json`` with the totals and ``"dtype"``, which the trainer reads.
+A directory of shards has a ``manifest.json`` with the totals; readers (``tokenization.dataset``) open each shard
+through its own ``S.json``.
 ``export_llmc`` writes llm.c's ``.bin`` (a 256 x int32 header, then the tokens).
 """
 

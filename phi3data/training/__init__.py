@@ -1,4 +1,4 @@
-"""The phi-3 trainer: memory-mapped token data, AdamW, schedules, checkpoints, DDP / FSDP."""
+"""The phi-3 trainer: AdamW, schedules, checkpoints, DDP / FSDP (its token reader is phi3data.tokenization.dataset)."""
 
 from phi3data.training.trainer import TrainConfig, Trainer, TrainingDiverged, lr_at, train
 

@@ -3,14 +3,16 @@
 One process or many under ``torchrun`` (DDP, or FSDP2 for the larger configs). Each optimizer step consumes a
 global batch of ``micro_batch_size * grad_accum * world_size`` windows from the memory-mapped token stream;
 rank ``r``'s micro-batch ``m`` takes samples ``pos + (r * grad_accum + m) * micro_batch_size ...``, so the same
-global batch gives the same samples whatever the split between processes and accumulation.
+global batch gives the same samples whatever the split between processes and accumulation. Data comes from
+:class:`phi3data.tokenization.dataset.PackedDataset`; where the shards carry a loss mask, masked targets are -100
+and the loss skips them, while ``tokens`` (and tokens/s, MFU) still count every position processed.
 
 Training config TOML::
 
     model = "ladder-cpu:s1"        # a recipe reference, or a [model] table of Phi3Config fields
     [data]
-    path = "runs/tokens"           # dir of *.bin + manifest.json, or a .bin file (then give dtype)
-    dtype = "uint16"
+    path = "runs/tokens"           # a token shard dir (loss masks honoured), a dir of *.bin + manifest.json,
+    dtype = "uint16"               # or a .bin file (then give dtype): see phi3data.tokenization.dataset
     val_windows = 16               # held out from the end when no val_path is given
     [train]
     seq_len = 256
@@ -35,8 +37,8 @@ import torch.distributed as dist
 
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
+from phi3data.tokenization.dataset import PackedDataset
 from phi3data.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from phi3data.training.data import TokenData
 
 # dense bf16 peak FLOP/s per device, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -181,10 +183,10 @@ class Trainer:
         self.is_main = self.rank == 0
 
         # data
-        data = TokenData(cfg.data_path, cfg.seq_len, cfg.data_dtype, seed=cfg.seed)
+        data = PackedDataset(cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed)
         if cfg.val_path:
             self.train_data = data
-            self.val_data: TokenData | None = TokenData(cfg.val_path, cfg.seq_len, cfg.data_dtype)
+            self.val_data: PackedDataset | None = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype)
         elif cfg.val_windows > 0 and cfg.eval_every > 0:
             self.train_data, self.val_data = data.split(min(cfg.val_windows, len(data) // 10 or 1))
         else:
@@ -315,22 +317,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mb, accum = cfg.micro_batch_size, cfg.grad_accum
+        batches = [self.train_data.batch(self.samples + (self.rank * accum + m) * mb, mb) for m in range(accum)]
+        weights = self._micro_batch_weights([y for _, y in batches])
         loss_sum = torch.zeros((), device=self.device)
-        for m in range(accum):
-            start = self.samples + (self.rank * accum + m) * mb
-            x, y = self.train_data.batch(start, mb)
+        for m, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = m == accum - 1 or self.world == 1 or not hasattr(self.train_model, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with ctx:
                 with self.autocast:
                     _, loss = self.train_model(x, y)
-                (loss / accum).backward()
-            loss_sum += loss.detach().float()
+                share = loss / accum if weights is None else loss * weights[m]
+                share.backward()
+            loss_sum += share.detach().float()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         )
-        loss_val = self._all_mean(loss_sum / accum)
+        loss_val = self._all_mean(loss_sum)
         if not (torch.isfinite(loss_val) and torch.isfinite(grad_norm)):
             last = latest_checkpoint(self.ckpt_root)
             raise TrainingDiverged(
@@ -346,6 +349,22 @@ class Trainer:
         self.tokens += global_batch * cfg.seq_len
         self.step += 1
         return {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm)}
+
+    def _micro_batch_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
+        """Loss weight of each micro-batch, so a step's gradient is the mean over all its trained targets.
+
+        Without a loss mask every micro-batch has the same number of targets and weighs ``1 / grad_accum``
+        (None). With one (SFT data), a micro-batch counts by its unmasked targets, summed over micro-batches and
+        ranks (DDP then averages gradients over ranks, hence the factor ``world``).
+        """
+        if not self.train_data.has_mask:
+            return None
+        counts = torch.tensor([float((y != -100).sum()) for y in targets], dtype=torch.float64)
+        total = counts.sum().to(self.device)
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total = max(float(total), 1.0)
+        return [float(c) * self.world / total for c in counts]
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
