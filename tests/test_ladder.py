@@ -108,17 +108,21 @@ def test_ladder_trains_evaluates_and_reports(full_ladder):
 
 
 def _interrupted_run(out: Path) -> bool:
-    """True once some run is done and another has stopped mid-training (a checkpoint short of its last step)."""
+    """True once some run is done and another has stopped mid-training (a checkpoint short of its last step).
+
+    Runs are ``runs/<recipe>/<size>/<seed>``; fixed-depth globs never descend into the checkpoint temp
+    directories the ladder is renaming while we look, and anything that vanishes mid-look reads as "not yet".
+    """
     runs = out / "runs"
-    if not runs.exists() or not any(runs.rglob("result.json")):
-        return False
-    for path in runs.rglob("checkpoints/step_*/state.json"):
-        try:
+    try:
+        if not any(runs.glob("*/*/*/result.json")):
+            return False
+        for path in runs.glob("*/*/*/checkpoints/step_*/state.json"):
             state = json.loads(path.read_text())
-        except (OSError, ValueError):  # pruned while we read it
-            continue
-        if state["step"] < state["train_config"]["max_steps"] and not (path.parents[2] / "result.json").exists():
-            return True
+            if state["step"] < state["train_config"]["max_steps"] and not (path.parents[2] / "result.json").exists():
+                return True
+    except (OSError, ValueError):  # a checkpoint pruned or half-visible while we read it
+        return False
     return False
 
 
@@ -132,7 +136,7 @@ def test_killed_ladder_resumes_to_the_same_results(full_ladder, tmp_path):
     # freeze the ladder the moment a run is mid-training, so what we count is what the kill interrupts
     os.killpg(proc.pid, signal.SIGSTOP)
     interrupted = _interrupted_run(out)
-    finished_before = len(list((out / "runs").rglob("result.json")))
+    finished_before = len(list((out / "runs").glob("*/*/*/result.json")))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert interrupted and 1 <= finished_before < 4
