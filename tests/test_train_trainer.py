@@ -291,3 +291,25 @@ def test_trainer_on_chat_shards_skips_masked_targets(tmp_path: Path) -> None:
     recs = losses(tmp_path / "run" / "metrics.jsonl")
     assert sorted(recs) == list(range(2, 7)) and all(np.isfinite(v) for v in recs.values())
     assert np.isfinite(last["val_loss"]) and last["tokens"] == 6 * 4 * 32
+
+
+def test_token_ids_beyond_the_model_vocab_are_refused(tokens: Path, tmp_path: Path) -> None:
+    """Every file is checked (not only the first), and shards declare their tokenizer's size."""
+    from phi3data.tokenization.runner import TokenizeConfig, tokenize
+
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    ids = np.fromfile(tokens / "openstax-00000.bin", dtype="<u2")[:5000]
+    ids.tofile(bins / "a.bin")
+    bad = ids.copy()
+    bad[100] = 40_000
+    bad.tofile(bins / "b.bin")
+    (bins / "manifest.json").write_text(json.dumps({"dtype": "uint16"}))
+    with pytest.raises(ValueError, match=r"token id 40000 in .*b\.bin is outside the model vocab \(32000\)"):
+        Trainer(TrainConfig.from_toml(write_config(tmp_path / "b.toml", bins, tmp_path / "b")))
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": "A short document. " * 50}) + "\n")
+    cl100k = tmp_path / "cl100k"
+    tokenize([text], cl100k, TokenizeConfig(tokenizer="phi3-small"), workers=1)
+    with pytest.raises(ValueError, match="tokenizer with 100352 ids"):
+        Trainer(TrainConfig.from_toml(write_config(tmp_path / "c.toml", cl100k, tmp_path / "c", seq_len=16)))

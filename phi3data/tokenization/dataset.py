@@ -44,29 +44,34 @@ def _is_shard(path: Path) -> bool:
     return stem.name != "manifest" and stem.with_name(stem.name + ".json").exists()
 
 
-def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """``(name, tokens, mask or None)`` for every token file under one input path, in file order."""
+def _vocab_size(shard: TokenShard) -> int | None:
+    return (shard.manifest.get("tokenizer") or {}).get("vocab_size")
+
+
+def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.ndarray | None, int | None]]:
+    """``(name, tokens, mask or None, tokenizer vocab size or None)`` for every token file under one input path,
+    in file order."""
     if path.is_dir():
         stems = list_shards(path)
         if stems:  # a shard directory: finished shards only (each has its S.json)
             shards = [TokenShard.open(s) for s in stems]
-            return [(str(s.stem), s.tokens, s.mask) for s in shards]
+            return [(str(s.stem), s.tokens, s.mask, _vocab_size(s)) for s in shards]
         files = sorted(path.glob("*.bin"))
         if not files:
             raise FileNotFoundError(f"no token shards or *.bin token files in {path}")
         dtype = dtype or _manifest_dtype(path / "manifest.json")
         if dtype is None:
             raise ValueError(f"{path} has no manifest.json; pass the token dtype (uint16/uint32)")
-        return [(str(f), _memmap(f, dtype), None) for f in files]
+        return [(str(f), _memmap(f, dtype), None, None) for f in files]
     if _is_shard(path):
         s = TokenShard.open(path)
-        return [(str(s.stem), s.tokens, s.mask)]
+        return [(str(s.stem), s.tokens, s.mask, _vocab_size(s))]
     if not path.exists():
         raise FileNotFoundError(f"token file {path} does not exist")
     dtype = dtype or _manifest_dtype(path.with_name("manifest.json"))
     if dtype is None:
         raise ValueError(f"token dtype for {path} is unknown: pass dtype='uint16' or 'uint32'")
-    return [(str(path), _memmap(path, dtype), None)]
+    return [(str(path), _memmap(path, dtype), None, None)]
 
 
 class PackedDataset:
@@ -81,7 +86,7 @@ class PackedDataset:
             raise ValueError(f"seq_len must be positive, not {seq_len}")
         sources = [src for p in paths for src in _sources(Path(p), dtype)]
         names = ", ".join(map(str, paths))
-        dtypes = {a.dtype for _, a, _ in sources}
+        dtypes = {a.dtype for _, a, _, _ in sources}
         if len(dtypes) != 1:
             raise ValueError(f"{names}: token files mix dtypes {sorted(d.name for d in dtypes)}")
         self.dtype = dtypes.pop()
@@ -90,14 +95,16 @@ class PackedDataset:
         sources = [src for src in sources if len(src[1])]
         if not sources:
             raise ValueError(f"no tokens in {names}")
-        masked = [m is not None for _, _, m in sources]
+        masked = [m is not None for _, _, m, _ in sources]
         if any(masked) and not all(masked):
-            bare = [n for (n, _, m) in sources if m is None]
+            bare = [n for (n, _, m, _) in sources if m is None]
             raise ValueError(f"{names}: some token files have a loss mask and some do not ({len(bare)} without, e.g. "
                              f"{bare[0]}); train on them separately or give every file a mask")
-        self.files = [n for n, _, _ in sources]
-        self.arrays = [a for _, a, _ in sources]
-        self.masks = [m for _, _, m in sources if m is not None] if all(masked) else None
+        self.files = [n for n, _, _, _ in sources]
+        self.arrays = [a for _, a, _, _ in sources]
+        self.masks = [m for _, _, m, _ in sources if m is not None] if all(masked) else None
+        declared = [v for _, _, _, v in sources if v is not None]
+        self.tokenizer_vocab_size = max(declared) if declared else None  # from the shards' manifests
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
@@ -113,6 +120,17 @@ class PackedDataset:
         self.samples = 0  # position of the iterator (__iter__), in samples consumed
         self._order_epoch = -1
         self._order = np.arange(0)
+
+    def check_vocab(self, vocab_size: int, sample: int = 65_536) -> None:
+        """Refuse token ids a model with ``vocab_size`` embeddings cannot take: the tokenizer's declared vocabulary
+        (shard manifests) and the largest id in the first ``sample`` tokens of every file."""
+        if self.tokenizer_vocab_size is not None and self.tokenizer_vocab_size > vocab_size:
+            raise ValueError(f"these tokens come from a tokenizer with {self.tokenizer_vocab_size} ids, more than the "
+                             f"model's vocab_size {vocab_size}")
+        for name, arr in zip(self.files, self.arrays, strict=True):
+            top = int(np.asarray(arr[:sample]).max(initial=0))
+            if top >= vocab_size:
+                raise ValueError(f"token id {top} in {name} is outside the model vocab ({vocab_size})")
 
     @property
     def has_mask(self) -> bool:
