@@ -30,9 +30,10 @@ def test_kill_and_resume_gives_exactly_the_uninterrupted_output(engine, referenc
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGSTOP)  # freeze, so what we count is what the kill interrupts
+    done_before = len(list(progress.glob("*.json")))
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(progress.glob("*.json")))
     assert 2 <= done_before < 9, "kill should land mid-run"
     if engine == "ray":
         time.sleep(2)  # let orphaned Ray workers notice their driver is gone
