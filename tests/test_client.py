@@ -54,12 +54,12 @@ class FakeFaultServer:
                         self.end_headers()
                         self.wfile.write(payload)
                         return
-                    self._ok(body)
+                    self._ok(body, empty=fault[0] == "no_choices")
                 finally:
                     with owner.lock:
                         owner.in_flight -= 1
 
-            def _ok(self, body):
+            def _ok(self, body, empty=False):
                 prompt = body.get("prompt") or body["messages"][-1]["content"]
                 text = f"echo:{prompt}:{body.get('max_tokens')}"
                 choice = {"index": 0, "finish_reason": "stop"}
@@ -67,7 +67,8 @@ class FakeFaultServer:
                     choice["message"] = {"role": "assistant", "content": text}
                 else:
                     choice["text"] = text
-                reply = {"choices": [choice], "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3}}
+                reply = {"choices": [] if empty else [choice],
+                         "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 3}}
                 payload = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -191,6 +192,15 @@ def test_cache_sends_nothing_twice(fake, secret_env, tmp_path):
     other_model = make_client(fake.url, secret_env, cache_path=str(cache), model="another-model")
     other_model.complete_many(["alpha"], max_tokens=4, temperature=0.0)
     assert len(fake.requests) == 4
+
+
+def test_an_unusable_reply_is_not_cached(fake, secret_env, tmp_path):
+    cache = str(tmp_path / "cache.sqlite")
+    fake.script = [("no_choices",)]
+    (failed,) = make_client(fake.url, secret_env, cache_path=cache).complete_many(["alpha"], max_tokens=4)
+    assert isinstance(failed, LLMError) and "no choices" in str(failed)
+    again = make_client(fake.url, secret_env, cache_path=cache).complete_many(["alpha"], max_tokens=4)
+    assert len(fake.requests) == 2 and again[0].text == "echo:alpha:4" and not again[0].cached
 
 
 def test_api_key_is_sent_but_never_logged(fake, secret_env, tmp_path):

@@ -161,13 +161,17 @@ class LLMClient:
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:
-                return self._completion(endpoint, hit, cached=True)
+                try:
+                    return self._completion(endpoint, hit, cached=True)
+                except LLMError:
+                    pass  # an unusable reply cached by an older version: ask again
         http, semaphore = self._session()
         async with semaphore:
             reply = await self._send_with_retries(http, endpoint, payload)
+        completion = self._completion(endpoint, reply, cached=False)  # raises on an unusable reply: not cached
         if self.cache is not None:
             self.cache.put(key, reply)
-        return self._completion(endpoint, reply, cached=False)
+        return completion
 
     async def map_requests(self, requests: Sequence[tuple[str, dict]],
                            on_result: Callable[[int, Completion | LLMError], None] | None = None
