@@ -342,3 +342,32 @@ def test_threaded_encode_stream_keeps_document_order(name):
     assert [g[1] for g in got] == [len(t) for _, t in docs]
     for (_, text), (_, _, ids) in zip(docs, got, strict=True):
         assert ids.dtype == np.uint32 and ids.tolist() == tok.encode_text(text)
+
+
+def test_rejects_are_written_in_input_order_whatever_the_thread_count(tmp_path):
+    """Reader rejects are found while reading ahead, empty-document rejects when results return; the rejects
+    file is still in input order, the same bytes with 1 or 4 encoder threads."""
+    from phi3data.tokenization.runner import tokenize_shard
+
+    lines = []
+    for i in range(400):
+        if i % 7 == 3:
+            lines.append(f'{{"id": "m{i}", "text": ')  # malformed: a reader reject
+        else:
+            lines.append(json.dumps({"id": f"d{i}", "text": f"document {i} " * (1 + i % 50)}))
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    config = json.dumps(TokenizeConfig(tokenizer="phi3-small", max_document_tokens=60).__dict__, sort_keys=True)
+    written = {}
+    for threads in (1, 4):
+        out = tmp_path / f"t{threads}"
+        out.mkdir()
+        item = {"path": str(src), "relpath": "in.jsonl", "key": "k", "source": "in", "stem": "s", "config_hash": "h",
+                "threads": threads}
+        tokenize_shard(config, str(out), item)
+        written[threads] = (out / "s.rejects.jsonl").read_text()
+    ids = [json.loads(line)["id"] for line in written[1].splitlines()]
+    assert written[1] == written[4]
+    assert len({json.loads(line)["reason"] for line in written[1].splitlines()}) >= 2
+    # reader rejects are named <source>:<line> (1-based), too-long documents d<index> (0-based)
+    assert ids == sorted(ids, key=lambda x: int(x.split(":")[-1]) - 1 if ":" in x else int(x[1:]))

@@ -20,10 +20,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from phi3data.engines import map_shards
+from phi3data.engines import default_workers, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import plan_shards
 from phi3data.io.readers import detect_format, read_objects, read_records
@@ -106,18 +107,23 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
 
 def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
                    rejects: list[dict], counts: Counter, threads: int) -> None:
-    def documents() -> Iterator[tuple[str, str]]:
-        for record in read_records(path, source=source, max_document_bytes=config.max_document_chars,
-                                   text_key=config.text_key, id_key=config.id_key):
+    # rejects carry their record's number: reader rejects are found while reading ahead and encoding rejects when
+    # results come back, so they are sorted into input order at the end (the same file on any machine)
+    numbered: list[tuple[int, dict]] = []
+
+    def documents() -> Iterator[tuple[tuple[int, str], str]]:
+        for number, record in enumerate(read_records(path, source=source, max_document_bytes=config.max_document_chars,
+                                                     text_key=config.text_key, id_key=config.id_key)):
             counts["read"] += 1
             if record.get("reject"):
-                rejects.append({"id": record.get("id"), "reason": record["reason"], "detail": record.get("detail")})
+                numbered.append((number, {"id": record.get("id"), "reason": record["reason"],
+                                          "detail": record.get("detail")}))
                 continue
             text, repaired = sanitize(record["text"])
             if repaired:
                 counts["repaired_docs"] += 1
                 counts["repaired_chars"] += repaired
-            yield record["id"], text
+            yield (number, record["id"]), text
 
     head = np.array([tok.bos_id] if config.add_bos and tok.bos_id is not None else [], dtype=np.uint32)
     tail = np.array([tok.eos_id] if config.add_eos else [], dtype=np.uint32)
@@ -125,12 +131,13 @@ def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer:
     pieces: list[np.ndarray] = []
     lengths: list[int] = []
     buffered = 0
-    for doc_id, chars, doc in encode_stream(tok, documents(), threads):
+    for (number, doc_id), chars, doc in encode_stream(tok, documents(), threads):
         if not len(doc):
-            rejects.append({"id": doc_id, "reason": "empty_document", "detail": "no tokens"})
+            numbered.append((number, {"id": doc_id, "reason": "empty_document", "detail": "no tokens"}))
             continue
         if limit is not None and len(doc) > limit:
-            rejects.append({"id": doc_id, "reason": "too_many_tokens", "detail": f"{len(doc)} tokens > {limit}"})
+            numbered.append((number, {"id": doc_id, "reason": "too_many_tokens",
+                                      "detail": f"{len(doc)} tokens > {limit}"}))
             continue
         counts["chars"] += chars
         pieces.extend((head, doc, tail))
@@ -140,6 +147,7 @@ def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer:
             _write(writer, pieces, lengths)
             pieces, lengths, buffered = [], [], 0
     _write(writer, pieces, lengths)
+    rejects.extend(r for _, r in sorted(numbered, key=lambda pair: pair[0]))
 
 
 def _write(writer: TokenShardWriter, pieces: list[np.ndarray], lengths: list[int]) -> None:
@@ -148,9 +156,9 @@ def _write(writer: TokenShardWriter, pieces: list[np.ndarray], lengths: list[int
                           np.array(lengths, dtype=np.uint64))
 
 
-def encode_stream(tok, documents: Iterator[tuple[str, str]], threads: int,
-                  chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Encode ``(id, text)`` pairs into ``(id, characters, uint32 ids)``, in input order.
+def encode_stream(tok, documents: Iterator[tuple[Any, str]], threads: int,
+                  chunk_chars: int = CHUNK_CHARS) -> Iterator[tuple[Any, int, np.ndarray]]:
+    """Encode ``(key, text)`` pairs into ``(key, characters, uint32 ids)``, in input order.
 
     Documents are grouped into chunks of about ``chunk_chars`` characters and encoded on ``threads`` threads
     while this generator's caller keeps reading: reading and JSON parsing overlap with encoding, and no batch
@@ -159,20 +167,20 @@ def encode_stream(tok, documents: Iterator[tuple[str, str]], threads: int,
     """
     if threads <= 1:
         for chunk in _chunks(documents, chunk_chars):
-            yield from _encoded(tok, chunk, 1)
+            yield from _encoded(tok, chunk)
         return
     with ThreadPoolExecutor(threads) as pool:
         in_flight: deque = deque()
         for chunk in _chunks(documents, chunk_chars):
-            in_flight.append(pool.submit(_encoded, tok, chunk, 1))
+            in_flight.append(pool.submit(_encoded, tok, chunk))
             if len(in_flight) >= 4 * threads:
                 yield from in_flight.popleft().result()
         while in_flight:
             yield from in_flight.popleft().result()
 
 
-def _chunks(documents: Iterator[tuple[str, str]], chunk_chars: int) -> Iterator[list[tuple[str, str]]]:
-    chunk: list[tuple[str, str]] = []
+def _chunks(documents: Iterator[tuple[Any, str]], chunk_chars: int) -> Iterator[list[tuple[Any, str]]]:
+    chunk: list[tuple[Any, str]] = []
     size = 0
     for doc in documents:
         chunk.append(doc)
@@ -184,8 +192,8 @@ def _chunks(documents: Iterator[tuple[str, str]], chunk_chars: int) -> Iterator[
         yield chunk
 
 
-def _encoded(tok, chunk: list[tuple[str, str]], threads: int) -> list[tuple[str, int, np.ndarray]]:
-    arrays = tok.encode_batch_arrays([text for _, text in chunk], threads=threads)
+def _encoded(tok, chunk: list[tuple[Any, str]]) -> list[tuple[Any, int, np.ndarray]]:
+    arrays = tok.encode_batch_arrays([text for _, text in chunk])
     return [(doc_id, len(text), ids) for (doc_id, text), ids in zip(chunk, arrays, strict=True)]
 
 
@@ -264,10 +272,10 @@ def tokenize(inputs: list[Path], output: Path, config: TokenizeConfig, *, source
     if len(stems) != len(items):
         raise ValueError("two inputs have the same relative path and content; tokenize them once")
     pending = [i for i in items if not (output / f"{i['stem']}.json").exists()]
-    # Largest inputs first, each with every core's worth of encoder threads (the tokenizers release the GIL), so
-    # a single big file at the end of the run still uses all cores.
+    # Largest inputs first; the cores are shared out between the shards that run at once (encoder threads
+    # release the GIL), so one process on one big file still uses every core.
     pending.sort(key=lambda i: -Path(i["path"]).stat().st_size)
-    threads = max(1, os.cpu_count() or 1)
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(default_workers(workers), len(pending))))
     for item in pending:
         item["threads"] = threads
     task = functools.partial(tokenize_shard, json.dumps(asdict(config), sort_keys=True), str(output))

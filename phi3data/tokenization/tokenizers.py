@@ -116,9 +116,10 @@ class Tokenizer(ABC):
     def encode_text(self, text: str) -> list[int]:
         """Encode one ordinary text."""
 
-    def encode_batch_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
-        """Like ``encode_batch`` but one uint32 array per text (what shard writing wants; no Python ints)."""
-        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts, threads=threads)]
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Like ``encode_batch`` (one thread) but one uint32 array per text: what shard writing wants, no Python
+        ints. Callers parallelise by calling it from several threads."""
+        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
 
     @abstractmethod
     def decode(self, ids) -> str:
@@ -252,7 +253,8 @@ class HFTokenizer(Tokenizer):
         self.bos_id = self.tok.token_to_id(bos_name) if bos_name else None
 
     def encode_batch(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        # encode_batch releases the GIL (a single encode does not), so callers' threads run in parallel too
+        # ``threads`` is not used: encode_batch parallelises on the tokenizers library's own (rayon) pool, and it
+        # releases the GIL (a single encode does not), so callers' threads run in parallel too
         return [e.ids for e in self.plain.encode_batch(texts, add_special_tokens=False)]
 
     def encode_text(self, text: str) -> list[int]:
@@ -293,18 +295,10 @@ class TiktokenTokenizer(Tokenizer):
     def encode_text(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
-    def encode_batch_arrays(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+    def encode_batch_arrays(self, texts: list[str]) -> list[np.ndarray]:
         # tiktoken fills a uint32 buffer in Rust with the GIL released; with no allowed or disallowed special
         # tokens this is exactly encode_ordinary, without building a Python int per token.
-        def one(text: str) -> np.ndarray:
-            return self.enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
-
-        if threads > 1 and len(texts) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(threads) as pool:
-                return list(pool.map(one, texts))
-        return [one(t) for t in texts]
+        return [self.enc.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
 
     def encode_special(self, text: str) -> list[int]:
         return self.enc.encode(text, allowed_special="all")
