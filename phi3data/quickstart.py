@@ -22,7 +22,7 @@ def run_quickstart(output: Path, data: Path = SHARED_DATA, engine: str = "local"
     from phi3data.classifiers.train import load_config, train_from_config
     from phi3data.pipelines.recipe import load_recipe
     from phi3data.pipelines.runner import run_pipeline, stats_table
-    from phi3data.scaling.ladder import LadderConfig, run_ladder
+    from phi3data.scaling.ladder import load_ladder, run_ladder
     from phi3data.scaling.report import write_report
 
     console = console or Console()
@@ -56,11 +56,8 @@ def run_quickstart(output: Path, data: Path = SHARED_DATA, engine: str = "local"
     console.print(stats_table(filtered.stats))
 
     step("4/4 ablate: 3 sizes x 2 recipes (heuristic web vs edu web + textbooks)")
-    raw = tomllib.loads(ladder.read_text())
-    for recipe in raw["recipes"].values():
-        recipe["sources"] = [_resolve_source(s, output, data) for s in recipe["sources"]]
     ablate_dir = output / "ablate"
-    run_ladder(LadderConfig(**raw), ablate_dir)
+    run_ladder(load_ladder(ladder, lambda source: _resolve_source(source, output, data)), ablate_dir)
     report = write_report(ablate_dir)
     console.rule(f"[bold]done in {time.perf_counter() - started:.0f}s[/bold]")
     results = {"curated": output / "web_quality" / "data", "classifier": classifier_dir,

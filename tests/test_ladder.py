@@ -172,3 +172,18 @@ def test_a_page_shared_by_recipes_is_held_out_of_all_of_them(tmp_path):
     assert val and not val & (train["books"] | train["books_web"])
     assert train["books"] < train["books_web"]  # the shared textbook sections split the same way in both
     assert info["validation_documents"] == len(val)
+
+
+def test_ladder_sources_resolve_to_the_same_absolute_paths(tmp_path, monkeypatch):
+    """`phi3data ablate` (relative to the working directory) and the quickstart (its own resolver) must build the
+    same configuration, or one cannot resume the other's ladder."""
+    from phi3data.scaling.ladder import load_ladder
+
+    config = tmp_path / "ladder.toml"
+    config.write_text(LADDER.format(web="out/quickstart/web", books="../shared/books.jsonl"))
+    monkeypatch.chdir(tmp_path)
+    by_cwd = load_ladder(config)
+    assert by_cwd.recipes["web"].sources == [str(tmp_path / "out" / "quickstart" / "web")]
+    assert by_cwd.recipes["textbooks"].sources == [str((tmp_path / ".." / "shared" / "books.jsonl").resolve())]
+    by_resolver = load_ladder(config, lambda s: str(tmp_path / s))
+    assert by_resolver.model_dump() == by_cwd.model_dump()

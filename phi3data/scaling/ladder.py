@@ -19,13 +19,14 @@ import json
 import math
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import xxhash
 from pydantic import BaseModel, ConfigDict, Field
 
-from phi3data.io.inputs import plan_shards
+from phi3data.io.inputs import list_input_files
 from phi3data.io.readers import read_records
 from phi3data.io.writers import write_json_atomic
 
@@ -89,11 +90,18 @@ class LadderConfig(_Strict):
     eval: EvalSection = EvalSection()
 
 
-def load_ladder(path: Path) -> LadderConfig:
-    """Read and validate a ladder TOML; errors name the bad field."""
+def load_ladder(path: Path, resolve_source: Callable[[str], str] | None = None) -> LadderConfig:
+    """Read and validate a ladder TOML; errors name the bad field. Recipe sources become absolute paths
+    (relative ones against the working directory, after ``resolve_source`` if given), so the same ladder reads
+    the same whichever command runs it."""
     if not path.exists():
         raise FileNotFoundError(f"ladder config not found: {path}")
-    cfg = LadderConfig(**tomllib.loads(path.read_text()))
+    raw = tomllib.loads(path.read_text())
+    for recipe in (raw.get("recipes") or {}).values():
+        if isinstance(recipe, dict) and isinstance(recipe.get("sources"), list):
+            recipe["sources"] = [str(Path(resolve_source(s) if resolve_source else s).resolve())
+                                 for s in recipe["sources"]]
+    cfg = LadderConfig(**raw)
     if len(cfg.recipes) < 1 or len(cfg.sizes) < 2:
         raise ValueError(f"{path}: a ladder needs at least 2 sizes and 1 recipe")
     return cfg
@@ -106,8 +114,10 @@ def _documents(sources: list[str]) -> list[tuple[str, str]]:
     survives every pipeline), so the same page is held out of every recipe that contains it."""
     docs = []
     for source in sources:
-        for shard in plan_shards(Path(source)):
-            for rec in read_records(Path(shard.path), source=shard.relpath, max_document_bytes=10_000_000):
+        root = Path(source)
+        for path in list_input_files(root):
+            relpath = path.relative_to(root.parent if root.is_file() else root).as_posix()
+            for rec in read_records(path, source=relpath, max_document_bytes=10_000_000):
                 if not rec.get("reject"):
                     docs.append((str(rec["id"]), rec["text"]))
     if not docs:
