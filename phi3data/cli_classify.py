@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -99,6 +98,7 @@ def evaluate(
     from phi3data.classifiers.data import SourceConfig, load_source
     from phi3data.classifiers.evaluate import evaluate_scores, plot_sweep, sweep_markdown
     from phi3data.classifiers.saved import load_classifier
+    from phi3data.io.writers import write_json_atomic
 
     classifier, manifest = load_classifier(model_dir)
     examples = load_source(SourceConfig(path=str(data), label_key=label_key))
@@ -114,7 +114,7 @@ def evaluate(
         output.mkdir(parents=True, exist_ok=True)
         (output / "sweep.md").write_text(sweep_markdown(report["sweep"]), encoding="utf-8")
         plot_sweep(report["sweep"], output / "sweep.png", title=f"{model_dir.name} on {data.name}")
-        (output / "metrics.json").write_text(json.dumps(report, indent=2, default=float), encoding="utf-8")
+        write_json_atomic(output / "metrics.json", report, default=float)
         console.print(f"wrote {output}/sweep.md, sweep.png, metrics.json")
 
 

@@ -122,16 +122,15 @@ def sample_key(doc_id: str, seed: int) -> int:
 
 def sample(items: Iterable, n: int, seed: int = 0, key=lambda x: x.id) -> list:
     """A deterministic sample of ``n`` items: those whose hashed id is smallest (independent of input order)."""
-    chosen = heapq.nsmallest(n, items, key=lambda item: sample_key(key(item), seed))
-    return sorted(chosen, key=lambda item: sample_key(key(item), seed))
+    return heapq.nsmallest(n, items, key=lambda item: sample_key(key(item), seed))  # already in key order
 
 
 def split(examples: list[Example], test_fraction: float, seed: int = 0) -> tuple[list[Example], list[Example]]:
     """A deterministic train/test split by hashed id."""
     cut = int(test_fraction * 2**64)
-    train = [e for e in examples if sample_key(e.id, seed + 1) >= cut]
-    test = [e for e in examples if sample_key(e.id, seed + 1) < cut]
-    return train, test
+    in_test = [sample_key(e.id, seed + 1) < cut for e in examples]
+    return ([e for e, t in zip(examples, in_test, strict=True) if not t],
+            [e for e, t in zip(examples, in_test, strict=True) if t])
 
 
 def dedupe(examples: list[Example]) -> list[Example]:

@@ -20,11 +20,14 @@ build it safely.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import logging
 import os
 from collections import Counter
 from pathlib import Path
+
+from phi3data.io.inputs import file_sha256
+from phi3data.io.writers import commit
 
 RECIPE_VERSION = 1
 NUM_HEADS, HIDDEN = 12, 384
@@ -38,11 +41,17 @@ def int8_model_path(source: Path) -> Path:
     """The cached int8 build of ``source``, built first if missing."""
     import onnxruntime as ort
 
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    digest = _digest(source)[:16]
     target = cache_dir() / "minilm" / f"all-MiniLM-L6-v2-int8-{digest}-ort{ort.__version__}-v{RECIPE_VERSION}.onnx"
     if not target.exists():
         build_int8_model(source, target)
     return target
+
+
+@functools.lru_cache
+def _digest(source: Path) -> str:
+    """The source model's hash, once per process (every encoder built in a worker asks for it)."""
+    return file_sha256(source)
 
 
 def build_int8_model(source: Path, target: Path) -> None:
@@ -73,7 +82,7 @@ def build_int8_model(source: Path, target: Path) -> None:
             quantize_dynamic(str(fused), str(quantised), weight_type=QuantType.QInt8, per_channel=True)
         finally:
             logging.getLogger().setLevel(quiet)
-        os.replace(quantised, target)
+        commit(quantised, target)
 
 
 def drop_softmax_nan_guards(model) -> int:

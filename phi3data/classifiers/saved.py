@@ -4,27 +4,19 @@ JSON — never pickle — and refuses files whose hash does not match the manife
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from phi3data import __version__
 from phi3data.classifiers.embedding_classifier import EmbeddingClassifier
 from phi3data.classifiers.fasttext_classifier import FastTextClassifier
+from phi3data.io.inputs import file_sha256
 from phi3data.io.writers import write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "phi3data-classifier/1"
 KINDS = {"fasttext": FastTextClassifier, "embedding": EmbeddingClassifier}
 Classifier = FastTextClassifier | EmbeddingClassifier
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_classifier(classifier: Classifier, directory: Path, *, name: str, threshold: float, data_hash: str,

@@ -3,7 +3,6 @@ evaluate on the held-out split and any extra eval sets, choose the threshold, sa
 
 from __future__ import annotations
 
-import json
 import time
 import tomllib
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from phi3data.classifiers.embedding_classifier import EmbeddingClassifier, Embed
 from phi3data.classifiers.evaluate import best_f1_threshold, evaluate_scores, plot_sweep, sweep_markdown
 from phi3data.classifiers.fasttext_classifier import FastTextClassifier, FastTextParams
 from phi3data.classifiers.saved import Classifier, save_classifier
+from phi3data.io.writers import write_json_atomic
 
 
 class ClassifierSection(BaseModel):
@@ -121,5 +121,5 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
                                                        "labels": sorted({e.label for e in train})})
     for name, report in reports.items():
         write_report(out, name, report)
-    (out / "metrics.json").write_text(json.dumps(reports, indent=2, default=float), encoding="utf-8")
+    write_json_atomic(out / "metrics.json", reports, default=float)
     return TrainResult(out, manifest, time.perf_counter() - started)

@@ -33,7 +33,7 @@ def spark_session(master: str | None = None, workers: int | None = None):
     return spark
 
 
-_held = 0  # nesting depth of held_spark_session: while > 0, map_spark leaves the session running
+_held = 0  # nesting depth of held_spark_session: the outermost one stops a local session
 
 
 @contextmanager
@@ -54,18 +54,15 @@ def map_spark(fn: Callable[[dict], dict], items: list[dict], *, workers: int | N
               master: str | None = None) -> Iterator[dict]:
     import pyarrow as pa
 
-    spark = spark_session(master, workers)
-    rows = [(json.dumps(item),) for item in items]
-    frame = spark.sparkContext.parallelize(rows, numSlices=len(rows)).toDF("item string")
+    with held_spark_session(master=master, workers=workers):
+        spark = spark_session(master, workers)
+        rows = [(json.dumps(item),) for item in items]
+        frame = spark.sparkContext.parallelize(rows, numSlices=len(rows)).toDF("item string")
 
-    def apply(batches):
-        for batch in batches:
-            results = [json.dumps(fn(json.loads(x))) for x in batch.column("item").to_pylist()]
-            yield pa.RecordBatch.from_pydict({"result": results})
+        def apply(batches):
+            for batch in batches:
+                results = [json.dumps(fn(json.loads(x))) for x in batch.column("item").to_pylist()]
+                yield pa.RecordBatch.from_pydict({"result": results})
 
-    try:
         for row in frame.mapInArrow(apply, "result string").toLocalIterator(prefetchPartitions=True):
             yield json.loads(row["result"])
-    finally:
-        if master is None and _held == 0:
-            spark.stop()

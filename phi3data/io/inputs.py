@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,3 +55,12 @@ def plan_shards(input_path: Path) -> list[InputShard]:
                 digest.update(chunk)
         shards.append(InputShard(str(path.resolve()), path.relative_to(root).as_posix(), digest.hexdigest()))
     return shards
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 4 MB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

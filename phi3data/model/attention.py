@@ -21,10 +21,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 # Masks depend only on shape, pattern and device, and every layer of every forward pass asks for the same one,
-# so they are built once and shared (read-only: callers combine them out of place).
-@functools.lru_cache(maxsize=32)
+# so they are built once and shared (read-only: callers combine them out of place). The cache is small: a
+# blocksparse mask is (H, T, T) booleans (2 GiB at 32 heads x 8192 tokens), and evaluation pads each batch to its
+# own length, so many lengths come and go; training keeps asking for one.
+MASK_CACHE_SIZE = 4
+
+
+@functools.lru_cache(maxsize=MASK_CACHE_SIZE)
 def causal_mask(t: int, sliding_window: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """Boolean (T, T) mask, True where query i may attend key j (j <= i, and i - j < window if windowed)."""
     i = torch.arange(t, device=device)[:, None]
@@ -52,7 +56,7 @@ def blocksparse_block_layout(
     return (kb <= qb) & ((qb - kb < local_blocks) | vertical)
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=MASK_CACHE_SIZE)
 def blocksparse_token_mask(
     n_heads: int,
     t: int,

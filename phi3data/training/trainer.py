@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
-from phi3data.tokenization.dataset import PackedDataset
+from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset
 from phi3data.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 # dense bf16 peak FLOP/s per device, for MFU
@@ -300,13 +300,18 @@ class Trainer:
         if self.val_data is None:
             return None
         self.train_model.eval()
-        losses = []
+        losses, counts = [], []
         for x, y in self.val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
             with self.autocast:
                 _, loss = self.train_model(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
+            counts.append(float((y != IGNORE_INDEX).sum()))
         self.train_model.train()
-        return float(self._all_mean(torch.stack(losses).mean()))
+        if not self.val_data.has_mask:
+            return float(self._all_mean(torch.stack(losses).mean()))
+        # masked (SFT) data: the mean over trained targets, as in training, not over batches
+        weights = torch.tensor(counts, device=self.device) / max(sum(counts), 1.0)
+        return float(self._all_mean((torch.stack(losses) * weights).sum()))
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -357,7 +362,7 @@ class Trainer:
         """
         if not self.train_data.has_mask:
             return None
-        counts = torch.tensor([float((y != -100).sum()) for y in targets], dtype=torch.float64)
+        counts = torch.tensor([float((y != IGNORE_INDEX).sum()) for y in targets], dtype=torch.float64)
         total = counts.sum().to(self.device)
         if self.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)

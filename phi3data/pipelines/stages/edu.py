@@ -54,9 +54,11 @@ class EduThresholdParams(StageParams):
     min_score: float | None = None
     """score mode: keep documents with score >= min_score."""
     top_percent: float | None = Field(None, gt=0, le=100)
-    """percentile mode: keep at most this percentage of documents, the highest-scoring ones."""
+    """percentile mode: keep the highest-scoring documents, the score cut nearest this percentage (tied scores
+    share a bin and are kept or dropped together)."""
     token_budget: int | None = Field(None, gt=0)
-    """token_budget mode: keep at most this many tokens, highest-scoring documents first."""
+    """token_budget mode: keep at most this many tokens, highest-scoring documents first (if even the top
+    non-empty bin is over the budget, that bin is kept and the decision says ``over_budget``)."""
     column: str = "edu_score"
     low: float = 0.0
     high: float = 5.0
@@ -118,7 +120,7 @@ class EduThreshold(GlobalStage):
             # many tied scores "at most the target" could keep nothing, so the nearest cut wins (larger on a tie)
             target = p.top_percent / 100.0 * int(docs.sum())
             distance = np.abs(kept_docs - target)
-            threshold_bin = int(np.flatnonzero(distance == distance.min())[0])
+            threshold_bin = int(np.argmin(distance))
         else:
             # the budget is an upper bound; when even the top non-empty bin exceeds it, keep that bin rather
             # than nothing (the decision records the overshoot)
@@ -126,7 +128,7 @@ class EduThreshold(GlobalStage):
             if kept_docs[threshold_bin] == 0 and docs.sum() > 0:
                 threshold_bin = int(np.flatnonzero(docs)[-1])
         decision = {"mode": p.mode, "total_docs": int(docs.sum()), "total_tokens": int(tokens.sum())}
-        if p.mode == "token_budget" and threshold_bin is not None and kept_tokens[threshold_bin] > p.token_budget:
+        if p.mode == "token_budget" and kept_tokens[threshold_bin] > p.token_budget:
             decision["over_budget"] = True
         if threshold_bin is None:
             decision.update(min_score=p.min_score)
