@@ -11,7 +11,6 @@ Run:  python -m bench.classify [--docs 1400] [--embed-docs 300] [--write docs/be
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -91,12 +90,12 @@ def bench_embedding(texts: list[str], workdir: Path, threads: int) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers import __version__ as st_version
 
-    from phi3data.classifiers.embedding_classifier import EmbeddingClassifier, torch_model_dir
+    from phi3data.classifiers.embedding_classifier import torch_model_dir
+    from phi3data.classifiers.saved import load_classifier
 
     torch.set_num_threads(threads)
     model_dir = train_dclm("embedding", workdir / "emb", {"embedding": {"max_tokens": 256, "threads": threads}})
-    ours_clf = EmbeddingClassifier.load(model_dir, "binary", json.loads((model_dir / "manifest.json").read_text())
-                                        ["params"])
+    ours_clf = load_classifier(model_dir)[0]
     ours_clf.encoder.encode(texts[:8])  # load the session before timing
 
     st = SentenceTransformer(str(torch_model_dir()), device="cpu")

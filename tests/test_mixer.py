@@ -116,3 +116,19 @@ def test_example_recipes_parse():
     for path in recipes:
         recipe = load_mix(path)
         assert recipe.phases and tomllib.loads(path.read_text())["name"] == recipe.name
+
+
+def test_chat_and_plain_sources_in_one_phase_are_refused(tmp_path, sources):
+    """Mixing masked (SFT) and unmasked shards would drop the loss mask silently; the mixer says so instead."""
+    import json
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                      {"role": "assistant", "content": str(i)}]}) + "\n"
+                            for i in range(50)))
+    tokenize([chat], tmp_path / "chat", TokenizeConfig(chat=True), workers=1)
+    recipe = {"name": "sft", "seed": 0, "phases": [{"name": "p", "sources": [
+        {"name": "chat", "path": str(tmp_path / "chat"), "weight": 0.5},
+        {"name": "web", "path": str(sources["web"]), "weight": 0.5}], "tokens": 2_000}]}
+    with pytest.raises(MixError, match="loss mask"):
+        build_mix(parse_mix(recipe), tmp_path / "mix")

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from phi3data.io.inputs import list_input_files
 from phi3data.io.readers import read_records
-from phi3data.io.writers import write_json_atomic
+from phi3data.io.writers import commit, tmp_path_for, write_json_atomic
 
 EOS = "<|endoftext|>"
 
@@ -156,11 +156,11 @@ def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
 
 
 def _write_jsonl(path: Path, docs: list[tuple[str, str]]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = tmp_path_for(path)
     with open(tmp, "w", encoding="utf-8") as handle:
         for key, text in docs:
             handle.write(json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    commit(tmp, path)
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -194,9 +194,9 @@ def prepare_tokenizer(cfg: LadderConfig, out: Path) -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sample(), trainer)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = tmp_path_for(path)
     tok.save(str(tmp))
-    tmp.replace(path)
+    commit(tmp, path)
     return str(path)
 
 

@@ -20,14 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phi3data.tokenization.shards import SUFFIXES, TokenShard, list_shards
+from phi3data.tokenization.shards import SUFFIXES, TokenShard, memmap_tokens, open_shards
 
 IGNORE_INDEX = -100  # target value the loss skips (torch's cross-entropy default; Phi3.forward's ignore_index)
-
-
-def _memmap(path: Path, dtype: str) -> np.ndarray:
-    dt = np.dtype(dtype).newbyteorder("<")
-    return np.memmap(path, dtype=dt, mode="r") if path.stat().st_size else np.zeros(0, dtype=dt)
 
 
 def _manifest_dtype(manifest: Path) -> str | None:
@@ -52,9 +47,8 @@ def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.nd
     """``(name, tokens, mask or None, tokenizer vocab size or None)`` for every token file under one input path,
     in file order."""
     if path.is_dir():
-        stems = list_shards(path)
-        if stems:  # a shard directory: finished shards only (each has its S.json)
-            shards = [TokenShard.open(s) for s in stems]
+        shards = open_shards(path)
+        if shards:  # a shard directory: finished shards only (each has its S.json)
             return [(str(s.stem), s.tokens, s.mask, _vocab_size(s)) for s in shards]
         files = sorted(path.glob("*.bin"))
         if not files:
@@ -62,7 +56,7 @@ def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.nd
         dtype = dtype or _manifest_dtype(path / "manifest.json")
         if dtype is None:
             raise ValueError(f"{path} has no manifest.json; pass the token dtype (uint16/uint32)")
-        return [(str(f), _memmap(f, dtype), None, None) for f in files]
+        return [(str(f), memmap_tokens(f, dtype), None, None) for f in files]
     if _is_shard(path):
         s = TokenShard.open(path)
         return [(str(s.stem), s.tokens, s.mask, _vocab_size(s))]
@@ -71,7 +65,7 @@ def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.nd
     dtype = dtype or _manifest_dtype(path.with_name("manifest.json"))
     if dtype is None:
         raise ValueError(f"token dtype for {path} is unknown: pass dtype='uint16' or 'uint32'")
-    return [(str(path), _memmap(path, dtype), None, None)]
+    return [(str(path), memmap_tokens(path, dtype), None, None)]
 
 
 class PackedDataset:

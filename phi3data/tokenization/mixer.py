@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3data.io.writers import write_json_atomic
-from phi3data.tokenization.shards import TokenShardWriter, open_shards
+from phi3data.tokenization.shards import SHARD_FORMAT, TokenShardWriter, open_shards
 
 
 class MixError(ValueError):
@@ -242,6 +242,9 @@ def _write_phase(recipe: MixRecipe, phase: PhaseSpec, picks: list[tuple[_Source,
     perm = rng.permutation(len(order))
     dtype = picks[0][0].dtype
     with_mask = all(src.has_mask for src, _ in picks)
+    if not with_mask and any(src.has_mask for src, _ in picks):
+        raise MixError(f"phase {phase.name!r} mixes sources with a loss mask (chat/SFT) and without; the mask would "
+                       f"be lost: mix them in separate phases")
     shard_index, writer = 0, None
     for i in perm:
         k, doc = order[i]
@@ -254,7 +257,7 @@ def _write_phase(recipe: MixRecipe, phase: PhaseSpec, picks: list[tuple[_Source,
             shard_index, writer = shard_index + 1, None
     if writer is not None:
         writer.close({"mix": recipe.name, "phase": phase.name, "tokenizer_hash": report["tokenizer_hash"]})
-    write_json_atomic(out / "manifest.json", {**report, "dtype": dtype.name, "format": "phi3data-tokens"})
+    write_json_atomic(out / "manifest.json", {**report, "dtype": dtype.name, "format": SHARD_FORMAT})
 
 
 def report_table(report: dict):

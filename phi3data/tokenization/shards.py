@@ -142,9 +142,9 @@ class TokenShard:
             raise FileNotFoundError(f"{manifest_path} is missing: the shard {stem} is unfinished or not a shard")
         manifest = json.loads(manifest_path.read_text())
         dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-        tokens = _memmap(stem.with_name(stem.name + ".bin"), dtype)
-        ends = _memmap(stem.with_name(stem.name + ".offsets"), np.dtype("<u8"))
-        mask = _memmap(stem.with_name(stem.name + ".mask"), np.dtype("u1")) if manifest.get("has_mask") else None
+        tokens = memmap_tokens(stem.with_name(stem.name + ".bin"), dtype)
+        ends = memmap_tokens(stem.with_name(stem.name + ".offsets"), np.dtype("<u8"))
+        mask = memmap_tokens(stem.with_name(stem.name + ".mask"), np.dtype("u1")) if manifest.get("has_mask") else None
         if len(tokens) != manifest["tokens"] or len(ends) != manifest["documents"]:
             raise ValueError(f"shard {stem} does not match its manifest (truncated or overwritten files)")
         return cls(stem, manifest, tokens, ends, mask)
@@ -165,7 +165,9 @@ class TokenShard:
             yield self.document(i)
 
 
-def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:
+def memmap_tokens(path: Path, dtype) -> np.ndarray:
+    """A read-only little-endian memory map of a flat token (or mask) file; an empty file gives an empty array."""
+    dtype = np.dtype(dtype).newbyteorder("<")
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")
