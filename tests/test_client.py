@@ -194,6 +194,22 @@ def test_cache_sends_nothing_twice(fake, secret_env, tmp_path):
     assert len(fake.requests) == 4
 
 
+def test_cache_key_includes_the_server(fake, secret_env, tmp_path):
+    """The same model name and prompt on another server is another request: a shared cache must not answer a
+    request to server B with server A's reply."""
+    cache = str(tmp_path / "cache.sqlite")
+    other = FakeFaultServer()
+    try:
+        make_client(fake.url, secret_env, cache_path=cache).complete_many(["alpha"], max_tokens=4)
+        [reply] = make_client(other.url, secret_env, cache_path=cache).complete_many(["alpha"], max_tokens=4)
+        assert len(fake.requests) == 1 and len(other.requests) == 1 and not reply.cached
+        # the same server written with a trailing slash is the same server
+        [again] = make_client(fake.url + "/", secret_env, cache_path=cache).complete_many(["alpha"], max_tokens=4)
+        assert again.cached and len(fake.requests) == 1
+    finally:
+        other.close()
+
+
 def test_an_unusable_reply_is_not_cached(fake, secret_env, tmp_path):
     cache = str(tmp_path / "cache.sqlite")
     fake.script = [("no_choices",)]

@@ -107,12 +107,50 @@ def test_decision_is_order_independent_and_apply_keeps_exactly_it(scored, params
         assert abs(kept.num_rows - 0.30 * scored.num_rows) <= 5, "the cut is the one nearest the target"
     elif params["mode"] == "token_budget":
         assert tokens == decision["kept_tokens"] <= 40_000
-        bins = stage.score_bins(scored)
+        bins = stage.score_bins(stage.scores(scored))
         next_bin = bins[bins < decision["threshold_bin"]].max()
         next_tokens = int(count_tokens(scored.column("text")).sum(where=bins == next_bin))
         assert tokens + next_tokens > 40_000, "the budget is filled: the next score bin would not fit"
     else:
         assert (kept_scores >= 0.6).all() and (dropped_scores < 0.6).all()
+
+
+@pytest.mark.parametrize("params", [{"mode": "percentile", "top_percent": 50.0}, {"mode": "score", "min_score": 0.0}])
+def test_missing_scores_are_counted_not_binned(params):
+    """A null or NaN score is neither in the histogram (it used to land in bin 0) nor kept: it is dropped and
+    counted as missing_score."""
+    scores = pa.array([0.9, None, 0.2, float("nan"), 0.7, 0.4], pa.float32())
+    batch = make_batch({"id": f"d{i}", "text": "one two three", "source": "t"} for i in range(6))
+    batch = batch.append_column("edu_score", scores)
+    stage = threshold(**params)
+    summary = stage.summarize(batch)
+    assert summary["missing_score"] == 2 and sum(summary["docs"]) == 4 and summary["docs"][0] == 0
+    decision = stage.decide(summary)
+    assert decision["missing_score"] == 2 and decision["total_docs"] == 4
+    out = stage.apply(batch, decision)
+    assert out.drops["edu_threshold:missing_score"] == 2
+    assert not {"d1", "d3"} & set(out.batch.column("id").to_pylist())
+    if params["mode"] == "percentile":
+        assert out.batch.column("id").to_pylist() == ["d0", "d4"]
+    else:
+        assert out.batch.column("id").to_pylist() == ["d0", "d2", "d4", "d5"]
+
+
+def test_recipe_hash_follows_the_classifier_it_loads(dclm_model, tmp_path):
+    """Retraining a classifier in place changes the recipe hash, so a resumed run cannot mix old and new scores."""
+    import shutil
+
+    model = Path(shutil.copytree(dclm_model, tmp_path / "model"))
+    recipe = {"pipeline": {"name": "edu"}, "stage": [{"type": "edu_score", "model": str(model)}]}
+    before = load_recipe(recipe).config_hash()
+    assert load_recipe(recipe).config_hash() == before
+    config = TrainConfig(
+        classifier=ClassifierSection(name="t", kind="fasttext", output="unused", test_fraction=0.3, seed=1),
+        source=[SourceConfig(path=str(DCLM), label_key="label")],
+        fasttext={"epoch": 5, "lr": 0.3, "min_count": 1, "bucket": 50_000},
+    )
+    train_from_config(config, output=model)  # retrained in the same directory
+    assert load_recipe(recipe).config_hash() != before
 
 
 def test_threshold_params_are_checked():

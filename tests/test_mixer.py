@@ -101,8 +101,10 @@ def test_bad_recipes_are_explained(sources):
         parse_mix({"phases": [{"name": "p", "tokens": 10, "sources": [{"path": "x", "weight": 1, "tokens": 5}]}]})
     with pytest.raises(MixError, match="need the phase's total"):
         parse_mix({"phases": [{"name": "p", "sources": [{"path": "x", "weight": 1}]}]})
-    with pytest.raises(MixError, match="unknown mix keys"):
+    with pytest.raises(MixError, match=r"epochs: unknown field"):
         parse_mix({**good, "epochs": 3})
+    with pytest.raises(MixError, match=r"phases\.0\.sources\.0\.wieght: unknown field"):
+        parse_mix({"phases": [{"name": "p", "tokens": 10, "sources": [{"path": "x", "wieght": 1}]}]})
     with pytest.raises(MixError, match="at least one"):
         parse_mix({"name": "x"})
     with pytest.raises(MixError, match="not a tokenized directory"):
@@ -132,3 +134,26 @@ def test_chat_and_plain_sources_in_one_phase_are_refused(tmp_path, sources):
         {"name": "web", "path": str(sources["web"]), "weight": 0.5}], "tokens": 2_000}]}
     with pytest.raises(MixError, match="loss mask"):
         build_mix(parse_mix(recipe), tmp_path / "mix")
+
+
+def test_mix_does_not_depend_on_where_the_data_lies(tmp_path, sources):
+    """The shuffle is seeded by source name and content: the same token directories copied elsewhere give the same
+    mix, byte for byte (it used to be seeded by the absolute path)."""
+    import shutil
+
+    moved = {name: Path(shutil.copytree(path, tmp_path / "elsewhere" / name)) for name, path in sources.items()}
+    here = build_mix(parse_mix(_recipe(sources)), tmp_path / "mix_here")
+    there = build_mix(parse_mix(_recipe(moved)), tmp_path / "mix_there")
+    assert [r["documents"] for r in here] == [r["documents"] for r in there]
+    for phase in ("phase1", "phase2"):
+        a, b = open_shards(tmp_path / "mix_here" / phase), open_shards(tmp_path / "mix_there" / phase)
+        assert [s.stem.name for s in a] == [s.stem.name for s in b]
+        assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(a, b, strict=True))
+    # a different source name is a different stream
+    renamed = _recipe(sources)
+    renamed["phases"][0]["sources"][1]["name"] = "web2"
+    renamed["phases"][1]["sources"][1]["name"] = "web2"
+    other = build_mix(parse_mix(renamed), tmp_path / "mix_renamed")
+    first = open_shards(tmp_path / "mix_here" / "phase1")[0].tokens
+    assert not np.array_equal(first, open_shards(tmp_path / "mix_renamed" / "phase1")[0].tokens) or \
+        [r["documents"] for r in other] != [r["documents"] for r in here]

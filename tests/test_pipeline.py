@@ -42,7 +42,77 @@ def test_cli_reports_bad_recipe_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "phi3data.cli", "run", str(bad), "--input", str(WARC_DIR),
                            "--output", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
-    assert "extractor" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert "extractor" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_recipe_errors_name_the_file_and_field(tmp_path):
+    bad = tmp_path / "typo.toml"
+    bad.write_text('[pipeline]\nname = "x"\n[output]\nbatch_sise = 10\n[[stage]]\ntype = "length"\n')
+    with pytest.raises(RecipeError, match=rf"{bad}: output\.batch_sise: unknown field"):
+        load_recipe(bad)
+    bad.write_text('[pipeline\nname = "x"\n')
+    with pytest.raises(RecipeError, match=rf"{bad}: not valid TOML"):
+        load_recipe(bad)
+
+
+def test_warc_input_without_an_extract_stage_is_refused(tmp_path):
+    """A WARC record is HTML; a recipe without extraction would feed raw markup (or nothing) to the filters."""
+    no_extract = _recipe([{"type": "length", "min_words": 5}])
+    with pytest.raises(RecipeError, match="format = 'warc' needs an extract stage"):
+        load_recipe({**no_extract, "input": {"format": "warc"}})
+    with pytest.raises(RecipeError, match="holds WARC files.*no extract stage"):
+        run_pipeline(load_recipe(no_extract), WARC_DIR, tmp_path / "out", progress=False)
+    assert not list((tmp_path / "out").glob("data/*")), "nothing is written before the refusal"
+
+
+def test_fallback_ids_are_unique_across_shards_with_a_fixed_source(tmp_path):
+    """Records without an id of their own used to get '<source>:<line>', so with [input] source = "web" every
+    shard yielded web:1, web:2 ... and ids collided across shards."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for k in range(3):
+        (inp / f"part-{k}.jsonl").write_text("".join(json.dumps({"text": f"document {k}-{i} " + "word " * 20}) + "\n"
+                                                     for i in range(4)))
+    recipe = load_recipe({"pipeline": {"name": "ids"}, "input": {"source": "web"},
+                          "stage": [{"type": "length", "min_words": 5}]})
+    run_pipeline(recipe, inp, tmp_path / "out", progress=False)
+    table = pq.read_table(tmp_path / "out" / "data")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == 12 and len(set(ids)) == 12
+    assert set(table.column("source").to_pylist()) == {"web"}
+    assert "web:part-1.jsonl:2" in ids
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Two runs on one output directory would delete each other's temp files; the second now fails at once, and
+    the lock goes with its process (a killed run never blocks a rerun)."""
+    import signal
+    import time
+
+    from phi3data.io.writers import LOCK_FILE, OutputLocked, output_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from phi3data.io.writers import output_lock\n"
+                               "with output_lock(Path(sys.argv[1])):\n    print('locked', flush=True)\n"
+                               "    time.sleep(600)\n", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLocked, match=f"pid {holder.pid}"):
+            run_pipeline(load_recipe(RECIPE), WARC_DIR, out, progress=False)
+        assert not (out / "manifest.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    for _ in range(100):  # the kernel drops an flock with its process; no stale lock remains
+        try:
+            with output_lock(out):
+                break
+        except OutputLocked:
+            time.sleep(0.05)
+    else:
+        pytest.fail("the lock of a killed process was not released")
+    assert (out / LOCK_FILE).exists()
 
 
 def test_config_hash_is_stable_and_sensitive():

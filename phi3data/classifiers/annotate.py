@@ -1,8 +1,8 @@
 """LLM annotation of educational value: sample documents, grade each with a rubric, parse the grade.
 
-The rubric (``classifiers/rubrics/*.md``) is an additive 0-5 scale plus an educational level (primary,
-secondary, undergraduate, expert). A reply is parsed strictly: the score must be stated as a whole number from
-0 to 5 after "score"; a reply without one is recorded as ``unparsed`` with the raw reply, never guessed.
+The rubric (built in: ``phi3data/classifiers/rubrics/*.md``, shipped with the package; or any file) is an
+additive 0-5 scale plus an educational level (primary, secondary, undergraduate, expert). A reply is parsed
+strictly: the score must be stated as a whole number from 0 to 5 after "score"; a reply without one is recorded as ``unparsed`` with the raw reply, never guessed.
 
 Resumable: results are appended to a JSONL file as they arrive; a rerun skips documents already graded (status
 ``ok`` or ``unparsed``) and retries failed ones. With the client's request cache, a rerun sends nothing twice.
@@ -18,9 +18,11 @@ from pathlib import Path
 
 from phi3data.classifiers.data import read_documents, sample
 from phi3data.generators.client import Completion, LLMClient, LLMError
+from phi3data.io.readers import RawRecord, read_objects
 
 LEVELS = ("primary", "secondary", "undergraduate", "expert")
-RUBRICS_DIR = Path(__file__).resolve().parents[2] / "classifiers" / "rubrics"
+RUBRICS_DIR = Path(__file__).resolve().parent / "rubrics"
+"""The built-in rubrics (package data)."""
 DEFAULT_RUBRIC = RUBRICS_DIR / "edu_additive.md"
 CHARS_PER_TOKEN = 4.0
 """Rough characters per token for the cost estimate (English prose, BPE tokenizers)."""
@@ -57,10 +59,14 @@ def parse_reply(reply: str) -> tuple[int | None, str | None]:
 
 
 def load_rubric(path: str | Path | None = None) -> str:
-    """A rubric template: text with one ``{text}`` placeholder for the document."""
+    """A rubric template: text with one ``{text}`` placeholder for the document. ``path`` is a file, or the name
+    of a built-in rubric (``edu_additive``); the default is ``edu_additive``."""
     rubric_path = Path(path) if path else DEFAULT_RUBRIC
+    if not rubric_path.exists() and (RUBRICS_DIR / f"{rubric_path.name}.md").exists():
+        rubric_path = RUBRICS_DIR / f"{rubric_path.name}.md"
     if not rubric_path.exists():
-        raise FileNotFoundError(f"rubric not found: {rubric_path} (see {RUBRICS_DIR} for the built-in ones)")
+        built_in = ", ".join(sorted(p.stem for p in RUBRICS_DIR.glob("*.md")))
+        raise FileNotFoundError(f"rubric not found: {rubric_path} (built-in rubrics: {built_in})")
     template = rubric_path.read_text(encoding="utf-8")
     if "{text}" not in template:
         raise ValueError(f"rubric {rubric_path} has no {{text}} placeholder for the document")
@@ -113,21 +119,14 @@ class AnnotationResult:
 
 
 def done_ids(output: Path) -> set[str]:
-    """Ids already graded in an annotation file (``ok`` or ``unparsed``; failed requests are retried)."""
+    """Ids already graded in an annotation file (``ok`` or ``unparsed``; failed requests are retried). A line cut
+    short by a crash is a reader reject, so its document is graded again."""
     if not output.exists():
         return set()
     done = set()
-    with open(output, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash is graded again
-            if record.get("status") in ("ok", "unparsed"):
-                done.add(record["id"])
+    for item in read_objects(output, fmt="jsonl", source=output.name, max_record_bytes=1 << 26):
+        if isinstance(item, RawRecord) and isinstance(item.obj, dict) and item.obj.get("status") in ("ok", "unparsed"):
+            done.add(str(item.obj["id"]))
     return done
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import xxhash
-from pydantic import BaseModel, ConfigDict
 
+from phi3data.config import StrictModel
 from phi3data.io.inputs import list_input_files
 from phi3data.io.readers import WARC_SUFFIXES, read_records
 
@@ -28,10 +29,9 @@ class Example:
     label: float | None = None
 
 
-class SourceConfig(BaseModel):
+class SourceConfig(StrictModel):
     """One labelled source: every document gets ``label``, or its own value of the field ``label_key``."""
 
-    model_config = ConfigDict(extra="forbid")
     path: str
     label: float | None = None
     label_key: str | None = None
@@ -45,18 +45,27 @@ class SourceConfig(BaseModel):
 
 
 def read_documents(path: str | Path, *, text_key: str = "text", id_key: str = "id",
-                   languages: list[str] | None = None) -> Iterator[dict]:
-    """Yield documents ``{"id", "text", "metadata"}`` from every file under ``path``; bad records are skipped."""
+                   languages: list[str] | None = None, skipped: Counter | None = None) -> Iterator[dict]:
+    """Yield documents ``{"id", "text", "metadata"}`` from every file under ``path``. Records the reader rejects
+    (malformed lines, missing text ...) are not yielded; each is counted in ``skipped`` as ``rejected:<reason>``."""
     root = Path(path)
+    skipped = Counter() if skipped is None else skipped
     for file in list_input_files(root, "labelled data"):
         source = file.name if root.is_file() else file.relative_to(root).as_posix()
-        records = read_records(file, source=source, max_document_bytes=10_000_000, text_key=text_key, id_key=id_key)
+        records = _counted(read_records(file, source=source, max_document_bytes=10_000_000, text_key=text_key,
+                                        id_key=id_key), skipped)
         if file.name.lower().endswith(WARC_SUFFIXES):
             yield from _extracted(records, languages or [])
-            continue
-        for record in records:
-            if not record.get("reject"):
-                yield record
+        else:
+            yield from records
+
+
+def _counted(records: Iterator[dict], skipped: Counter) -> Iterator[dict]:
+    for record in records:
+        if record.get("reject"):
+            skipped[f"rejected:{record['reason']}"] += 1
+        else:
+            yield record
 
 
 def _extracted(records: Iterator[dict], languages: list[str]) -> Iterator[dict]:
@@ -79,8 +88,7 @@ def _extracted(records: Iterator[dict], languages: list[str]) -> Iterator[dict]:
         yield from batch.select(["id", "text", "metadata"]).to_pylist()
 
     for record in records:
-        if not record.get("reject"):
-            pending.append(record)
+        pending.append(record)
         if len(pending) >= 256:
             yield from flush()
     if pending:
@@ -99,16 +107,27 @@ def _label_of(doc: dict, source: SourceConfig) -> float | None:
     return None if value is None else float(value)
 
 
-def load_source(source: SourceConfig, base: Path | None = None) -> list[Example]:
-    """The labelled examples of one source; documents without a label are left out."""
+def load_source(source: SourceConfig, base: Path | None = None, skipped: Counter | None = None) -> list[Example]:
+    """The labelled examples of one source. What is left out is counted in ``skipped`` by reason:
+    ``rejected:<reader reason>``, ``missing_label``, ``bad_label``, ``too_short`` (below ``min_chars``)."""
     path = Path(source.path)
     if base is not None and not path.is_absolute():
         path = base / path
+    skipped = Counter() if skipped is None else skipped
     examples = []
-    for doc in read_documents(path, text_key=source.text_key, id_key=source.id_key, languages=source.languages):
+    for doc in read_documents(path, text_key=source.text_key, id_key=source.id_key, languages=source.languages,
+                              skipped=skipped):
         text = doc.get("text") or ""
-        label = _label_of(doc, source)
-        if label is None or len(text) < source.min_chars:
+        try:
+            label = _label_of(doc, source)
+        except (TypeError, ValueError):
+            skipped["bad_label"] += 1
+            continue
+        if label is None or label != label:  # None or NaN
+            skipped["missing_label"] += 1
+            continue
+        if len(text) < source.min_chars:
+            skipped["too_short"] += 1
             continue
         examples.append(Example(str(doc["id"]), text, label))
     if source.limit is not None:

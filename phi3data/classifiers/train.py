@@ -4,24 +4,24 @@ evaluate on the held-out split and any extra eval sets, choose the threshold, sa
 from __future__ import annotations
 
 import time
-import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
 from phi3data.classifiers.data import Example, SourceConfig, data_hash, dedupe, load_source, split
 from phi3data.classifiers.embedding_classifier import EmbeddingClassifier, EmbeddingParams
 from phi3data.classifiers.evaluate import best_f1_threshold, evaluate_scores, plot_sweep, sweep_markdown
 from phi3data.classifiers.fasttext_classifier import FastTextClassifier, FastTextParams
 from phi3data.classifiers.saved import Classifier, save_classifier
+from phi3data.config import StrictModel, load_toml
 from phi3data.io.writers import write_json_atomic
 
 
-class ClassifierSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ClassifierSection(StrictModel):
     name: str
     kind: Literal["fasttext", "embedding"]
     task: Literal["binary", "ordinal"] = "binary"
@@ -35,17 +35,15 @@ class ClassifierSection(BaseModel):
     """ordinal only: grades >= this count as positive for precision/recall/ROC-AUC."""
 
 
-class EvalSet(BaseModel):
+class EvalSet(StrictModel):
     """An extra labelled set to measure on (never trained on), e.g. the DCLM human labels."""
 
-    model_config = ConfigDict(extra="forbid")
     name: str
     source: SourceConfig
     task: Literal["binary", "ordinal"] = "binary"
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TrainConfig(StrictModel):
     classifier: ClassifierSection
     source: list[SourceConfig]
     eval: list[EvalSet] = []
@@ -54,16 +52,8 @@ class TrainConfig(BaseModel):
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"classifier recipe not found: {path}")
-    try:
-        return TrainConfig(**tomllib.loads(path.read_text(encoding="utf-8")))
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from None
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{path}: {problems}") from None
+    """Read and validate a classifier recipe; errors name the file and field."""
+    return load_toml(path, TrainConfig, "classifier recipe")
 
 
 @dataclass
@@ -71,6 +61,8 @@ class TrainResult:
     output: Path
     manifest: dict
     seconds: float
+    skipped: dict[str, dict[str, int]]
+    """Per source, documents left out by reason (reader rejects, missing labels, too short)."""
 
 
 def train_classifier(kind: str, task: str, train: list[Example], config: TrainConfig) -> Classifier:
@@ -91,7 +83,14 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     """Train, evaluate and save the classifier a recipe describes. Relative paths resolve against ``base``."""
     started = time.perf_counter()
     section = config.classifier
-    examples = dedupe([e for source in config.source for e in load_source(source, base)])
+    skipped: dict[str, dict[str, int]] = {}
+    loaded = []
+    for source in config.source:
+        counts: Counter = Counter()
+        loaded += load_source(source, base, counts)
+        if counts:
+            skipped[source.path] = dict(sorted(counts.items()))
+    examples = dedupe(loaded)
     if not examples:
         raise ValueError(f"{section.name}: the sources gave no labelled documents")
     train, test = split(examples, section.test_fraction, section.seed)
@@ -106,7 +105,10 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     reports = {"test": evaluate_scores(test_scores, test_labels, [e.text for e in test], task=section.task,
                                        threshold=threshold, positive_from=section.positive_from)}
     for eval_set in config.eval:
-        held = load_source(eval_set.source, base)
+        counts = Counter()
+        held = load_source(eval_set.source, base, counts)
+        if counts:
+            skipped[f"eval:{eval_set.name}"] = dict(sorted(counts.items()))
         scores = classifier.predict([e.text for e in held])
         reports[eval_set.name] = evaluate_scores(scores, np.array([e.label for e in held]), [e.text for e in held],
                                                  task=eval_set.task, threshold=threshold,
@@ -118,8 +120,9 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     metrics = {name: {k: v for k, v in r.items() if k != "sweep"} for name, r in reports.items()}
     manifest = save_classifier(classifier, out, name=section.name, threshold=threshold, data_hash=data_hash(train),
                                metrics=metrics, extra={"train_examples": len(train), "test_examples": len(test),
-                                                       "labels": sorted({e.label for e in train})})
+                                                       "labels": sorted({e.label for e in train}),
+                                                       "skipped": skipped})
     for name, report in reports.items():
         write_report(out, name, report)
     write_json_atomic(out / "metrics.json", reports, default=float)
-    return TrainResult(out, manifest, time.perf_counter() - started)
+    return TrainResult(out, manifest, time.perf_counter() - started, skipped)

@@ -1,8 +1,9 @@
 """An on-disk cache of LLM requests and replies, so a rerun sends nothing twice.
 
-A request's key is the SHA-256 of its endpoint, model and full JSON payload (prompt or messages plus every
-sampling parameter), canonically serialised. Replies live in one SQLite file; SQLite makes concurrent writers
-from several processes safe and a killed run loses at most the reply in flight.
+A request's key is the SHA-256 of the server's base URL, the endpoint, and the full JSON payload (model, prompt or
+messages, every sampling parameter), canonically serialised: the same prompt sent to another server (another
+model behind the same name, another quantisation) is another request. Replies live in one SQLite file; SQLite
+makes concurrent writers from several processes safe and a killed run loses at most the reply in flight.
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ import threading
 from pathlib import Path
 
 
-def request_key(endpoint: str, payload: dict) -> str:
-    """A stable key for one request: endpoint + canonical JSON payload (model, prompt, parameters)."""
-    blob = json.dumps({"endpoint": endpoint, "payload": payload}, sort_keys=True, separators=(",", ":"),
-                      ensure_ascii=False)
+def request_key(base_url: str, endpoint: str, payload: dict) -> str:
+    """A stable key for one request: server base URL + endpoint + canonical JSON payload (model, prompt,
+    parameters). The URL is normalised (scheme and host lower case, no trailing slash)."""
+    blob = json.dumps({"server": normalise_base_url(base_url), "endpoint": endpoint.strip("/"), "payload": payload},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def normalise_base_url(base_url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base_url.strip())
+    return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/"), parts.query, ""))
 
 
 class RequestCache:

@@ -5,8 +5,9 @@ Works with any server that speaks the OpenAI HTTP API (vLLM, llama.cpp's server,
 - Concurrency: at most ``max_concurrency`` requests in flight (an asyncio semaphore).
 - Retries: 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter; a
   ``Retry-After`` header (seconds or an HTTP date) is honoured. Other 4xx errors fail at once.
-- Cache: with ``cache_path`` set, every successful reply is stored under a key made of the endpoint, the model,
-  the prompt and every parameter, so a rerun sends nothing twice (see ``phi3data.generators.cache``).
+- Cache: with ``cache_path`` set, every successful reply is stored under a key made of the server's base URL, the
+  endpoint, the model, the prompt and every parameter, so a rerun sends nothing twice
+  (see ``phi3data.generators.cache``).
 - Accounting: ``client.usage`` counts requests, cache hits, retries, failures and prompt/completion tokens.
 - The API key is read from the environment variable named by ``api_key_env``; it is sent as a bearer token and
   never logged, cached, or put in an error message.
@@ -157,7 +158,7 @@ class LLMClient:
 
     async def request(self, endpoint: str, payload: dict) -> Completion:
         """Send one request (or answer it from the cache), with retries and the concurrency bound."""
-        key = request_key(endpoint, payload)
+        key = request_key(self.config.base_url, endpoint, payload)
         if self.cache is not None:
             hit = self.cache.get(key)
             if hit is not None:

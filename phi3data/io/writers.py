@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -75,6 +79,43 @@ def write_json_atomic(path: Path, obj, default=str) -> None:
     tmp = tmp_path_for(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=default), encoding="utf-8")
     commit(tmp, path)
+
+
+LOCK_FILE = ".phi3data.lock"
+
+
+class OutputLocked(RuntimeError):
+    """Another run is writing to the same output directory."""
+
+
+@contextmanager
+def output_lock(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on an output directory for the duration of a run.
+
+    A second run on the same directory fails at once instead of deleting the first run's temp files. The lock
+    is an ``flock`` on a file inside the directory, so the kernel releases it when its process dies (even by
+    ``kill -9``) and a rerun after a crash is never blocked by a stale lock.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise OutputLocked(f"{directory} is in use by another run ({holder}); wait for it to finish or choose "
+                           f"another output directory") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def remove_stale_tmp(directory: Path) -> int:

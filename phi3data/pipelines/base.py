@@ -39,6 +39,11 @@ class Stage:
     def setup(self) -> None:
         """Load heavy resources; called once per worker before the first batch."""
 
+    def identity(self) -> dict:
+        """What the stage loads from outside the recipe (model files, by content hash). It is part of the recipe
+        hash, so retraining a model in place gives a new hash instead of mixing old and new scores."""
+        return {}
+
     def ensure_setup(self) -> None:
         if not self._ready:
             self.setup()

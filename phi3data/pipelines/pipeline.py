@@ -132,7 +132,9 @@ class Pipeline:
         path = Path(shard.path)
         fmt = detect_format(path) if cfg_in.format == "auto" else cfg_in.format
         with_html = fmt == "warc"
+        # With a fixed [input] source, ids of records without their own still name the shard, so they stay unique
         records = read_records(path, fmt=fmt, source=cfg_in.source or shard.relpath,
+                               id_prefix=f"{cfg_in.source}:{shard.relpath}" if cfg_in.source else None,
                                max_document_bytes=cfg_in.max_document_bytes, text_key=cfg_in.text_key,
                                id_key=cfg_in.id_key, url_key=cfg_in.url_key)
         pending: list[dict] = []
@@ -222,10 +224,14 @@ _PIPELINES: dict[str, Pipeline] = {}
 
 
 def run_shard_task(recipe_json: str, out_dir: str, shard: dict, segment: int = 0,
-                   decision: dict | None = None) -> dict:
+                   decision: dict | None = None, recipe_hash: str | None = None) -> dict:
     """Engine entry point (picklable): run one segment over one shard. The Pipeline, and the models its stages
-    load, are kept per worker process so each worker loads them once."""
+    load, are kept per worker process so each worker loads them once. ``recipe_hash`` is the driver's: a worker
+    that sees other model files (a classifier retrained mid-run) refuses instead of mixing them into the output."""
     pipeline = _PIPELINES.get(recipe_json)
     if pipeline is None:
         pipeline = _PIPELINES[recipe_json] = Pipeline(load_recipe(json.loads(recipe_json)))
+    if recipe_hash is not None and pipeline.hash != recipe_hash:
+        raise RuntimeError(f"the files this recipe loads changed during the run (driver recipe hash {recipe_hash}, "
+                           f"worker {pipeline.hash}): rerun to start over with the new ones")
     return pipeline.process_shard(InputShard(**shard), Path(out_dir), segment, decision)

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
+from phi3data.config import ConfigError, StrictModel, format_validation_error, read_toml, validate
 from phi3data.pipelines import stages as _builtin_stages  # noqa: F401  (registers the stages)
 from phi3data.pipelines.base import STAGES, Stage
 
+EXTRACT_STAGES = ("extract",)
 
-class RecipeError(ValueError):
+
+class RecipeError(ConfigError):
     """A recipe that cannot run, with a message that says what to fix."""
 
 
-class InputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InputConfig(StrictModel):
     format: Literal["auto", "warc", "jsonl", "parquet", "arrow"] = "auto"
     source: str | None = None
     """The ``source`` column; defaults to the input shard's path relative to the input root."""
@@ -29,24 +30,21 @@ class InputConfig(BaseModel):
     url_key: str = "url"
 
 
-class OutputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class OutputConfig(StrictModel):
     format: Literal["parquet", "jsonl"] = "parquet"
     compression: str = "zstd"
     batch_size: int = Field(256, gt=0)
     """Documents per batch pushed through the stages."""
 
 
-class PipelineInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class PipelineInfo(StrictModel):
     name: str
     description: str = ""
 
 
-class Recipe(BaseModel):
+class Recipe(StrictModel):
     """A validated pipeline recipe."""
 
-    model_config = ConfigDict(extra="forbid")
     pipeline: PipelineInfo
     input: InputConfig = InputConfig()
     output: OutputConfig = OutputConfig()
@@ -56,11 +54,20 @@ class Recipe(BaseModel):
         return [_build_stage(i, spec) for i, spec in enumerate(self.stage)]
 
     def canonical(self) -> dict:
-        """Everything that decides the output, with defaults filled in."""
-        stages = [{"type": s.type_name, "name": s.name, "params": s.params.model_dump(mode="json")}
-                  for s in self.build_stages()]
+        """Everything that decides the output, with defaults filled in, including what each stage loads (the
+        content hashes of its model files), so the same recipe over a retrained model is a different recipe."""
+        stages = []
+        for stage in self.build_stages():
+            entry = {"type": stage.type_name, "name": stage.name, "params": stage.params.model_dump(mode="json")}
+            if loads := stage.identity():
+                entry["loads"] = loads
+            stages.append(entry)
         return {"input": self.input.model_dump(mode="json"), "output": self.output.model_dump(mode="json"),
                 "stages": stages}
+
+    def extracts_html(self) -> bool:
+        """True when a stage turns WARC HTML into text (a WARC input needs one)."""
+        return any(spec.get("type") in EXTRACT_STAGES for spec in self.stage)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
@@ -79,31 +86,31 @@ def _build_stage(index: int, spec: dict[str, Any]) -> Stage:
     try:
         params = cls.Params(**spec)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or kind}: {e['msg']}" for e in exc.errors())
-        raise RecipeError(f"stage #{index + 1} ({kind}): bad parameter: {problems}") from None
+        raise RecipeError(format_validation_error(exc, f"stage #{index + 1} ({kind}): bad parameter")) from None
     return cls(params, name=name)
 
 
 def load_recipe(source: str | Path | dict) -> Recipe:
-    """Load and validate a recipe from a TOML path, TOML text, or a dict."""
+    """Load and validate a recipe from a TOML path or a dict; errors name the file, the stage and the field."""
     if isinstance(source, dict):
-        data = source
-        where = "recipe"
+        data, where = source, "recipe"
     else:
-        path = Path(source)
-        if not path.exists():
-            raise RecipeError(f"recipe not found: {path}")
-        where = str(path)
+        where = str(source)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise RecipeError(f"{where}: not valid TOML: {exc}") from None
+            data = read_toml(source, "recipe")
+        except ConfigError as exc:
+            raise RecipeError(str(exc)) from None
     try:
-        recipe = Recipe(**data)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise RecipeError(f"{where}: {problems}") from None
+        recipe = validate(Recipe, data, where)
+    except ConfigError as exc:
+        raise RecipeError(str(exc)) from None
     if not recipe.stage:
         raise RecipeError(f"{where}: the recipe has no [[stage]] entries")
-    recipe.build_stages()  # validates every stage now, not in a worker later
+    if recipe.input.format == "warc" and not recipe.extracts_html():
+        raise RecipeError(f"{where}: [input] format = 'warc' needs an extract stage first: WARC records are HTML "
+                          f"(add [[stage]] type = \"extract\")")
+    try:
+        recipe.build_stages()  # validates every stage now, not in a worker later
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     return recipe

@@ -19,7 +19,8 @@ from phi3data import __version__
 from phi3data.engines import engine_session, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import InputShard, plan_shards
-from phi3data.io.writers import remove_stale_tmp, write_json_atomic
+from phi3data.io.readers import detect_format
+from phi3data.io.writers import output_lock, remove_stale_tmp, write_json_atomic
 from phi3data.pipelines.base import merge_summaries
 from phi3data.pipelines.pipeline import SEGMENTS_DIR, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
@@ -52,13 +53,27 @@ class RunSummary:
 def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str = "local",
                  workers: int | None = None, ray_address: str | None = None, spark_master: str | None = None,
                  progress: bool = True) -> RunSummary:
-    """Run ``recipe`` over every shard under ``input_path`` into ``output``; resumable and idempotent."""
+    """Run ``recipe`` over every shard under ``input_path`` into ``output``; resumable and idempotent.
+
+    The output directory is locked for the run: a second run on it fails at once (:class:`OutputLocked`)."""
+    with output_lock(output):
+        return _run_locked(recipe, input_path, output, engine=engine, workers=workers, ray_address=ray_address,
+                           spark_master=spark_master, progress=progress)
+
+
+def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, workers: int | None,
+                ray_address: str | None, spark_master: str | None, progress: bool) -> RunSummary:
     started = time.perf_counter()
     pipeline = Pipeline(recipe)
-    output.mkdir(parents=True, exist_ok=True)
     if str(input_path).startswith("hf:"):
         input_path = materialise_hf_dataset(str(input_path)[3:], output / "_hf_input")
     shards = plan_shards(input_path)
+    if recipe.input.format == "auto" and not recipe.extracts_html():
+        warc = [s.relpath for s in shards if detect_format(Path(s.path)) == "warc"]
+        if warc:
+            raise RecipeError(f"{input_path} holds WARC files ({warc[0]} ...) but the recipe "
+                              f"{recipe.pipeline.name!r} has no extract stage to turn their HTML into text; "
+                              f"add [[stage]] type = \"extract\" first")
     manifest_path = output / "manifest.json"
     if manifest_path.exists():
         previous = json.loads(manifest_path.read_text())
@@ -80,7 +95,8 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
             pending = [s for s in shards if not _is_done(pipeline, output, s, segment)]
             if segment == pipeline.last_segment:
                 skipped = len(shards) - len(pending)
-            task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision)
+            task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision,
+                                     recipe_hash=pipeline.hash)
             items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
             results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
                                  spark_master=spark_master)

@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field, model_validator
 
+from phi3data.config import ConfigError, StrictModel, read_toml, validate
 from phi3data.io.writers import write_json_atomic
 from phi3data.tokenization.shards import SHARD_FORMAT, TokenShardWriter, open_shards
 
 
-class MixError(ValueError):
+class MixError(ConfigError):
     """A mix recipe that cannot be built; the message names the phase or source."""
 
 
@@ -44,81 +44,82 @@ class RepetitionWarning(UserWarning):
     """A source is repeated more times than the recipe's ``max_epochs`` allows."""
 
 
-@dataclass
-class SourceSpec:
-    name: str
+class SourceSpec(StrictModel):
     path: str
-    weight: float | None = None
-    tokens: int | None = None
+    """A tokenized directory (``phi3data tokenize`` output)."""
+    name: str = ""
+    """Defaults to the directory's name."""
+    weight: float | None = Field(None, gt=0)
+    tokens: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SourceSpec:
+        if not self.name:
+            self.name = Path(self.path).name
+        if (self.weight is None) == (self.tokens is None):
+            raise ValueError(f"source {self.name}: give exactly one of weight or tokens")
+        return self
 
 
-@dataclass
-class PhaseSpec:
-    name: str
-    sources: list[SourceSpec]
-    tokens: int | None = None
+class PhaseSpec(StrictModel):
+    name: str = ""
+    tokens: int | None = Field(None, gt=0)
+    """The phase's total budget, shared out by the weighted sources."""
+    sources: list[SourceSpec] = []
+
+    @model_validator(mode="after")
+    def _budgeted(self) -> PhaseSpec:
+        if not self.sources:
+            raise ValueError(f"phase {self.name or '(unnamed)'}: no sources")
+        if any(s.weight is not None for s in self.sources) and not self.tokens:
+            raise ValueError(f"phase {self.name or '(unnamed)'}: weighted sources need the phase's total `tokens`")
+        return self
 
 
-@dataclass
-class MixRecipe:
-    name: str
-    phases: list[PhaseSpec]
+class MixRecipe(StrictModel):
+    name: str = "mix"
     seed: int = 0
-    max_epochs: float = 4.0
-    shard_tokens: int = 100_000_000
-    base_dir: Path = field(default_factory=Path.cwd)
+    max_epochs: float = Field(4.0, gt=0)
+    shard_tokens: int = Field(100_000_000, gt=0)
+    phases: list[PhaseSpec] = []
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    """Where relative source paths start (the working directory); not part of the recipe file."""
+
+    @model_validator(mode="after")
+    def _named_phases(self) -> MixRecipe:
+        if not self.phases:
+            raise ValueError("a mix needs at least one [[phases]] entry")
+        for index, phase in enumerate(self.phases):
+            phase.name = phase.name or f"phase{index + 1}"
+        names = [p.name for p in self.phases]
+        if len(set(names)) != len(names):
+            raise ValueError(f"phase names must be unique: {names}")
+        return self
 
 
 def load_mix(path: Path) -> MixRecipe:
     """Read and check a mix recipe; relative source paths are relative to the current directory."""
     try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise MixError(f"cannot read mix recipe {path}: {exc}") from exc
-    return parse_mix(raw, default_name=Path(path).stem)
+        raw = read_toml(path, "mix recipe")
+    except ConfigError as exc:
+        raise MixError(str(exc)) from None
+    return parse_mix(raw, default_name=Path(path).stem, where=str(path))
 
 
-def parse_mix(raw: dict, default_name: str = "mix") -> MixRecipe:
-    known = {"name", "seed", "max_epochs", "shard_tokens", "phases"}
-    if unknown := set(raw) - known:
-        raise MixError(f"unknown mix keys {sorted(unknown)}; expected {sorted(known)}")
-    phases = []
-    for p_index, p in enumerate(raw.get("phases") or []):
-        pname = p.get("name") or f"phase{p_index + 1}"
-        if unknown := set(p) - {"name", "tokens", "sources"}:
-            raise MixError(f"phase {pname}: unknown keys {sorted(unknown)}")
-        sources = []
-        for s in p.get("sources") or []:
-            if unknown := set(s) - {"name", "path", "weight", "tokens"}:
-                raise MixError(f"phase {pname}: unknown source keys {sorted(unknown)}")
-            if "path" not in s:
-                raise MixError(f"phase {pname}: every source needs a path (a tokenized directory)")
-            spec = SourceSpec(name=s.get("name") or Path(s["path"]).name, path=s["path"], weight=s.get("weight"),
-                              tokens=s.get("tokens"))
-            if (spec.weight is None) == (spec.tokens is None):
-                raise MixError(f"phase {pname}, source {spec.name}: give exactly one of weight or tokens")
-            if (spec.weight is not None and spec.weight <= 0) or (spec.tokens is not None and spec.tokens <= 0):
-                raise MixError(f"phase {pname}, source {spec.name}: weight/tokens must be positive")
-            sources.append(spec)
-        if not sources:
-            raise MixError(f"phase {pname}: no sources")
-        if any(s.weight is not None for s in sources) and not p.get("tokens"):
-            raise MixError(f"phase {pname}: weighted sources need the phase's total `tokens`")
-        phases.append(PhaseSpec(name=pname, sources=sources, tokens=p.get("tokens")))
-    if not phases:
-        raise MixError("a mix needs at least one [[phases]] entry")
-    names = [p.name for p in phases]
-    if len(set(names)) != len(names):
-        raise MixError(f"phase names must be unique: {names}")
-    return MixRecipe(name=raw.get("name", default_name), phases=phases, seed=int(raw.get("seed", 0)),
-                     max_epochs=float(raw.get("max_epochs", 4.0)),
-                     shard_tokens=int(raw.get("shard_tokens", 100_000_000)))
+def parse_mix(raw: dict, default_name: str = "mix", where: str = "mix recipe") -> MixRecipe:
+    """Validate a mix recipe given as a dict (the TOML's tables)."""
+    if "base_dir" in raw:
+        raise MixError(f"{where}: base_dir: unknown field")
+    try:
+        return validate(MixRecipe, {"name": default_name, **raw}, where)
+    except ConfigError as exc:
+        raise MixError(str(exc)) from None
 
 
 class _Source:
     """A tokenized directory as a list of documents, read in seeded permutations epoch after epoch."""
 
-    def __init__(self, path: Path, seed: int):
+    def __init__(self, path: Path, name: str, seed: int):
         self.path = path
         self.shards = open_shards(path)
         if not self.shards:
@@ -134,12 +135,19 @@ class _Source:
         if self.unique_tokens == 0:
             raise MixError(f"{path} has no tokens")
         self.has_mask = all(s.mask is not None for s in self.shards)
-        key = int.from_bytes(hashlib.sha256(str(path.resolve()).encode()).digest()[:4], "little")
+        # Seeded by the source's name and content, not its path: the same data mixes the same wherever it lies.
+        key = int.from_bytes(hashlib.sha256(f"{name}\0{self.content_identity()}".encode()).digest()[:4], "little")
         self.seed = [seed, key]
         self.epoch = 0
         self.cursor = 0
         self.consumed = 0
         self._order = self._permutation(0)
+
+    def content_identity(self) -> str:
+        """A hash of what the directory holds: its tokenizer and each shard's name (``phi3data tokenize`` names a
+        shard by its input's content key and the tokenizer config), token count and document count."""
+        parts = [str(self.tokenizer_hash)] + [f"{s.stem.name}:{len(s.tokens)}:{len(s)}" for s in self.shards]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([*self.seed, epoch]).permutation(len(self.doc_len))
@@ -197,7 +205,7 @@ def build_mix(recipe: MixRecipe, output: Path, *, dry_run: bool = False) -> list
             if path not in sources:
                 if not path.is_dir():
                     raise MixError(f"phase {phase.name}, source {spec.name}: {path} is not a tokenized directory")
-                sources[path] = _Source(path, recipe.seed)
+                sources[path] = _Source(path, spec.name, recipe.seed)
             src = sources[path]
             tokenizer_hashes.add(src.tokenizer_hash)
             before = src.consumed

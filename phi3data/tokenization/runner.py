@@ -28,7 +28,7 @@ from phi3data.engines import default_workers, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import plan_shards
 from phi3data.io.readers import detect_format, read_objects, read_records
-from phi3data.io.writers import commit, remove_stale_tmp, tmp_path_for, write_json_atomic
+from phi3data.io.writers import commit, output_lock, remove_stale_tmp, tmp_path_for, write_json_atomic
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
 from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
@@ -248,7 +248,16 @@ def plan_inputs(input_path: Path) -> tuple[Path, list]:
 def tokenize(inputs: list[Path], output: Path, config: TokenizeConfig, *, source: str | None = None,
              engine: str = "local", workers: int | None = None, ray_address: str | None = None,
              spark_master: str | None = None, progress: bool = False) -> TokenizeSummary:
-    """Tokenize every file under ``inputs`` into shards in ``output``; resumable and idempotent."""
+    """Tokenize every file under ``inputs`` into shards in ``output``; resumable and idempotent. The output
+    directory is locked for the run, so a second run on it fails at once."""
+    with output_lock(output):
+        return _tokenize_locked(inputs, output, config, source=source, engine=engine, workers=workers,
+                                ray_address=ray_address, spark_master=spark_master, progress=progress)
+
+
+def _tokenize_locked(inputs: list[Path], output: Path, config: TokenizeConfig, *, source: str | None, engine: str,
+                     workers: int | None, ray_address: str | None, spark_master: str | None,
+                     progress: bool) -> TokenizeSummary:
     started = time.perf_counter()
     config_hash = config.hash()
     output.mkdir(parents=True, exist_ok=True)

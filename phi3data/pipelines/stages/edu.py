@@ -37,6 +37,12 @@ class EduScore(Stage):
     Params = EduScoreParams
     params: EduScoreParams
 
+    def identity(self) -> dict:
+        from phi3data.classifiers.saved import read_manifest
+
+        manifest = read_manifest(self.params.model)
+        return {key: manifest.get(key) for key in ("kind", "task", "params", "data_hash", "files")}
+
     def setup(self) -> None:
         from phi3data.classifiers.saved import load_classifier
 
@@ -85,14 +91,19 @@ class EduThreshold(GlobalStage):
     Params = EduThresholdParams
     params: EduThresholdParams
 
-    def score_bins(self, batch: pa.Table) -> np.ndarray:
-        """Each row's histogram bin (0 .. bins-1); a missing score falls in bin 0."""
+    def scores(self, batch: pa.Table) -> np.ndarray:
+        """Each row's score as float64; a null score is NaN (and counted as ``missing_score``, never binned)."""
         p = self.params
         if p.column not in batch.schema.names:
             raise ValueError(f"{self.name}: the batch has no {p.column!r} column; put an edu_score stage before it")
-        scores = pc.fill_null(batch.column(p.column), p.low).to_numpy(zero_copy_only=False).astype(np.float64)
+        return pc.fill_null(pc.cast(batch.column(p.column), pa.float64()), float("nan")).to_numpy(
+            zero_copy_only=False)
+
+    def score_bins(self, scores: np.ndarray) -> np.ndarray:
+        """Each finite score's histogram bin (0 .. bins-1); call on scores without NaN."""
+        p = self.params
         bins = np.floor((scores - p.low) / (p.high - p.low) * p.bins)
-        return np.clip(np.nan_to_num(bins, nan=0.0), 0, p.bins - 1).astype(np.int64)
+        return np.clip(bins, 0, p.bins - 1).astype(np.int64)
 
     def tokens(self, batch: pa.Table) -> np.ndarray:
         if self.params.token_column:
@@ -101,10 +112,13 @@ class EduThreshold(GlobalStage):
         return count_tokens(batch.column("text"))
 
     def summarize(self, batch: pa.Table) -> dict:
-        bins = self.score_bins(batch)
+        scores = self.scores(batch)
+        present = ~np.isnan(scores)
+        bins = self.score_bins(scores[present])
         docs = np.bincount(bins, minlength=self.params.bins)
-        tokens = np.bincount(bins, weights=self.tokens(batch), minlength=self.params.bins)
-        return {"docs": [int(x) for x in docs], "tokens": [int(round(x)) for x in tokens]}
+        tokens = np.bincount(bins, weights=self.tokens(batch)[present], minlength=self.params.bins)
+        return {"docs": [int(x) for x in docs], "tokens": [int(round(x)) for x in tokens],
+                "missing_score": int((~present).sum())}
 
     def decide(self, summary: dict) -> dict:
         p = self.params
@@ -127,7 +141,8 @@ class EduThreshold(GlobalStage):
             threshold_bin = int(np.argmax(kept_tokens <= p.token_budget))
             if kept_docs[threshold_bin] == 0 and docs.sum() > 0:
                 threshold_bin = int(np.flatnonzero(docs)[-1])
-        decision = {"mode": p.mode, "total_docs": int(docs.sum()), "total_tokens": int(tokens.sum())}
+        decision = {"mode": p.mode, "total_docs": int(docs.sum()), "total_tokens": int(tokens.sum()),
+                    "missing_score": int(summary.get("missing_score", 0))}
         if p.mode == "token_budget" and kept_tokens[threshold_bin] > p.token_budget:
             decision["over_budget"] = True
         if threshold_bin is None:
@@ -138,16 +153,22 @@ class EduThreshold(GlobalStage):
                             threshold_score=p.low + threshold_bin * (p.high - p.low) / p.bins)
         return decision
 
-    def keep_mask(self, batch: pa.Table, decision: dict) -> np.ndarray:
+    def keep_mask(self, batch: pa.Table, decision: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(keep, missing): rows at or above the decided threshold, and rows without a score."""
+        scores = self.scores(batch)
+        missing = np.isnan(scores)
         if decision["mode"] == "score":
-            scores = pc.fill_null(batch.column(self.params.column), float("-inf"))
-            return scores.to_numpy(zero_copy_only=False).astype(np.float64) >= decision["min_score"]
-        return self.score_bins(batch) >= decision["threshold_bin"]
+            keep = ~missing & (np.nan_to_num(scores, nan=-np.inf) >= decision["min_score"])
+        else:
+            keep = np.zeros(len(scores), dtype=bool)
+            keep[~missing] = self.score_bins(scores[~missing]) >= decision["threshold_bin"]
+        return keep, missing
 
     def apply(self, batch: pa.Table, decision: dict) -> StageOutput:
         if batch.num_rows == 0:
             return StageOutput(batch)
-        keep = self.keep_mask(batch, decision)
-        dropped = int((~keep).sum())
-        drops = Counter({f"{self.name}:below_threshold": dropped}) if dropped else Counter()
-        return StageOutput(batch.filter(pa.array(keep, pa.bool_())) if dropped else batch, drops)
+        keep, missing = self.keep_mask(batch, decision)
+        drops = Counter({f"{self.name}:below_threshold": int((~keep & ~missing).sum()),
+                         f"{self.name}:missing_score": int(missing.sum())})
+        drops = +drops  # only the reasons that happened
+        return StageOutput(batch.filter(pa.array(keep, pa.bool_())) if drops else batch, drops)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from phi3data.io.inputs import file_sha256
 from phi3data.pipelines.base import Filter, StageParams, register, set_column, texts
 
 
@@ -33,12 +34,19 @@ class Language(Filter):
     Params = LanguageParams
     params: LanguageParams
 
-    def setup(self) -> None:
-        import fasttext
-
+    def model_path(self) -> Path:
         path = Path(self.params.model_path) if self.params.model_path else default_lid_model_path()
         if not path.exists():
             raise FileNotFoundError(f"language-ID model not found: {path}")
+        return path
+
+    def identity(self) -> dict:
+        return {"model_sha256": file_sha256(self.model_path())}
+
+    def setup(self) -> None:
+        import fasttext
+
+        path = self.model_path()
         # The C++ binding's multilinePredict avoids the numpy-2 issue of fasttext's Python wrapper.
         self._model = fasttext.load_model(str(path)).f
         self._allowed = set(self.params.languages)
