@@ -18,7 +18,7 @@ from conftest import SHARED, require_shared
 from typer.testing import CliRunner
 
 from phi3data.classifiers.annotate import LEVELS, done_ids, parse_reply, plan_annotation, run_annotation
-from phi3data.cli_classify import classify_app
+from phi3data.cli import classify_app
 from phi3data.generators.client import ClientConfig, LLMClient
 
 DCLM = SHARED / "quality" / "dclm_majority_labeled.jsonl"

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from phi3data.classifiers.embedding_classifier import MiniLMEncoder
 from phi3data.classifiers.evaluate import agreement, binary_metrics, quadratic_kappa, roc_auc, threshold_sweep
 from phi3data.classifiers.saved import load_classifier
-from phi3data.cli_classify import classify_app
+from phi3data.cli import classify_app
 from phi3data.documents import make_batch
 from phi3data.pipelines.stages.edu import EduScore, EduScoreParams
 

@@ -1,4 +1,4 @@
-"""``phi3data tokenize`` and ``phi3data mix``: curated text -> token shards -> training phases."""
+"""The token plane's commands, ``phi3data tokenize`` and ``phi3data mix``: curated text -> shards -> phases."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from rich.console import Console
 console = Console()
 
 
-def tokenize_command(
+def tokenize(
     inputs: Annotated[list[Path], typer.Argument(help="Input files or directories: `phi3data run` output, or "
                                                       "JSONL/Parquet/Arrow with a text column")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory of token shards")],
@@ -43,19 +43,15 @@ def tokenize_command(
     are counted by reason in manifest.json (details in *.rejects.jsonl); lone surrogates are replaced by U+FFFD
     and counted.
     """
-    from phi3data.tokenization.runner import TokenizeConfig, tokenize
+    from phi3data.tokenization.runner import TokenizeConfig
+    from phi3data.tokenization.runner import tokenize as run_tokenize
     from phi3data.tokenization.shards import export_llmc as write_llmc
-    from phi3data.tokenization.tokenizers import TokenizerNotFound
 
     config = TokenizeConfig(tokenizer=tokenizer, text_key=text_key, add_bos=add_bos, add_eos=add_eos,
                             max_document_chars=max_document_chars, max_document_tokens=max_document_tokens,
                             chat=chat)
-    try:
-        summary = tokenize(inputs, output, config, source=source, engine=engine, workers=workers,
+    summary = run_tokenize(inputs, output, config, source=source, engine=engine, workers=workers,
                            ray_address=ray_address, spark_master=spark_master, progress=progress)
-    except (TokenizerNotFound, FileNotFoundError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
     m = summary.manifest
     rejects = ", ".join(f"{k}={v}" for k, v in m["rejects"].items()) or "none"
     skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
@@ -68,7 +64,7 @@ def tokenize_command(
                       f"version {info['version']})")
 
 
-def mix_command(
+def mix(
     recipe: Annotated[Path, typer.Argument(help="Mix recipe (TOML), e.g. mixes/phase_example.toml")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output directory (one folder per phase)")],
     dry_run: Annotated[bool, typer.Option(help="Only plan and print the report; write nothing")] = False,
@@ -83,16 +79,12 @@ def mix_command(
     """
     import warnings
 
-    from phi3data.tokenization.mixer import MixError, RepetitionWarning, build_mix, load_mix, report_table
+    from phi3data.tokenization.mixer import RepetitionWarning, build_mix, load_mix, report_table
 
-    try:
-        loaded = load_mix(recipe)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RepetitionWarning)
-            reports = build_mix(loaded, output, dry_run=dry_run)
-    except (MixError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    loaded = load_mix(recipe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RepetitionWarning)
+        reports = build_mix(loaded, output, dry_run=dry_run)
     for report in reports:
         console.print(report_table(report))
     for w in caught:

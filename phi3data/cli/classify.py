@@ -1,4 +1,4 @@
-"""``phi3data classify``: annotate documents with an LLM, train classifiers, evaluate them."""
+"""The classifier plane's commands, ``phi3data classify annotate / train / evaluate``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-classify_app = typer.Typer(help="Educational-value classifiers: annotate with an LLM, train, evaluate.",
-                           no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 console = Console()
 
 
-@classify_app.command()
 def annotate(
     inputs: Annotated[list[Path], typer.Argument(help="JSONL/Parquet/WARC files or directories to sample from")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Annotations JSONL (appended; reruns resume)")],
@@ -58,7 +55,6 @@ def annotate(
     console.print(f"usage: {result.usage}")
 
 
-@classify_app.command()
 def train(
     recipe: Annotated[Path, typer.Argument(help="Classifier recipe (TOML), e.g. classifiers/edu_fasttext_dclm.toml")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Override the recipe's output dir")] = None,
@@ -69,17 +65,12 @@ def train(
     """
     from phi3data.classifiers.train import load_config, train_from_config
 
-    try:
-        result = train_from_config(load_config(recipe), output=output)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+    result = train_from_config(load_config(recipe), output=output)
     console.print(metrics_table(result.manifest["metrics"]))
     console.print(f"threshold {result.manifest['threshold']:.4f}; saved to {result.output} "
                   f"(manifest.json, metrics.json, sweep_*.md/png) in {result.seconds:.1f}s")
 
 
-@classify_app.command()
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A saved classifier directory")],
     data: Annotated[Path, typer.Argument(help="Labelled JSONL/Parquet file or directory")],
@@ -103,8 +94,7 @@ def evaluate(
     classifier, manifest = load_classifier(model_dir)
     examples = load_source(SourceConfig(path=str(data), label_key=label_key))
     if not examples:
-        console.print(f"[red]error:[/red] no documents with a {label_key!r} label in {data}")
-        raise typer.Exit(2)
+        raise ValueError(f"no documents with a {label_key!r} label in {data}")
     scores = classifier.predict([e.text for e in examples])
     report = evaluate_scores(scores, np.array([e.label for e in examples]), [e.text for e in examples], task=task,
                              threshold=manifest["threshold"] if threshold is None else threshold)
@@ -119,6 +109,7 @@ def evaluate(
 
 
 def metrics_table(metrics: dict[str, dict]) -> Table:
+    """One row per evaluation set: n, ROC-AUC, P/R/F1 and the confusion matrix."""
     table = Table("eval set", "n", "ROC-AUC", "precision", "recall", "F1", "confusion (tn fp / fn tp)")
     for name, m in metrics.items():
         table.add_row(name, str(m["n"]), f"{m['roc_auc']:.3f}", f"{m['precision']:.3f}", f"{m['recall']:.3f}",
