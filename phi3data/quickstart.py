@@ -7,18 +7,22 @@ resumable, so rerunning the quickstart after an interruption continues where it 
 from __future__ import annotations
 
 import time
-import tomllib
 from pathlib import Path
 
 from rich.console import Console
 
+from phi3data.config import read_toml
+from phi3data.paths import shared_data, use_shared_data
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_PREFIX = "../shared/data/"
+"""How the repository's recipes name the shared data; the quickstart maps it to ``--data``."""
 
 
-def run_quickstart(output: Path, data: Path = SHARED_DATA, engine: str = "local", console: Console | None = None,
+def run_quickstart(output: Path, data: Path | None = None, engine: str = "local", console: Console | None = None,
                    ladder: Path = REPO_ROOT / "model" / "ladder-quickstart.toml") -> dict[str, Path]:
-    """Run every step; returns where the results are."""
+    """Run every step; returns where the results are. ``data`` (default: :func:`phi3data.paths.shared_data`) is
+    used for everything: the web sample, the classifier's sources, tokenizers and benchmarks (workers too)."""
     from phi3data.classifiers.train import load_config, train_from_config
     from phi3data.pipelines.recipe import load_recipe
     from phi3data.pipelines.runner import run_pipeline, stats_table
@@ -26,9 +30,13 @@ def run_quickstart(output: Path, data: Path = SHARED_DATA, engine: str = "local"
     from phi3data.scaling.report import write_report
 
     console = console or Console()
+    data = use_shared_data(data or shared_data())
     warc = data / "web" / "warc"
     if not warc.exists():
         raise FileNotFoundError(f"the shared WARC sample is missing at {warc}; pass --data DIR")
+    if not (REPO_ROOT / "pipelines" / "web_quality.toml").exists():
+        raise FileNotFoundError(f"the quickstart runs the repository's recipes (pipelines/, classifiers/, model/), "
+                                f"which are not beside this install ({REPO_ROOT}); run it from a clone")
     output = output.resolve()
     started = time.perf_counter()
 
@@ -44,11 +52,13 @@ def run_quickstart(output: Path, data: Path = SHARED_DATA, engine: str = "local"
     classifier_dir = output / "classifiers" / "edu_fasttext_textbooks"
     if not (classifier_dir / "manifest.json").exists():
         config = load_config(REPO_ROOT / "classifiers" / "edu_fasttext_textbooks.toml")
+        for source in [*config.source, *(e.source for e in config.eval)]:
+            source.path = _resolve_source(source.path, output, data)
         trained = train_from_config(config, base=REPO_ROOT, output=classifier_dir)
         console.print(f"classifier saved to {trained.output}")
 
     step("3/4 filter: pipelines/edu.toml keeps the top 30% of curated pages by edu score")
-    edu = tomllib.loads((REPO_ROOT / "pipelines" / "edu.toml").read_text())
+    edu = read_toml(REPO_ROOT / "pipelines" / "edu.toml", "recipe")
     for stage in edu["stage"]:
         if stage["type"] == "edu_score":
             stage["model"] = str(classifier_dir)
@@ -72,6 +82,6 @@ def _resolve_source(source: str, output: Path, data: Path) -> str:
     """Ladder sources name the quickstart's own outputs (out/quickstart/...) and the shared data (../shared/data)."""
     if source.startswith("out/quickstart/"):
         return str(output / source.removeprefix("out/quickstart/"))
-    if source.startswith("../shared/data/"):
-        return str(data / source.removeprefix("../shared/data/"))
+    if source.startswith(SHARED_PREFIX):
+        return str(data / source.removeprefix(SHARED_PREFIX))
     return str((REPO_ROOT / source).resolve())

@@ -22,19 +22,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 
 from phi3data.io.inputs import file_sha256
 from phi3data.io.writers import commit
+from phi3data.paths import cache_dir
 
 RECIPE_VERSION = 1
 NUM_HEADS, HIDDEN = 12, 384
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PHI3DATA_CACHE") or Path.home() / ".cache" / "phi3data")
 
 
 def int8_model_path(source: Path) -> Path:

@@ -12,7 +12,8 @@ Every tokenizer offers the same small interface:
 Names understood by ``load_tokenizer``: ``phi3-mini`` (SentencePiece path), ``phi3-mini-hf`` (HF ``tokenizers``
 path, same ids), ``phi3-small`` (cl100k_base padded to 100,352), ``cl100k_base``, or a path to a
 ``tokenizer.json``, a Hugging Face tokenizer directory, a SentencePiece ``.model`` or a ``.tiktoken`` file.
-Files are found under ``$PHI3DATA_TOKENIZERS`` or ``../shared/data/tokenizers``; nothing is downloaded.
+Files are found under ``$PHI3DATA_TOKENIZERS`` or ``<shared data>/tokenizers`` (``phi3data.paths``); nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ import base64
 import gzip
 import hashlib
 import json
-import os
 import re
 from abc import ABC, abstractmethod
 from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from phi3data.paths import tokenizers_dir
 
 # phi-3-mini / medium: Llama-2's 32,000 SentencePiece pieces, then phi-3's added tokens; the embedding is padded
 # to 32,064 rows. Tokens that absorb the whitespace after them (``rstrip``) do so in Phi-3's published config.
@@ -62,15 +64,8 @@ class TokenizerNotFound(FileNotFoundError):
 
 
 def tokenizers_root() -> Path:
-    """Where the shared tokenizer files live: $PHI3DATA_TOKENIZERS, else ../shared/data/tokenizers."""
-    env = os.environ.get("PHI3DATA_TOKENIZERS")
-    if env:
-        return Path(env)
-    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = base.parent / "shared" / "data" / "tokenizers"
-        if candidate.is_dir():
-            return candidate
-    return Path.cwd().parent / "shared" / "data" / "tokenizers"
+    """Where the shared tokenizer files live: see :func:`phi3data.paths.tokenizers_dir`."""
+    return tokenizers_dir()
 
 
 def _require(path: Path, what: str) -> Path:
