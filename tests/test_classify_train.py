@@ -170,3 +170,22 @@ def test_embedding_on_dclm_labels(tmp_path):
     batch = make_batch({"id": str(i), "text": t} for i, t in enumerate(texts))
     staged = EduScore(EduScoreParams(model=str(out))).process(batch).batch.column("edu_score").to_numpy()
     assert np.allclose(staged, scores, atol=1e-6)
+
+
+def test_unusable_training_records_are_counted_not_dropped_silently(tmp_path):
+    """Malformed lines, records without text and documents without a label are left out of training, and the
+    manifest says how many of each, per source."""
+    rows = [json.loads(line) for line in require_shared(DCLM).read_text().splitlines()[:120]]
+    lines = [json.dumps(r) for r in rows[:100]]
+    lines += ['{"text": "cut short by a crash', json.dumps({"label": 1})]  # malformed JSON, no text
+    lines += [json.dumps({"text": r["text"]}) for r in rows[100:110]]  # no label
+    lines += [json.dumps({"text": r["text"], "label": None}) for r in rows[110:113]]  # null label
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "model"
+    recipe = write_recipe(tmp_path / "r.toml", "fasttext", out, source_path=data,
+                          extra="[fasttext]\nepoch = 5\nmin_count = 1\nbucket = 20000\n")
+    manifest = train_cli(recipe, out)
+    assert manifest["skipped"] == {str(data): {"missing_label": 13, "rejected:malformed_json": 1,
+                                               "rejected:missing_text": 1}}
+    assert manifest["train_examples"] + manifest["test_examples"] == len({r["text"] for r in rows[:100]})
