@@ -131,12 +131,12 @@ def test_llmc_export_header(tmp_path):
 def test_rerun_skips_finished_shards_and_refuses_another_config(tmp_path):
     out = tmp_path / "tok"
     first = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
-    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json" and p.name[0] != "."}
     victim = open_shards(out)[0].stem
     victim.with_name(victim.name + ".json").unlink()  # as if killed before the shard finished
     again = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(), workers=1)
     assert again.shards_skipped == first.shards_total - 1
-    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json"}
+    after = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "manifest.json" and p.name[0] != "."}
     assert set(after) == set(before)
     # finished shards were skipped, not rewritten: only the victim's files have new times
     untouched = {n: t for n, t in before.items() if not n.startswith(victim.name)}
