@@ -86,11 +86,23 @@ def reject(source: str, reason: str, detail: str = "", *, offset: int | None = N
 
 # --- WARC / WET -------------------------------------------------------------------------------------------
 
+WARC_HEAD_ROOM = 1 << 20  # HTTP headers and chunk framing a record block may hold besides its document
+
+
 def _read_warc(path: Path, source: str, max_document_bytes: int) -> Iterator[dict]:
-    data = path.read_bytes()
-    for item in iter_warc(data, max_member_bytes=max(4 * max_document_bytes, 1 << 24)):
+    """Stream the records of a WARC/WET file: memory is bounded by the largest record, not the file."""
+    with open(path, "rb") as handle:
+        yield from _warc_documents(handle, source, max_document_bytes)
+
+
+def _warc_documents(handle, source: str, max_document_bytes: int) -> Iterator[dict]:
+    for item in iter_warc(handle, max_record_bytes=max_document_bytes + WARC_HEAD_ROOM):
         if isinstance(item, WarcFault):
-            yield reject(source, item.reason, item.detail, offset=item.offset, excerpt=item.excerpt)
+            kind = item.headers.get("warc-type", "").lower()
+            if item.reason == "too_large" and kind and kind not in ("response", "conversion", "resource"):
+                continue  # an oversized warcinfo, request, metadata ... record is not a document either
+            yield reject(source, item.reason, item.detail, offset=item.offset,
+                         doc_id=item.headers.get("warc-record-id"), excerpt=item.excerpt)
             continue
         kind = item.type
         if kind not in ("response", "conversion", "resource"):
