@@ -319,3 +319,21 @@ def test_global_threshold_percentile_and_budget(tmp_path):
     # rerun is a no-op and reuses the saved decision
     again = run_pipeline(load_recipe(_threshold_recipe("token_budget", 20_000)), inp, out2, progress=False)
     assert again.shards_skipped == 2 and again.stats["decisions"] == summary2.stats["decisions"]
+
+
+def test_cli_names_the_lock_holder(tmp_path):
+    """A locked output directory is a user error: one line on stderr, exit code 2, no traceback."""
+    import fcntl
+
+    from phi3data.io.writers import LOCK_FILE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "w") as handle:
+        handle.write("pid 4242 on testhost")
+        handle.flush()
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = subprocess.run([sys.executable, "-m", "phi3data.cli", "run", str(RECIPE), "--input", str(WARC_DIR),
+                               "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error:") and "pid 4242 on testhost" in proc.stderr

@@ -67,6 +67,8 @@ def train(
 
     result = train_from_config(load_config(recipe), output=output)
     console.print(metrics_table(result.manifest["metrics"]))
+    for source, counts in result.skipped.items():
+        console.print(f"left out of {source}: " + ", ".join(f"{reason}={n}" for reason, n in counts.items()))
     console.print(f"threshold {result.manifest['threshold']:.4f}; saved to {result.output} "
                   f"(manifest.json, metrics.json, sweep_*.md/png) in {result.seconds:.1f}s")
 

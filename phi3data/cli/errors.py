@@ -26,6 +26,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, N
 DOMAIN_ERRORS = (
     ("phi3data.training.trainer", "TrainingDiverged"),
     ("phi3data.generators.client", "LLMError"),
+    ("phi3data.io.writers", "OutputLocked"),
 )
 
 # Optional packages and the extra that installs them, for a clear message when a command needs one.

@@ -67,7 +67,7 @@ def info(
 
 
 def train(
-    config: Path = typer.Argument(..., exists=True, dir_okay=False, help="training config TOML (model/*.toml)"),
+    config: Path = typer.Argument(..., help="training config TOML (model/*.toml)"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. max_steps=10 out_dir=runs/x"),
 ) -> None:
     """Train a phi-3 model from a TOML config (run under torchrun for DDP / FSDP).

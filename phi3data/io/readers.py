@@ -40,13 +40,16 @@ def detect_format(path: Path) -> str:
 
 
 def read_records(path: Path, *, fmt: str = "auto", source: str, max_document_bytes: int,
-                 text_key: str = "text", id_key: str = "id", url_key: str = "url") -> Iterator[dict]:
-    """Yield document and reject dicts from one input shard."""
+                 text_key: str = "text", id_key: str = "id", url_key: str = "url",
+                 id_prefix: str | None = None) -> Iterator[dict]:
+    """Yield document and reject dicts from one input shard. A record without an id of its own gets
+    ``<id_prefix>:<line or row>`` (``id_prefix`` defaults to ``source``)."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "warc":
         yield from _read_warc(path, source, max_document_bytes)
         return
-    for item in read_objects(path, fmt=fmt, source=source, max_record_bytes=max_document_bytes + 4096):
+    for item in read_objects(path, fmt=fmt, source=source, max_record_bytes=max_document_bytes + 4096,
+                             id_prefix=id_prefix):
         if isinstance(item, dict):
             yield item
             continue
@@ -66,14 +69,15 @@ class RawRecord:
     excerpt: bytes = b""
 
 
-def read_objects(path: Path, *, fmt: str = "auto", source: str, max_record_bytes: int) -> Iterator[RawRecord | dict]:
+def read_objects(path: Path, *, fmt: str = "auto", source: str, max_record_bytes: int,
+                 id_prefix: str | None = None) -> Iterator[RawRecord | dict]:
     """Every record of a JSONL, Parquet or Arrow file as a :class:`RawRecord`, for readers that need fields other
     than text (chat messages, labels); an unreadable line or file tail comes back as a reject dict instead."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "jsonl":
-        yield from _jsonl_objects(path, source, max_record_bytes)
+        yield from _jsonl_objects(path, source, max_record_bytes, id_prefix or source)
     elif fmt in ("parquet", "arrow"):
-        yield from _table_objects(path, fmt, source)
+        yield from _table_objects(path, fmt, source, id_prefix or source)
     else:
         raise ValueError(f"unknown input format {fmt!r}: use auto, warc, jsonl, parquet or arrow")
 
@@ -266,13 +270,13 @@ def _jsonl_lines(path: Path, limit: int) -> Iterator[tuple[int, int, bytes, int]
         yield number + 1, offset, line if length <= limit else line[:256], length
 
 
-def _jsonl_objects(path: Path, source: str, max_record_bytes: int) -> Iterator[RawRecord | dict]:
+def _jsonl_objects(path: Path, source: str, max_record_bytes: int, id_prefix: str) -> Iterator[RawRecord | dict]:
     for item in _jsonl_lines(path, max_record_bytes):
         if isinstance(item, dict):
             yield reject(source, item["reason"], item["detail"], offset=item["offset"])
             return
         number, line_offset, line, length = item
-        fallback_id = f"{source}:{number}"
+        fallback_id = f"{id_prefix}:{number}"
         if length > max_record_bytes:
             yield reject(source, "too_large", f"line {number} has {length} bytes", offset=line_offset,
                          doc_id=fallback_id, excerpt=line[:256])
@@ -324,13 +328,13 @@ def _doc_from_mapping(obj, source: str, fallback_id: str, max_document_bytes: in
 
 # --- Parquet / Arrow (Hugging Face datasets save Arrow files) ----------------------------------------------
 
-def _table_objects(path: Path, fmt: str, source: str) -> Iterator[RawRecord | dict]:
+def _table_objects(path: Path, fmt: str, source: str, id_prefix: str) -> Iterator[RawRecord | dict]:
     row = 0
     try:
         for batch in _iter_arrow_batches(path, fmt):
             for obj in batch.to_pylist():
                 row += 1
-                yield RawRecord(f"{source}:{row}", obj)
+                yield RawRecord(f"{id_prefix}:{row}", obj)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         yield reject(source, f"corrupt_{fmt}", str(exc))
 
