@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -124,3 +125,64 @@ def test_gsm8k_generation_runs_and_scores(hf_model, tokenizer):
                       max_new_tokens=8)
     assert out["n"] == 2 and len(out["items"]) == 2
     assert out["exact_match"] == sum(a["predicted"] == a["gold"] for a in out["items"]) / 2
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random phi-3 with phi-3-mini's vocabulary, saved as a Hugging Face checkpoint."""
+    from phi3data.model.hf import save_hf
+    from phi3data.model.model import Phi3, Phi3Config
+
+    torch.manual_seed(0)
+    cfg = Phi3Config(vocab_size=32064, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, max_position_embeddings=256, original_max_position_embeddings=256)
+    return save_hf(Phi3(cfg), tmp_path_factory.mktemp("eval") / "checkpoint")
+
+
+def _val_file(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_evaluate_checkpoint_runs_on_the_device_it_is_given(tiny_checkpoint, tmp_path):
+    from phi3data.evaluation.run import evaluate_checkpoint
+
+    val = _val_file(tmp_path / "val.jsonl", [json.dumps({"id": str(i), "text": f"The {i}th cell divides. " * 30})
+                                             for i in range(3)])
+    auto = evaluate_checkpoint(tiny_checkpoint, "phi3-mini", ["piqa"], limit=6, shots=0, val_text=val, eval_dir=EVAL,
+                               device="auto")
+    assert auto["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
+    cpu = evaluate_checkpoint(tiny_checkpoint, "phi3-mini", ["piqa"], limit=6, shots=0, val_text=val, eval_dir=EVAL,
+                              device="cpu")
+    assert cpu["device"] == "cpu" and cpu["tasks"]["piqa"]["n"] == 6 and cpu["tasks"]["piqa"]["chance"] == 0.5
+    assert [it["p_gold"] for it in auto["tasks"]["piqa"]["items"]] == pytest.approx(
+        [it["p_gold"] for it in cpu["tasks"]["piqa"]["items"]], abs=1e-3)
+    assert auto["validation"]["loss"] == pytest.approx(cpu["validation"]["loss"], rel=1e-3)
+    assert cpu["validation"]["bytes"] == 3 * len(("The 0th cell divides. " * 30).encode())
+    with pytest.raises(RuntimeError, match="nonsense"):  # the name reaches torch: no silent fallback to the CPU
+        evaluate_checkpoint(tiny_checkpoint, "phi3-mini", ["piqa"], limit=2, eval_dir=EVAL, device="nonsense")
+
+
+def test_validation_text_with_a_bad_line_is_an_error(tiny_checkpoint, tmp_path):
+    from phi3data.evaluation.run import evaluate_checkpoint
+
+    val = _val_file(tmp_path / "val.jsonl", [json.dumps({"text": "Good text."}), '{"text": "cut'])
+    with pytest.raises(ValueError, match=r"val.jsonl: unreadable record at byte 23: malformed_json"):
+        evaluate_checkpoint(tiny_checkpoint, "phi3-mini", [], val_text=val, device="cpu")
+
+
+def test_benchmarks_load_from_the_configured_eval_dir(tmp_path, monkeypatch):
+    """The default eval directory is $PHI3DATA_EVAL (phi3data.paths); a malformed benchmark line is an error."""
+    rows = [{"query": f"Question: q{i}\n", "choices": ["a", "b"], "gold": i % 2} for i in range(3)]
+    piqa = tmp_path / "gauntlet" / "piqa.jsonl"
+    piqa.parent.mkdir()
+    piqa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("PHI3DATA_EVAL", str(tmp_path))
+    items = load_mc_task("piqa")
+    assert [it.context for it in items] == ["Question: q0\nAnswer:", "Question: q1\nAnswer:", "Question: q2\nAnswer:"]
+    assert [it.gold for it in items] == [0, 1, 0]
+    piqa.write_text(piqa.read_text() + '{"query": "broken\n')
+    with pytest.raises(ValueError, match="piqa.jsonl: unreadable benchmark record"):
+        load_mc_task("piqa")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "hellaswag")):
+        load_mc_task("hellaswag")

@@ -85,8 +85,9 @@ def loglikelihoods(logits_fn: LogitsFn, requests: Sequence[Request], *, max_leng
 
 def score_multiple_choice(logits_fn: LogitsFn, encode: Callable[[str], list[int]], items: Sequence[MCItem], *,
                           max_length: int, batch_size: int = 16, device: str = "cpu") -> dict:
-    """Accuracy, length-normalised accuracy (per character of the choice, as lm-eval-harness's acc_norm) and
-    the mean probability of the correct choice among the choices (a far less noisy signal at tiny scale)."""
+    """Accuracy, length-normalised accuracy (per character of the choice, as lm-eval-harness's acc_norm), the
+    mean probability of the correct choice among the choices (a far less noisy signal at tiny scale) and the
+    accuracy of guessing (``chance``)."""
     requests = [split_tokens(encode, item.context, choice) for item in items for choice in item.choices]
     scores = loglikelihoods(logits_fn, requests, max_length=max_length, batch_size=batch_size, device=device)
     correct = correct_norm = 0
@@ -107,8 +108,9 @@ def score_multiple_choice(logits_fn: LogitsFn, encode: Callable[[str], list[int]
         prob_sum += p_gold
         per_item.append({"loglikelihoods": ll, "gold": item.gold, "p_gold": p_gold})
     n = len(items)
+    chance = sum(1 / len(item.choices) for item in items) / n
     return {"n": n, "acc": correct / n, "acc_norm": correct_norm / n, "prob_correct": prob_sum / n,
-            "items": per_item}
+            "chance": chance, "items": per_item}
 
 
 @torch.no_grad()

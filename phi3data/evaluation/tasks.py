@@ -1,4 +1,5 @@
-"""Benchmark tasks from ../shared/data/eval as prompts: multiple choice (context + choices) and GSM8K.
+"""Benchmark tasks from the shared eval data (``phi3data.paths.eval_dir()``) as prompts: multiple choice (context
++ choices) and GSM8K.
 
 Prompt formats follow the usual log-likelihood conventions (lm-eval-harness style, as the Phi-3 report's
 appendix uses them): the context ends with "Answer:" and each choice is a continuation starting with a space.
@@ -7,14 +8,13 @@ k-shot examples are drawn with a fixed seed from the same file, never the item i
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_EVAL_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
+from phi3data import paths
+from phi3data.io.readers import read_objects
 
 # The k used by the Phi-3 report for each benchmark (its appendix); tiny models are usually run with fewer.
 PHI3_SHOTS = {"arc_easy": 10, "arc_challenge": 10, "piqa": 5, "openbookqa": 10, "boolq": 2, "hellaswag": 5,
@@ -40,11 +40,18 @@ class GenItem:
 
 
 def _jsonl(path: Path) -> list[dict]:
+    """Every row of a benchmark file (JSONL, optionally gzipped); an unreadable line is an error, since a benchmark
+    that silently loses items is a different benchmark."""
     if not path.exists():
-        raise FileNotFoundError(f"benchmark file not found: {path} (expected the shared eval data)")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        raise FileNotFoundError(f"benchmark file not found: {path} (expected the shared eval data; set "
+                                "$PHI3DATA_EVAL or $PHI3DATA_DATA to point elsewhere)")
+    rows = []
+    for item in read_objects(path, fmt="jsonl", source=path.name, max_record_bytes=1 << 24):
+        if isinstance(item, dict):
+            raise ValueError(f"{path}: unreadable benchmark record at byte {item['offset']}: "
+                             f"{item['reason']} {item['detail']}")
+        rows.append(item.obj)
+    return rows
 
 
 def _gauntlet(name: str, eval_dir: Path) -> list[MCItem]:
@@ -87,8 +94,9 @@ def _mmlu(eval_dir: Path) -> list[MCItem]:
     return items
 
 
-def load_mc_task(name: str, eval_dir: Path = DEFAULT_EVAL_DIR) -> list[MCItem]:
-    """Load a multiple-choice benchmark by name (one of MC_TASKS)."""
+def load_mc_task(name: str, eval_dir: Path | None = None) -> list[MCItem]:
+    """Load a multiple-choice benchmark by name (one of MC_TASKS) from ``eval_dir`` (default: the shared eval data)."""
+    eval_dir = eval_dir or paths.eval_dir()
     if name in ("arc_easy", "arc_challenge", "piqa", "boolq"):
         return _gauntlet(name, eval_dir)
     if name == "openbookqa":
@@ -111,8 +119,9 @@ def final_number(text: str) -> str | None:
     return value
 
 
-def load_gsm8k(eval_dir: Path = DEFAULT_EVAL_DIR, k: int = 8, seed: int = 1234) -> list[GenItem]:
+def load_gsm8k(eval_dir: Path | None = None, k: int = 8, seed: int = 1234) -> list[GenItem]:
     """GSM8K test questions with k worked examples from the train split (chain of thought, then the number)."""
+    eval_dir = eval_dir or paths.eval_dir()
     train = _jsonl(eval_dir / "gsm8k" / "train.jsonl.gz")
     test = _jsonl(eval_dir / "gsm8k" / "test.jsonl.gz")
     shots = random.Random(seed).sample(train, k) if k else []

@@ -1,43 +1,59 @@
 """Ablation ladders: model sizes x data recipes x seeds, each trained on a token budget and evaluated the same way.
 
 ``phi3data ablate model/<ladder>.toml --output DIR`` runs, in order and resumably:
-  1. data: every recipe's documents (curated Parquet/JSONL); a shared validation set is held out from all of them
-     by a hash of the document id, so no recipe trains on it;
+  1. data: every recipe's documents (curated Parquet/JSONL), streamed through ``io.readers`` into train JSONL; a
+     shared validation set is held out from all of them by a hash of the document id, so no recipe trains on it;
+     unreadable source records are counted by reason (plan.json, report.md);
   2. tokenizer: by default a small byte-level BPE trained on the recipes' training text, the same for every
      recipe (a CPU ladder cannot afford phi-3's 32k output layer; the report says so), or a named tokenizer;
   3. tokens: each recipe tokenized into shards (phi3data's shard format);
-  4. runs: for each seed, size and recipe, train on ``tokens_per_param x non-embedding parameters`` tokens, then
-     evaluate (validation loss / bits per byte, benchmark log-likelihoods); a run is done when its result.json
-     exists, and a killed run resumes from its last checkpoint;
+  4. runs: for each seed, size and recipe, train on ``tokens_per_param x non-embedding parameters`` tokens with
+     the trainer (``[train]`` sets any other TrainConfig field: grad_accum, dtype, distributed, compile ...), then
+     evaluate with ``phi3data.evaluation`` on the ladder's device (validation loss / bits per byte, benchmark
+     log-likelihoods); a run is done when its result.json exists, and a killed run resumes from its checkpoint;
   5. the report: fits, plot and verdict (``phi3data.scaling.report``).
+
+Sizes are inline tables of Phi3Config fields or model recipes (``phi3data.model.recipes``); either way the
+vocabulary is the ladder's tokenizer's and the context its ``seq_len``.
 """
 
 from __future__ import annotations
 
-import functools
+import bisect
 import json
 import math
 import time
-import tomllib
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
 
+from phi3data.config import ConfigError, StrictModel, check_keys, read_toml, validate
 from phi3data.io.inputs import list_input_files
 from phi3data.io.readers import read_records
 from phi3data.io.writers import commit, tmp_path_for, write_json_atomic
 
 EOS = "<|endoftext|>"
+MAX_DOCUMENT_BYTES = 10_000_000
+ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size")
+# Model fields a ladder decides itself: it trains at its own context with its own tokenizer.
+LADDER_MODEL_FIELDS = ("name", "vocab_size", "max_position_embeddings", "original_max_position_embeddings")
+# Trainer settings the ladder sets from its own sections; a [train] table may set any other TrainConfig field.
+LADDER_TRAIN_FIELDS = {
+    "model": "[sizes]", "model_overrides": "[sizes]", "data_path": "[recipes]", "data_dtype": "[recipes]",
+    "val_path": "the shared validation set", "val_windows": "the shared validation set", "out_dir": "--output",
+    "max_steps": "[ladder] tokens_per_param", "seed": "[ladder] seeds", "resume": "the ladder (it always resumes)",
+    "device": "[ladder] device", "seq_len": "[ladder] seq_len", "micro_batch_size": "[ladder] micro_batch_size",
+    "lr": "[ladder] lr", "min_lr": "[ladder] min_lr_ratio", "warmup_steps": "[ladder] warmup_fraction",
+    "weight_decay": "[ladder] weight_decay",
+}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LadderSection(_Strict):
+class LadderSection(StrictModel):
     name: str
     seeds: list[int] = [0]
     tokens_per_param: float = Field(20.0, gt=0)
@@ -50,122 +66,252 @@ class LadderSection(_Strict):
     warmup_fraction: float = 0.05
     weight_decay: float = 0.1
     device: str = "auto"
+    """Where every run trains and is evaluated: ``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``."""
 
 
-class TokenizerSection(_Strict):
+class TokenizerSection(StrictModel):
     train_vocab: int | None = 2048
     """Train a byte-level BPE of this size on the recipes' training text; 0 or None to use ``name``."""
     name: str = "phi3-mini"
     sample_chars: int = 20_000_000
 
 
-class SizeSection(_Strict):
+class SizeSection(StrictModel):
+    """One model size: its architecture, any other Phi3Config fields (``options``) and the model recipe it was
+    resolved from (``recipe``), if any. The vocabulary and context length are the ladder's."""
+
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int | None = None
     intermediate_size: int
+    recipe: str | None = None
+    options: dict[str, Any] = {}
 
 
-class RecipeSection(_Strict):
+class RecipeSection(StrictModel):
     sources: list[str]
     """Files or directories of documents (curated Parquet from ``phi3data run``, JSONL, ...)."""
     description: str = ""
 
 
-class EvalSection(_Strict):
+class EvalSection(StrictModel):
     tasks: list[str] = ["arc_easy", "arc_challenge", "piqa", "openbookqa", "hellaswag"]
     limit: int = 200
     shots: int = 0
     val_fraction: float = 0.05
     val_max_docs: int = 300
     eval_dir: str | None = None
+    """Benchmark files; default ``phi3data.paths.eval_dir()``."""
+
+    @field_validator("tasks")
+    @classmethod
+    def _multiple_choice(cls, tasks: list[str]) -> list[str]:
+        from phi3data.evaluation.tasks import MC_TASKS
+
+        unknown = [t for t in tasks if t not in MC_TASKS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: a ladder scores multiple-choice tasks: {', '.join(MC_TASKS)}")
+        return tasks
 
 
-class LadderConfig(_Strict):
+class LadderConfig(StrictModel):
     ladder: LadderSection
     tokenizer: TokenizerSection = TokenizerSection()
     sizes: dict[str, SizeSection]
     recipes: dict[str, RecipeSection]
     eval: EvalSection = EvalSection()
+    train: dict[str, Any] = {}
+    """Trainer settings for every run (TrainConfig fields: grad_accum, dtype, distributed, compile, ...)."""
 
 
 def load_ladder(path: Path, resolve_source: Callable[[str], str] | None = None) -> LadderConfig:
-    """Read and validate a ladder TOML; errors name the bad field. Recipe sources become absolute paths
-    (relative ones against the working directory, after ``resolve_source`` if given), so the same ladder reads
-    the same whichever command runs it."""
-    if not path.exists():
-        raise FileNotFoundError(f"ladder config not found: {path}")
-    raw = tomllib.loads(path.read_text())
+    """Read and validate a ladder TOML; errors are :class:`ConfigError` naming the file and field.
+
+    A size is an inline table of Phi3Config fields, a model recipe reference (``xs = "ladder-cpu:s1"``) or a
+    table ``{base = "ladder-cpu:s1", num_hidden_layers = 3}``: the recipe's fields with overrides. Recipe sources
+    become absolute paths (relative ones against the working directory, after ``resolve_source`` if given), so the
+    same ladder reads the same whichever command runs it."""
+    path = Path(path)
+    where = str(path)
+    raw = read_toml(path, "ladder config")
     for recipe in (raw.get("recipes") or {}).values():
         if isinstance(recipe, dict) and isinstance(recipe.get("sources"), list):
             recipe["sources"] = [str(Path(resolve_source(s) if resolve_source else s).resolve())
                                  for s in recipe["sources"]]
-    cfg = LadderConfig(**raw)
+    sizes = raw.get("sizes")
+    if isinstance(sizes, dict):
+        raw["sizes"] = {name: _resolve_size(name, size, path) for name, size in sizes.items()}
+    train = raw.get("train")
+    if isinstance(train, dict):
+        _check_train(train, where)
+    cfg = validate(LadderConfig, raw, where)
     if len(cfg.recipes) < 1 or len(cfg.sizes) < 2:
-        raise ValueError(f"{path}: a ladder needs at least 2 sizes and 1 recipe")
+        raise ConfigError(f"{where}: a ladder needs at least 2 sizes and 1 recipe")
+    for name, size in cfg.sizes.items():  # a size that cannot build a model fails here, not after data prep
+        _model_dict(size, vocab_size=32064, seq_len=cfg.ladder.seq_len, where=f"{where}: sizes.{name}")
     return cfg
+
+
+def _resolve_size(name: str, size: Any, path: Path) -> Any:
+    """A [sizes] entry as SizeSection fields: a recipe reference or ``base`` resolved through model.recipes."""
+    from phi3data.model.model import Phi3Config
+    from phi3data.model.recipes import load_model_dict
+
+    where = f"{path}: sizes.{name}"
+    if isinstance(size, str):
+        size = {"base": size}
+    if not isinstance(size, dict):
+        return size  # validation names the wrong type
+    fields = dict(size)
+    base = fields.pop("base", None)
+    check_keys(fields, Phi3Config.field_names(), where)
+    for key in LADDER_MODEL_FIELDS:
+        if key in fields:
+            raise ConfigError(f"{where}.{key}: set by the ladder (its tokenizer and seq_len), not per size")
+    if base is not None:
+        try:
+            recipe = load_model_dict(str(base), path.parent)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"{where}.base: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+        recipe = {k: v for k, v in recipe.items() if k not in LADDER_MODEL_FIELDS}
+        # an untold field is the recipe model's default, not the ladder's tied embeddings
+        recipe.setdefault("tie_word_embeddings", Phi3Config.tie_word_embeddings)
+        fields = recipe | fields
+    entry = {k: fields.pop(k) for k in ARCHITECTURE if k in fields}
+    if base is not None:
+        entry["recipe"] = str(base)
+    if fields:
+        entry["options"] = fields
+    return entry
+
+
+def _check_train(train: dict[str, Any], where: str) -> None:
+    """A [train] table holds TrainConfig fields the ladder does not set itself."""
+    from phi3data.training.trainer import TrainConfig
+
+    for key in train:
+        if key in LADDER_TRAIN_FIELDS:
+            raise ConfigError(f"{where}: train.{key}: set by {LADDER_TRAIN_FIELDS[key]}, not [train]")
+    check_keys([f"train.{k}" for k in train], [f"train.{k}" for k in _train_config_fields()], where)
+    try:
+        grad_accum = TrainConfig(**train).grad_accum
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: train: {exc}") from None
+    if not isinstance(grad_accum, int) or grad_accum < 1:  # the token budget counts on it
+        raise ConfigError(f"{where}: train.grad_accum: must be a positive integer, got {grad_accum!r}")
+
+
+def _train_config_fields() -> list[str]:
+    from phi3data.training.trainer import TrainConfig
+
+    if hasattr(TrainConfig, "model_fields"):  # a pydantic model
+        return list(TrainConfig.model_fields)
+    import dataclasses
+
+    return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
 # --- data ------------------------------------------------------------------------------------------------------
 
-def _documents(sources: list[str]) -> list[tuple[str, str]]:
-    """(id, text) for every readable document of the sources. The id is the document's own (a WARC-Record-ID
-    survives every pipeline), so the same page is held out of every recipe that contains it."""
-    docs = []
+def _documents(sources: list[str], rejects: Counter) -> Iterator[tuple[str, str]]:
+    """(id, text) for every readable document of the sources, streamed; unreadable records are counted in
+    ``rejects`` by reason. The id is the document's own (a WARC-Record-ID survives every pipeline), so the same
+    page is held out of every recipe that contains it."""
     for source in sources:
         root = Path(source)
         for path in list_input_files(root):
             relpath = path.relative_to(root.parent if root.is_file() else root).as_posix()
-            for rec in read_records(path, source=relpath, max_document_bytes=10_000_000):
-                if not rec.get("reject"):
-                    docs.append((str(rec["id"]), rec["text"]))
-    if not docs:
-        raise ValueError(f"no documents in {sources}")
-    return docs
+            for rec in read_records(path, source=relpath, max_document_bytes=MAX_DOCUMENT_BYTES):
+                if rec.get("reject"):
+                    rejects[rec["reason"]] += 1
+                elif rec.get("text") is None:
+                    raise ValueError(f"{path}: a ladder trains on documents with text (curated Parquet or JSONL); "
+                                     "this is raw HTML: curate it with `phi3data run` first")
+                else:
+                    yield str(rec["id"]), rec["text"]
 
 
 def _is_validation(key: str, fraction: float) -> bool:
     return xxhash.xxh64_intdigest(key) % 10_000 < fraction * 10_000
 
 
+class _HeldOut:
+    """The shared validation set: the ``limit`` smallest held-out ids, each with the first recipe's version of
+    the page (the baseline's). Holds at most ``limit`` documents: an id pushed out is larger than every id kept,
+    and the largest kept id only decreases, so it is never taken back."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.keys: list[str] = []
+        self.texts: dict[str, str] = {}
+
+    def add(self, key: str, text: str) -> None:
+        if key in self.texts or self.limit <= 0 or (len(self.keys) >= self.limit and key > self.keys[-1]):
+            return
+        bisect.insort(self.keys, key)
+        self.texts[key] = text
+        if len(self.keys) > self.limit:
+            del self.texts[self.keys.pop()]
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        return ((key, self.texts[key]) for key in self.keys)
+
+
 def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
-    """Split every recipe into train text and one shared validation set; write them as JSONL. Idempotent."""
+    """Split every recipe into train text and one shared validation set, written as JSONL while the sources are
+    read (no recipe is held in memory). Unreadable source records are counted by reason per recipe. Idempotent."""
     marker = out / "data" / "prepared.json"
     if marker.exists():
         return json.loads(marker.read_text())
     (out / "data").mkdir(parents=True, exist_ok=True)
-    validation: dict[str, str] = {}
+    held_out = _HeldOut(cfg.eval.val_max_docs)
     counts = {}
     for name, recipe in cfg.recipes.items():
-        docs = _documents(recipe.sources)
-        train = [(k, t) for k, t in docs if not _is_validation(k, cfg.eval.val_fraction)]
-        for key, text in docs:  # the first recipe's version of a held-out page (the baseline's) is the one kept
-            if _is_validation(key, cfg.eval.val_fraction):
-                validation.setdefault(key, text)
         path = out / "data" / name / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(path, train)
-        counts[name] = {"documents": len(train), "characters": sum(len(t) for _, t in train)}
-    val = sorted(validation.items())[: cfg.eval.val_max_docs]
-    _write_jsonl(out / "data" / "validation.jsonl", val)
-    info = {"recipes": counts, "validation_documents": len(val),
-            "validation_characters": sum(len(t) for _, t in val)}
+        rejects: Counter = Counter()
+        documents = characters = validation = 0
+        tmp = tmp_path_for(path)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for key, text in _documents(recipe.sources, rejects):
+                if _is_validation(key, cfg.eval.val_fraction):
+                    validation += 1
+                    held_out.add(key, text)
+                else:
+                    handle.write(_jsonl_line(key, text))
+                    documents += 1
+                    characters += len(text)
+        if documents + validation == 0:
+            tmp.unlink()
+            raise ValueError(f"recipe {name}: no documents in {recipe.sources} "
+                             f"(unreadable records: {dict(rejects) or 'none'})")
+        commit(tmp, path)
+        counts[name] = {"documents": documents, "characters": characters, "held_out": validation,
+                        "rejects": dict(sorted(rejects.items()))}
+    val_path = out / "data" / "validation.jsonl"
+    tmp = tmp_path_for(val_path)
+    val_documents = val_characters = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for key, text in held_out.items():
+            handle.write(_jsonl_line(key, text))
+            val_documents += 1
+            val_characters += len(text)
+    commit(tmp, val_path)
+    info = {"recipes": counts, "validation_documents": val_documents, "validation_characters": val_characters}
     write_json_atomic(marker, info)
     return info
 
 
-def _write_jsonl(path: Path, docs: list[tuple[str, str]]) -> None:
-    tmp = tmp_path_for(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for key, text in docs:
-            handle.write(json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n")
-    commit(tmp, path)
+def _jsonl_line(key: str, text: str) -> str:
+    return json.dumps({"id": key, "text": text}, ensure_ascii=False) + "\n"
 
 
-def _read_texts(path: Path) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line)["text"] for line in handle]
+def _read_texts(path: Path) -> Iterator[str]:
+    """The texts of a JSONL file the ladder wrote, streamed through io.readers."""
+    from phi3data.evaluation.run import read_texts
+
+    return read_texts(path)
 
 
 def prepare_tokenizer(cfg: LadderConfig, out: Path) -> str:
@@ -216,12 +362,24 @@ def prepare_tokens(cfg: LadderConfig, out: Path, tokenizer: str) -> dict[str, Pa
 
 # --- runs ------------------------------------------------------------------------------------------------------
 
-def _model_dict(size: SizeSection, vocab_size: int, seq_len: int) -> dict[str, Any]:
-    return {"vocab_size": vocab_size, "hidden_size": size.hidden_size, "num_hidden_layers": size.num_hidden_layers,
-            "num_attention_heads": size.num_attention_heads,
-            "num_key_value_heads": size.num_key_value_heads or size.num_attention_heads,
-            "intermediate_size": size.intermediate_size, "max_position_embeddings": max(seq_len, 128),
-            "tie_word_embeddings": True}
+def _model_dict(size: SizeSection, vocab_size: int, seq_len: int, where: str = "ladder size") -> dict[str, Any]:
+    """The Phi3Config fields of one size at the ladder's vocabulary and context; checked by building the config.
+    Inline sizes tie input and output embeddings unless they say otherwise."""
+    from phi3data.model.model import Phi3Config
+
+    context = max(seq_len, 128)
+    model = {"tie_word_embeddings": True, **size.options,
+             **size.model_dump(include=set(ARCHITECTURE)),
+             "num_key_value_heads": size.num_key_value_heads or size.num_attention_heads,
+             "vocab_size": vocab_size, "max_position_embeddings": context,
+             "original_max_position_embeddings": context}
+    Phi3Config.from_dict(model, where)
+    return model
+
+
+def tokens_per_step(cfg: LadderConfig) -> int:
+    """Tokens one optimizer step trains on (micro-batch x accumulation x sequence length, one process)."""
+    return cfg.ladder.micro_batch_size * int(cfg.train.get("grad_accum", 1)) * cfg.ladder.seq_len
 
 
 def run_plan(cfg: LadderConfig, vocab_size: int) -> list[dict[str, Any]]:
@@ -229,80 +387,62 @@ def run_plan(cfg: LadderConfig, vocab_size: int) -> list[dict[str, Any]]:
     from phi3data.model.model import Phi3Config, num_parameters
 
     plan = []
-    tokens_per_step = cfg.ladder.micro_batch_size * cfg.ladder.seq_len
+    step_tokens = tokens_per_step(cfg)
     for seed in cfg.ladder.seeds:
         for size_name, size in cfg.sizes.items():
             model = _model_dict(size, vocab_size, cfg.ladder.seq_len)
             params = num_parameters(Phi3Config(**model))
             budget = max(int(cfg.ladder.tokens_per_param * params["non_embedding"]), cfg.ladder.min_tokens)
-            steps = max(10, math.ceil(budget / tokens_per_step))
+            steps = max(10, math.ceil(budget / step_tokens))
             for recipe in cfg.recipes:
                 plan.append({"run": f"{recipe}/{size_name}/seed{seed}", "recipe": recipe, "size": size_name,
                              "seed": seed, "model": model, "params": params["non_embedding"],
-                             "params_total": params["total"], "steps": steps, "tokens": steps * tokens_per_step})
+                             "params_total": params["total"], "steps": steps, "tokens": steps * step_tokens})
     return plan
+
+
+def train_config(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dict[str, Path]):
+    """The TrainConfig of one run: the ladder's settings, its [train] table over the defaults below."""
+    from phi3data.training.trainer import TrainConfig
+
+    steps = run["steps"]
+    lad = cfg.ladder
+    defaults = {"eval_every": steps, "eval_batches": 4, "ckpt_every": max(10, steps // 4),
+                "log_every": max(1, steps // 4)}
+    ladder = {"model": run["model"], "data_path": str(token_dirs[run["recipe"]]),
+              "val_path": str(token_dirs["validation"]), "out_dir": str(out / "runs" / run["run"]),
+              "seq_len": lad.seq_len, "micro_batch_size": lad.micro_batch_size, "max_steps": steps, "lr": lad.lr,
+              "min_lr": lad.lr * lad.min_lr_ratio, "warmup_steps": max(1, int(lad.warmup_fraction * steps)),
+              "weight_decay": lad.weight_decay, "seed": 1000 + run["seed"], "device": lad.device}
+    return TrainConfig(**(defaults | cfg.train | ladder))
 
 
 def train_run(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dict[str, Path]) -> Path:
     """Train one run (resuming from its last checkpoint if it was interrupted); returns its checkpoint dir."""
     from phi3data.training.checkpoint import latest_checkpoint
-    from phi3data.training.trainer import TrainConfig, train
+    from phi3data.training.trainer import train
 
     run_dir = out / "runs" / run["run"]
-    steps = run["steps"]
-    lad = cfg.ladder
-    tc = TrainConfig(model=run["model"], data_path=str(token_dirs[run["recipe"]]),
-                     val_path=str(token_dirs["validation"]), out_dir=str(run_dir), seq_len=lad.seq_len,
-                     micro_batch_size=lad.micro_batch_size, max_steps=steps, lr=lad.lr,
-                     min_lr=lad.lr * lad.min_lr_ratio,
-                     warmup_steps=max(1, int(lad.warmup_fraction * steps)), weight_decay=lad.weight_decay,
-                     eval_every=steps, eval_batches=4, ckpt_every=max(10, steps // 4), log_every=max(1, steps // 4),
-                     seed=1000 + run["seed"], device=lad.device)
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None or json.loads((ckpt / "state.json").read_text())["step"] < steps:
-        train(tc)
+    if ckpt is None or json.loads((ckpt / "state.json").read_text())["step"] < run["steps"]:
+        train(train_config(cfg, out, run, token_dirs))
         ckpt = latest_checkpoint(run_dir / "checkpoints")
     return ckpt
 
 
-@functools.cache
-def _eval_items(task: str, eval_dir: Path, shots: int, limit: int) -> tuple:
-    """A task's prompted, subsampled items; the same for every run of a ladder, so built once per process."""
-    from phi3data.evaluation.tasks import load_mc_task, subsample, with_shots
-
-    return tuple(subsample(with_shots(load_mc_task(task, eval_dir), shots), limit, seed=0))
-
-
-@functools.cache
-def _validation_texts(path: Path) -> tuple[str, ...]:
-    return tuple(_read_texts(path))
-
-
 def evaluate_run(cfg: LadderConfig, out: Path, checkpoint: Path, tokenizer: str) -> dict[str, Any]:
-    """Validation loss / bits per byte and benchmark log-likelihoods for one trained checkpoint."""
-    from phi3data.evaluation.harness import logits_fn_for, score_multiple_choice, validation_loss
-    from phi3data.evaluation.tasks import DEFAULT_EVAL_DIR
-    from phi3data.model.hf import load_hf
-    from phi3data.tokenization.tokenizers import get_tokenizer
+    """Validation loss / bits per byte and benchmark log-likelihoods for one trained checkpoint, scored by the
+    evaluation plane on the ladder's device."""
+    from phi3data.evaluation.run import evaluate_checkpoint
 
-    model = load_hf(checkpoint).eval()
-    tok = get_tokenizer(tokenizer)
-    encode = tok.encode_text
-    max_length = model.cfg.max_position_embeddings
-    logits = logits_fn_for(model)
-    val_texts = _validation_texts(out / "data" / "validation.jsonl")
-    result: dict[str, Any] = {"validation": validation_loss(logits, encode, val_texts, max_length=max_length)}
-    eval_dir = Path(cfg.eval.eval_dir) if cfg.eval.eval_dir else DEFAULT_EVAL_DIR
-    tasks = {}
-    for task in cfg.eval.tasks:
-        items = _eval_items(task, eval_dir, cfg.eval.shots, cfg.eval.limit)
-        scored = score_multiple_choice(logits, encode, items, max_length=max_length, batch_size=32)
-        tasks[task] = {"n": scored["n"], "acc": scored["acc"], "acc_norm": scored["acc_norm"],
-                       "prob_correct": scored["prob_correct"],
-                       "p_gold": [round(it["p_gold"], 6) for it in scored["items"]],
-                       "chance": sum(1 / len(it.choices) for it in items) / len(items)}
-    result["tasks"] = tasks
-    return result
+    scored = evaluate_checkpoint(checkpoint, tokenizer, cfg.eval.tasks, limit=cfg.eval.limit, shots=cfg.eval.shots,
+                                 val_text=out / "data" / "validation.jsonl",
+                                 eval_dir=Path(cfg.eval.eval_dir) if cfg.eval.eval_dir else None,
+                                 device=cfg.ladder.device, batch_size=32)
+    tasks = {name: {"n": t["n"], "acc": t["acc"], "acc_norm": t["acc_norm"], "prob_correct": t["prob_correct"],
+                    "p_gold": [round(it["p_gold"], 6) for it in t["items"]], "chance": t["chance"]}
+             for name, t in scored["tasks"].items()}
+    return {"validation": scored["validation"], "tasks": tasks, "eval_device": scored["device"]}
 
 
 def run_ladder(cfg: LadderConfig, out: Path, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -319,6 +459,9 @@ def run_ladder(cfg: LadderConfig, out: Path, *, progress: bool = True) -> list[d
                              "(or the old configuration to resume it)")
     started = time.perf_counter()
     info = prepare_data(cfg, out)
+    for name, counts in info["recipes"].items():
+        if counts["rejects"] and progress:
+            console.print(f"[yellow]recipe {name}: skipped unreadable source records: {counts['rejects']}[/yellow]")
     tokenizer = prepare_tokenizer(cfg, out)
     token_dirs = prepare_tokens(cfg, out, tokenizer)
     from phi3data.tokenization.tokenizers import get_tokenizer

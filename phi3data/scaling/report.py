@@ -66,7 +66,11 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
               f"(at least {lad['min_tokens']:,}); sequence length {lad['seq_len']}",
               f"- benchmarks: {', '.join(plan['config']['eval']['tasks'])}, {plan['config']['eval']['limit']} items "
               f"each, {plan['config']['eval']['shots']}-shot; error = 1 - p(correct choice), averaged over items",
-              f"- validation: {plan['data']['validation_documents']} held-out documents shared by all recipes", ""]
+              f"- validation: {plan['data']['validation_documents']} held-out documents shared by all recipes",
+              f"- unreadable source records, skipped: {_rejects(plan['data'], recipes)}"]
+    if plan["config"].get("train"):
+        lines.append("- trainer settings: " + ", ".join(f"{k} = {v}" for k, v in plan["config"]["train"].items()))
+    lines.append("")
     if plan.get("recipe_tokens"):
         sizes_txt = ", ".join(f"{k} {v:,}" for k, v in plan["recipe_tokens"].items())
         lines += [f"- training tokens available per recipe: {sizes_txt}; a run that needs more repeats its data "
@@ -102,6 +106,16 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
         {m: {n: {"a": f.a, "b": f.b, "a_ci": f.a_ci, "b_ci": f.b_ci, "sizes": f.sizes, "errors": f.errors,
                  "error_ci": f.error_ci} for n, f in per.items()} for m, per in fits.items()}, indent=2))
     return report
+
+
+def _rejects(data: dict[str, Any], recipes: list[str]) -> str:
+    """Unreadable source records per recipe and reason, e.g. ``web: malformed_json 1; textbooks: none``."""
+    parts = []
+    for name in recipes:
+        rejects = data["recipes"][name].get("rejects") or {}
+        reasons = ", ".join(f"{reason} {n:,}" for reason, n in rejects.items())
+        parts.append(f"{name}: {reasons or 'none'}")
+    return "; ".join(parts)
 
 
 def _verdict(fits: dict[str, dict[str, PowerLawFit]], recipes: list[str], sizes: list[int],
