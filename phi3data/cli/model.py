@@ -93,6 +93,7 @@ def eval_checkpoint(
     shots: Annotated[int | None, typer.Option(help="k-shot examples (default: the Phi-3 report's k)")] = None,
     val_text: Annotated[Path | None, typer.Option(help="JSONL of held-out documents for loss and bits/byte")] = None,
     output: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
+    device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Evaluate a checkpoint: benchmark log-likelihoods (acc, acc_norm, p(correct)), GSM8K, validation loss.
 
@@ -105,7 +106,7 @@ def eval_checkpoint(
     from phi3data.evaluation.run import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, tokenizer, [t for t in tasks.split(",") if t], limit=limit, shots=shots,
-                                 val_text=val_text)
+                                 val_text=val_text, device=device)
     table = Table(title=f"eval {checkpoint}")
     for col in ("task", "n", "k", "acc", "acc_norm", "p(correct)", "exact match"):
         table.add_column(col, justify="right" if col != "task" else "left")
