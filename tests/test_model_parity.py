@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 from transformers import Phi3Config as HFPhi3Config
 
 from phi3data.model import Phi3, Phi3Config, num_parameters
-from phi3data.model.hf import config_to_hf, load_hf, save_hf
+from phi3data.model.hf import config_to_hf, load_hf, save_hf, save_native
 
 LONGROPE = {
     "type": "longrope",
@@ -183,3 +185,91 @@ def test_phi3_small_options_refuse_hf_export(tmp_path) -> None:
     model = Phi3(small_config(hidden_act="gegelu", mup_use_scaling=True, blocksparse=True))
     with pytest.raises(ValueError, match="phi-3-small"):
         save_hf(model, tmp_path / "x")
+
+
+def test_config_from_a_recipe_is_strict_and_from_a_checkpoint_lenient(tmp_path) -> None:
+    from phi3data.config import ConfigError
+
+    fields = small_config().to_dict() | {"hiden_size": 32}
+    with pytest.raises(ConfigError, match=r"x\.toml: unknown field model\.hiden_size \(did you mean model\.hidden_"):
+        Phi3Config.from_dict(fields, "x.toml", "model.")
+    with pytest.raises(ConfigError, match="not divisible by 5 heads"):
+        Phi3Config.from_dict({"hidden_size": 64, "num_attention_heads": 5})
+    # a checkpoint written by another version keeps loading: keys this version lacks are kept aside
+    torch.manual_seed(0)
+    model = Phi3(small_config(num_attention_heads=4, hidden_act="gegelu")).eval()
+    save_native(model, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "phi3data_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"retired_option": 3}))
+    again = load_hf(tmp_path / "ckpt").eval()
+    assert again.cfg.extra == {"retired_option": 3} and again.cfg.hidden_act == "gegelu"
+    idx = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], model(idx)[0])
+    with pytest.raises(ConfigError, match=r"unknown field atn_impl \(did you mean attn_impl\?\)"):
+        load_hf(tmp_path / "ckpt", atn_impl="reference")
+
+
+def test_sizes_ship_with_the_package_and_a_local_model_folder_wins(tmp_path, monkeypatch) -> None:
+    from phi3data.model.recipes import ladder_sizes, load_model_config, packaged_sizes
+
+    monkeypatch.chdir(tmp_path)  # no model/ here: the shipped sizes answer
+    assert (packaged_sizes() / "phi-3-mini.toml").is_file()
+    assert num_parameters(load_model_config("phi-3-mini"))["total"] == 3_821_079_552
+    assert load_model_config("phi-3-small").blocksparse
+    assert ladder_sizes("model/ladder-cpu.toml") == ladder_sizes("ladder-cpu") == ["s1", "s2", "s3", "s4"]
+    assert load_model_config("ladder-cpu:s2").hidden_size == load_model_config("model/ladder-cpu.toml:s2").hidden_size
+    assert load_model_config("ladder-gpu:m125", max_position_embeddings=1024).max_position_embeddings == 1024
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "ladder-cpu.toml").write_text("[sizes.s2]\nhidden_size = 32\nnum_attention_heads = 2\n")
+    assert load_model_config("ladder-cpu:s2").hidden_size == 32
+    with pytest.raises(FileNotFoundError, match="phi-9"):
+        load_model_config("phi-9")
+    with pytest.raises(FileNotFoundError):
+        load_model_config("elsewhere/phi-3-mini.toml")  # a path is a path: no fallback to the shipped file
+
+
+def test_meta_device_build_initialises_like_a_whole_build() -> None:
+    """FSDP builds on the meta device, then materialises and initialises: the same weights from the same seed."""
+    for kw in ({"tie_word_embeddings": True, "rope_scaling": LONGROPE, "original_max_position_embeddings": 32},
+               {"norm_type": "layernorm", "linear_bias": True}):
+        cfg = small_config(num_attention_heads=4, **kw)
+        torch.manual_seed(5)
+        whole = Phi3(cfg)
+        torch.manual_seed(5)
+        with torch.device("meta"):
+            meta = Phi3(cfg)
+        meta.to_empty(device="cpu")
+        meta.init_weights()
+        assert meta.state_dict().keys() == whole.state_dict().keys()
+        for name, tensor in whole.state_dict().items():
+            assert torch.equal(meta.state_dict()[name], tensor), name
+        assert (meta.lm_head.weight is meta.model.embed_tokens.weight) == cfg.tie_word_embeddings
+        idx = torch.randint(0, 512, (1, 40))
+        with torch.no_grad():
+            assert torch.equal(meta(idx)[0], whole(idx)[0])  # the RoPE buffers were recomputed too
+
+
+def test_loss_without_grad_skips_the_gradient_work() -> None:
+    """Under no_grad (evaluation) the chunked loss computes the loss alone: same value, one lm_head matmul."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = Phi3(small_config(num_attention_heads=4, mup_width_multiplier=2.0))
+    model.loss_chunk = 7  # several chunks, the last one partial
+    idx = torch.randint(0, 512, (2, 20))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :5] = -100
+    _, with_grad = model(idx, targets)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        counters = {}
+        for fused in (True, False):
+            model.fused_loss = fused
+            with FlopCounterMode(display=False) as counter:
+                _, loss = model(idx, targets)
+            counters[fused] = counter.get_total_flops()
+            assert not loss.requires_grad
+            torch.testing.assert_close(loss, with_grad.detach(), atol=1e-6, rtol=1e-6)
+    # the chunked loss did no more matrix work than plain logits + cross-entropy (the gradient path: 3x the head)
+    assert counters[True] == counters[False]

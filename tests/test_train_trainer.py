@@ -313,3 +313,48 @@ def test_token_ids_beyond_the_model_vocab_are_refused(tokens: Path, tmp_path: Pa
     tokenize([text], cl100k, TokenizeConfig(tokenizer="phi3-small"), workers=1)
     with pytest.raises(ValueError, match="tokenizer with 100352 ids"):
         Trainer(TrainConfig.from_toml(write_config(tmp_path / "c.toml", cl100k, tmp_path / "c", seq_len=16)))
+
+
+def test_training_config_errors_name_the_file_and_field(tokens: Path, tmp_path: Path) -> None:
+    """Misspelt keys in any section or override, and values of the wrong type, are refused with the close name."""
+    from phi3data.config import ConfigError
+
+    toml = write_config(tmp_path / "t.toml", tokens, tmp_path / "run")
+    cfg = TrainConfig.from_toml(toml, {"model.hidden_size": 128, "max_steps": 3})
+    assert cfg.model_config().hidden_size == 128 and cfg.max_steps == 3
+    cases = [
+        ({"model.hiden_size": 64}, r"overrides: unknown field model\.hiden_size \(did you mean model\.hidden_size\?\)"),
+        ({"max_step": 3}, r"overrides: unknown field max_step \(did you mean max_steps\?\)"),
+        ({"schedule": "cos"}, r"t\.toml: override schedule: Input should be 'cosine' or 'wsd'"),
+        ({"model.num_attention_heads": 5}, r"t\.toml: hidden_size 64 is not divisible by 5 heads"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_toml(toml, overrides)
+    text = toml.read_text()
+    edits = [
+        (text.replace("hidden_size =", "hiden_size ="), r"unknown field model\.hiden_size \(did you mean model\.hidd"),
+        (text.replace("max_steps =", "max_step ="), r"unknown field train\.max_step \(did you mean train\.max_steps\?"),
+        (text.replace("path =", "pth ="), r"unknown field data\.pth \(did you mean data\.path\?\)"),
+        (text.replace("max_steps = 20", 'max_steps = "ten"'), r"t\.toml: train\.max_steps: Input should be a valid"),
+        (text + "\n[trian]\n", r"t\.toml: unknown field trian \(did you mean train\?\)"),
+    ]
+    for bad, message in edits:
+        toml.write_text(bad)
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_toml(toml)
+
+
+def test_model_recipe_fields_are_checked_where_the_training_config_finds_them(tmp_path: Path) -> None:
+    """A size in a ladder beside the training config: a misspelt field names that file and the size's table."""
+    from phi3data.config import ConfigError
+
+    (tmp_path / "sizes.toml").write_text("[model]\nvocab_size = 32000\n\n[sizes.a]\nhidden_size = 64\n"
+                                         "num_attention_heads = 4\nintermediate_szie = 96\n")
+    (tmp_path / "t.toml").write_text('model = "sizes:a"\n\n[data]\npath = "x"\n')
+    with pytest.raises(ConfigError, match=r"sizes\.toml: unknown field sizes\.a\.intermediate_szie \(did you mean"):
+        TrainConfig.from_toml(tmp_path / "t.toml")
+    (tmp_path / "sizes.toml").write_text((tmp_path / "sizes.toml").read_text().replace("_szie", "_size"))
+    cfg = TrainConfig.from_toml(tmp_path / "t.toml", {"model.num_hidden_layers": 1})
+    model = cfg.model_config()
+    assert (model.intermediate_size, model.num_hidden_layers, model.name) == (96, 1, "sizes:a")

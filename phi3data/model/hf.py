@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from phi3data.config import check_keys
 from phi3data.model.model import Phi3, Phi3Config
 
 _HF_KEYS = (
@@ -132,12 +133,13 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 def load_hf(path: str | Path, **overrides: Any) -> Phi3:
     """Load a Hugging Face phi3 directory (or one written by :func:`save_native`) into our model."""
     path = Path(path)
-    if (path / "phi3data_config.json").exists():
-        cfg = Phi3Config.from_dict(json.loads((path / "phi3data_config.json").read_text()))
+    if (path / "phi3data_config.json").exists():  # a checkpoint of this or an older version: lenient
+        cfg = Phi3Config.from_checkpoint_dict(json.loads((path / "phi3data_config.json").read_text()))
     elif (path / "config.json").exists():
         cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     else:
         raise FileNotFoundError(f"{path} has neither config.json nor phi3data_config.json")
+    check_keys(overrides, Phi3Config.field_names(), "load_hf overrides")
     for k, v in overrides.items():
         setattr(cfg, k, v)
     model = Phi3(cfg)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from phi3data.config import ConfigError, check_keys
 from phi3data.model.attention import blocksparse_attention, causal_mask, reference_attention, sdpa_attention
 
 
@@ -109,13 +110,35 @@ class Phi3Config:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Phi3Config:
-        """Build from a dict, keeping unknown keys out (they are stored in ``extra``)."""
-        names = {f.name for f in fields(cls)}
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def check_names(cls, d: dict[str, Any], where: str, prefix: str = "") -> None:
+        """Refuse keys that are not fields, suggesting the close name (a :class:`ConfigError`)."""
+        check_keys([prefix + k for k in d], [prefix + k for k in cls.field_names()], where)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "model config", prefix: str = "") -> Phi3Config:
+        """Build from a recipe's fields; an unknown (misspelt) or invalid field is a :class:`ConfigError`.
+
+        ``where`` names the source (a file, "overrides") and ``prefix`` the table, e.g. ``"model."``, so the
+        message reads ``model/x.toml: unknown field model.hiden_size (did you mean model.hidden_size?)``.
+        """
+        cls.check_names(d, where, prefix)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    @classmethod
+    def from_checkpoint_dict(cls, d: dict[str, Any]) -> Phi3Config:
+        """Build from a saved checkpoint's config, leniently: keys this version does not know go to ``extra``."""
+        names = set(cls.field_names())
         known = {k: v for k, v in d.items() if k in names}
-        extra = {k: v for k, v in d.items() if k not in names}
-        if extra:
-            known.setdefault("extra", {}).update(extra)
+        unknown = {k: v for k, v in d.items() if k not in names}
+        if unknown:
+            known["extra"] = {**known.get("extra", {}), **unknown}
         return cls(**known)
 
 
@@ -134,12 +157,36 @@ def num_parameters(cfg: Phi3Config) -> dict[str, int]:
     return {"total": non_embedding + embed + head, "non_embedding": non_embedding}
 
 
+def _chunk_loss(
+    xc: torch.Tensor, w: torch.Tensor, tc: torch.Tensor, scale: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row chunk: (fp32 logits, summed loss, mask of trained rows, targets with ignored ones set to 0)."""
+    logits = (xc @ w.t()).float() * scale
+    lse = torch.logsumexp(logits, dim=-1)
+    ok = tc != ignore_index
+    safe_t = torch.where(ok, tc, 0)
+    loss = ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+    return logits, loss, ok, safe_t
+
+
+def chunked_linear_cross_entropy(
+    x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, scale: float, ignore_index: int, chunk: int
+) -> torch.Tensor:
+    """The loss of :class:`ChunkedLinearCrossEntropy` alone, without its gradients (evaluation, no_grad)."""
+    valid = (targets != ignore_index).sum().clamp(min=1)
+    loss = torch.zeros((), device=x.device, dtype=torch.float32)
+    for i in range(0, targets.numel(), chunk):
+        loss += _chunk_loss(x[i : i + chunk], w, targets[i : i + chunk], scale, ignore_index)[1]
+    return loss / valid
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``(x @ w.T) * scale`` against ``targets``, computed in row chunks.
 
     The full (tokens x vocab) fp32 logits are never materialized: each chunk's logits give its loss and, right
     away, its gradients (softmax - one-hot), which are kept for the backward pass. Saves memory and several
-    passes over the largest activation of a small model.
+    passes over the largest activation of a small model. Without gradients, use
+    :func:`chunked_linear_cross_entropy`, which skips the gradient work.
     """
 
     @staticmethod
@@ -151,11 +198,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for i in range(0, n, chunk):
             xc, tc = x[i : i + chunk], targets[i : i + chunk]
-            logits = (xc @ w.t()).float() * scale
-            lse = torch.logsumexp(logits, dim=-1)
-            ok = tc != ignore_index
-            safe_t = torch.where(ok, tc, 0)
-            loss += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+            logits, chunk_loss, ok, safe_t = _chunk_loss(xc, w, tc, scale, ignore_index)
+            loss += chunk_loss
             g = torch.softmax(logits, dim=-1)
             g[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
             g *= (ok.float() * scale / valid)[:, None]
@@ -169,6 +213,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_out, grad_w * grad_out, None, None, None, None
+
+
+def _fill(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full-size tensor into ``param``, or its local shard where FSDP has sharded it (a DTensor)."""
+    full = full.to(device=param.device, dtype=param.dtype)
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(param, DTensor):
+            full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
 
 
 class RMSNorm(nn.Module):
@@ -194,16 +249,10 @@ class Rotary(nn.Module):
 
     def __init__(self, cfg: Phi3Config) -> None:
         super().__init__()
-        d = cfg.head_dim
+        self.cfg = cfg
         self.original_max = cfg.original_max_position_embeddings
-        exponents = torch.arange(0, d, 2, dtype=torch.int64).float() / d
-        base = cfg.rope_theta**exponents
         self.scaling = 1.0
-        if cfg.rope_scaling is None:
-            short = long = torch.ones(d // 2)
-        else:
-            short = torch.tensor(cfg.rope_scaling["short_factor"], dtype=torch.float32)
-            long = torch.tensor(cfg.rope_scaling["long_factor"], dtype=torch.float32)
+        if cfg.rope_scaling is not None:
             factor = cfg.rope_scaling.get("factor") or cfg.max_position_embeddings / self.original_max
             attention_factor = cfg.rope_scaling.get("attention_factor")
             if attention_factor is None:
@@ -211,8 +260,26 @@ class Rotary(nn.Module):
                     1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(self.original_max))
                 )
             self.scaling = attention_factor
-        self.register_buffer("inv_freq_short", 1.0 / (short * base), persistent=False)
-        self.register_buffer("inv_freq_long", 1.0 / (long * base), persistent=False)
+        short, long = self._inverse_frequencies()
+        self.register_buffer("inv_freq_short", short, persistent=False)
+        self.register_buffer("inv_freq_long", long, persistent=False)
+
+    def _inverse_frequencies(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, d = self.cfg, self.cfg.head_dim
+        base = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)
+        if cfg.rope_scaling is None:
+            short = long = torch.ones(d // 2)
+        else:
+            short = torch.tensor(cfg.rope_scaling["short_factor"], dtype=torch.float32)
+            long = torch.tensor(cfg.rope_scaling["long_factor"], dtype=torch.float32)
+        return 1.0 / (short * base), 1.0 / (long * base)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute the frequencies in place (after ``to_empty`` of a model built on the meta device)."""
+        short, long = self._inverse_frequencies()
+        self.inv_freq_short.copy_(short)
+        self.inv_freq_long.copy_(long)
 
     def forward(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = self.inv_freq_long if t > self.original_max else self.inv_freq_short
@@ -324,20 +391,40 @@ class Phi3(nn.Module):
     def __init__(self, cfg: Phi3Config) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # the layers' default init is overwritten by init_weights: keep its draws off the global RNG, so a
+        # (meta-device) build that skips them initialises from the same random state
+        with torch.random.fork_rng(devices=[]):
+            self.model = Backbone(cfg)
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = Rotary(cfg)
         self.fused_loss = True  # chunked lm_head + cross-entropy when targets are given
         self.loss_chunk = 1024
-        self.apply(self._init_weights)
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.initializer_range)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Initialise every weight: N(0, initializer_range) for linear and embedding weights, zero biases, unit norms.
+
+        Values are drawn whole on the CPU, module by module, from ``generator`` (default: torch's global one), so
+        a model built on the meta device, sharded (FSDP) and materialised with ``to_empty`` gets, from the same
+        seed, the same weights as one built whole: ``torch.manual_seed(s); Phi3(cfg)``.
+        """
+        if self.cfg.tie_word_embeddings and self.lm_head.weight is not self.model.embed_tokens.weight:
+            self.lm_head.weight = self.model.embed_tokens.weight  # to_empty from the meta device unties them
+        std = self.cfg.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                full = torch.empty(module.weight.shape, dtype=torch.float32)
+                _fill(module.weight, full.normal_(0.0, std, generator=generator))
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+                _fill(module.weight, torch.ones(module.weight.shape))
+            bias = getattr(module, "bias", None)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and bias is not None:
+                _fill(bias, torch.zeros(bias.shape))
+        self.rotary.reset_buffers()
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
@@ -356,7 +443,7 @@ class Phi3(nn.Module):
             if torch.is_autocast_enabled(x.device.type):
                 w = w.to(torch.get_autocast_dtype(x.device.type))
                 x = x.to(w.dtype)
-            loss = ChunkedLinearCrossEntropy.apply(
+            args = (
                 x.reshape(-1, x.shape[-1]),
                 w,
                 targets.reshape(-1),
@@ -364,7 +451,9 @@ class Phi3(nn.Module):
                 ignore_index,
                 self.loss_chunk,
             )
-            return None, loss
+            if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+                return None, ChunkedLinearCrossEntropy.apply(*args)
+            return None, chunked_linear_cross_entropy(*args)  # evaluation: the loss without gradient work
         logits = self.lm_head(x)
         if self.cfg.mup_width_multiplier != 1.0:
             logits = logits / self.cfg.mup_width_multiplier

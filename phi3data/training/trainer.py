@@ -27,18 +27,26 @@ import json
 import math
 import os
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from pydantic import TypeAdapter, ValidationError
 
+from phi3data.config import ConfigError, check_keys, read_toml
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
 from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset
-from phi3data.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from phi3data.training.checkpoint import (
+    OPTIMIZER_DIR,
+    finish_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    start_checkpoint,
+    temp_dir,
+)
 
 # dense bf16 peak FLOP/s per device, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -66,7 +74,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 10
-    schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
     wsd_decay_fraction: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -80,44 +88,68 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 1337
     compile: bool = False
-    dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     device: str = "auto"
-    distributed: str = "ddp"  # under torchrun: "ddp" or "fsdp"
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     peak_tflops: float | None = None  # for MFU; guessed from the GPU name when unset
     resume: bool = True
     tensorboard: bool = False
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """Read a training config; ``overrides`` are ``key=value`` fields, ``model.<field>`` for the model.
+
+        An unknown or misspelt key (in the file or the overrides) or a value of the wrong type is a
+        :class:`ConfigError` naming the file and the field, as for every other recipe.
+        """
         path = Path(path)
-        raw = tomllib.loads(path.read_text())
+        where = str(path)
+        raw = read_toml(path, "training config")
+        check_keys(raw, ("model", "data", "train"), where)
+        names = [f.name for f in fields(cls)]
         kw: dict[str, Any] = {}
+        origin: dict[str, str] = {}  # field -> where it was set, for error messages
         model = raw.get("model")
         if isinstance(model, dict):
             model = dict(model)
             base = model.pop("base", None)
+            Phi3Config.check_names(model, where, "model.")
             kw["model"] = load_model_dict(base, path.parent) | model if base else model
         elif model is not None:
-            kw["model"] = load_model_dict(model, path.parent)
-        data = raw.get("data", {})
-        for k, v in data.items():
-            kw[k if k.startswith("val_") else f"data_{k}"] = v
-        kw.update(raw.get("train", {}))
-        names = {f.name for f in fields(cls)}
-        for k, v in (overrides or {}).items():
-            if k.startswith("model."):
-                kw.setdefault("model_overrides", {})[k[6:]] = v
-            else:
-                kw[k] = v
-        unknown = set(kw) - names
-        if unknown:
-            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
-        return cls(**kw)
+            kw["model"] = load_model_dict(str(model), path.parent)
+        for section, table in (("data", raw.get("data", {})), ("train", raw.get("train", {}))):
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [{section}] must be a table")
+            for k, v in table.items():
+                name = k if section == "train" or k.startswith("val_") else f"data_{k}"
+                kw[name], origin[name] = v, f"{section}.{k}"
+        data_keys = [f"data.{n.removeprefix('data_')}" for n in names if n.startswith(("data_", "val_"))]
+        check_keys([origin[n] for n in origin if origin[n].startswith("data.")], data_keys, where)
+        check_keys([origin[n] for n in origin if origin[n].startswith("train.")], [f"train.{n}" for n in names], where)
+        model_overrides = {k.removeprefix("model."): v for k, v in (overrides or {}).items() if k.startswith("model.")}
+        plain = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.")}
+        Phi3Config.check_names(model_overrides, f"{where}: overrides", "model.")
+        check_keys(plain, names, f"{where}: overrides")
+        for k, v in plain.items():
+            kw[k], origin[k] = v, f"override {k}"
+        if model_overrides:
+            kw["model_overrides"] = {**kw.get("model_overrides", {}), **model_overrides}
+        try:
+            cfg = _ADAPTER.validate_python(kw)
+        except ValidationError as exc:
+            problems = [f"{origin.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()]
+            raise ConfigError(f"{where}: " + "; ".join(problems)) from None
+        cfg.model_config(where)  # a bad model field fails here, naming the file, not at the first step
+        return cfg
 
-    def model_config(self) -> Phi3Config:
+    def model_config(self, where: str = "training config") -> Phi3Config:
+        """The model's config: the recipe (or inline table) with ``model_overrides`` applied, strictly checked."""
         d = load_model_dict(self.model) if isinstance(self.model, str) else dict(self.model)
         d.update(self.model_overrides)
-        return Phi3Config.from_dict(d)
+        return Phi3Config.from_dict(d, where, "model.")
+
+
+_ADAPTER = TypeAdapter(TrainConfig)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -198,33 +230,12 @@ class Trainer:
         for data in (self.train_data, self.val_data):
             if data is not None:
                 data.check_vocab(self.model_cfg.vocab_size)
-        self.model = Phi3(self.model_cfg).to(self.device)
+        self.fsdp = self.world > 1 and cfg.distributed == "fsdp"
+        self.model = self._build_fsdp_model() if self.fsdp else Phi3(self.model_cfg).to(self.device)
         # chunked lm_head + loss helps eager mode; under torch.compile inductor fuses the plain loss better
         # (H100: 40.9% vs 39.6% MFU at 350M), so the compiled path uses it
         self.model.fused_loss = not cfg.compile
-        self.step = 0
-        self.samples = 0
-        self.tokens = 0
-        self.resumed_from: Path | None = None
-        last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
-        optim_sd: dict[str, Any] = {}
-        if last is not None:
-            optim_sd = self._restore(last)
-        self.train_model: torch.nn.Module = self.model
-        if self.world > 1:
-            if cfg.distributed == "fsdp":
-                from torch.distributed.fsdp import fully_shard
-
-                for block in self.model.model.layers:
-                    fully_shard(block)
-                fully_shard(self.model)
-            else:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                self.train_model = DDP(
-                    self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-                )
-        # after fully_shard: it replaces the parameters with sharded ones, which the optimizer must hold
+        # FSDP: after fully_shard, which replaced the parameters with the sharded ones the optimizer must hold
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, cfg.weight_decay),
             lr=cfg.lr,
@@ -232,33 +243,92 @@ class Trainer:
             eps=cfg.eps,
             fused=self.device.type == "cuda",
         )
-        if optim_sd:  # FSDP checkpoints carry no optimizer state (see save)
-            self.optimizer.load_state_dict(optim_sd)
+        self.step = 0
+        self.samples = 0
+        self.tokens = 0
+        self.resumed_from: Path | None = None
+        last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
+        if last is not None:
+            self._restore(last)
+        self.train_model: torch.nn.Module = self.model
+        if self.world > 1 and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.peak = _peak_flops(cfg, self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.tb = None
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    def _restore(self, path: Path) -> dict[str, Any]:
-        """Load weights and the data position (before any sharding); returns the optimizer state to load."""
+    # ---- model and checkpoints ----------------------------------------------------------------------------
+    def _build_fsdp_model(self) -> Phi3:
+        """FSDP2: build on the meta device, shard each block and the root, then allocate and initialise the shards.
+
+        No process ever holds the whole model; the weights equal a whole build's from the same seed (see
+        :meth:`Phi3.init_weights`).
+        """
+        from torch.distributed.fsdp import fully_shard
+
+        with torch.device("meta"):
+            model = Phi3(self.model_cfg)
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        model.to_empty(device=self.device)
+        model.init_weights()
+        return model
+
+    def _restore(self, path: Path) -> None:
+        """Load weights, optimizer state and the data position from checkpoint ``path``."""
         model_sd, optim_sd, state = load_checkpoint(path)
         if self.model_cfg.tie_word_embeddings:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
-        self.model.load_state_dict(model_sd)
+        sharded = (path / OPTIMIZER_DIR).is_dir()
+        if sharded != self.fsdp:
+            raise RuntimeError(
+                f"checkpoint {path} was written by {'an FSDP' if sharded else 'a non-FSDP'} run; resume it with "
+                f"distributed={'fsdp' if sharded else 'ddp'} (or resume=false / another out_dir to start over)"
+            )
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            set_model_state_dict(self.model, model_sd, options=StateDictOptions(full_state_dict=True))
+            sharded_sd = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+            dcp.load(sharded_sd, checkpoint_id=path / OPTIMIZER_DIR)
+            set_optimizer_state_dict(self.model, self.optimizer, sharded_sd["optimizer"])
+        else:
+            self.model.load_state_dict(model_sd)
+            self.optimizer.load_state_dict(optim_sd)
         self.step, self.samples, self.tokens = state["step"], state["samples"], state["tokens"]
         self.resumed_from = path
-        return optim_sd
 
     def save(self) -> Path | None:
-        if self.world > 1 and self.cfg.distributed == "fsdp":
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        """Write a checkpoint (rank 0; under FSDP every rank writes its optimizer shard through DCP)."""
+        tmp = start_checkpoint(self.ckpt_root, self.step) if self.is_main else temp_dir(self.ckpt_root, self.step)
+        if self.fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model_sd = get_model_state_dict(self.model, options=opts)
-            # optimizer state stays sharded: FSDP runs resume weights + data position, not AdamW moments
-            optim_sd: dict[str, Any] = {}
+            dist.barrier()  # rank 0 has made the temp directory
+            # AdamW moments stay sharded: each rank writes its shard, rank 0 the metadata
+            dcp.save(
+                {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)},
+                checkpoint_id=tmp / OPTIMIZER_DIR,
+            )
+            optim_sd: dict[str, Any] | None = None
         else:
             model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         path = None
@@ -270,9 +340,7 @@ class Trainer:
                 "world_size": self.world,
                 "train_config": asdict(self.cfg),
             }
-            path = save_checkpoint(
-                self.ckpt_root, self.step, model_sd, self.model_cfg, optim_sd, state, keep=self.cfg.keep_checkpoints
-            )
+            path = finish_checkpoint(tmp, model_sd, self.model_cfg, optim_sd, state, keep=self.cfg.keep_checkpoints)
         if self.world > 1:
             dist.barrier()
         return path
