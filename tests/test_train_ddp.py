@@ -14,6 +14,9 @@ import torch
 from safetensors.torch import load_file
 from test_train_trainer import losses, make_token_dir, subprocess_env, write_config
 
+from phi3data.config import ConfigError
+from phi3data.training import TrainConfig, Trainer
+
 
 def run_two_processes(config: Path, *overrides: str) -> None:
     """``torchrun --nproc_per_node 2 -m phi3data.training.trainer CONFIG [overrides]`` on gloo (CPU)."""
@@ -83,3 +86,6 @@ def test_fsdp_run_resumes_exactly(tmp_path: Path) -> None:
     assert final.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(final[name], tensor), name
+    # its checkpoints hold sharded optimizer state: a run without FSDP refuses them rather than reset AdamW
+    with pytest.raises(ConfigError, match="written by an FSDP run; resume it with distributed=fsdp"):
+        Trainer(TrainConfig.from_toml(parted, {"max_steps": 8}))

@@ -1,9 +1,13 @@
 """The phi-3 trainer: ``phi3data train model/<config>.toml``.
 
-One process or many under ``torchrun`` (DDP, or FSDP2 for the larger configs). Each optimizer step consumes a
-global batch of ``micro_batch_size * grad_accum * world_size`` windows from the memory-mapped token stream;
-rank ``r``'s micro-batch ``m`` takes samples ``pos + (r * grad_accum + m) * micro_batch_size ...``, so the same
-global batch gives the same samples whatever the split between processes and accumulation. Data comes from
+One process or many under ``torchrun`` (DDP, or FSDP2 for the larger configs: the model is built on the meta
+device and each rank initialises only its shards; checkpoints hold the gathered weights, loadable by transformers,
+and the sharded AdamW state through torch.distributed.checkpoint, so a resumed run continues exactly).
+
+Each optimizer step consumes a global batch of ``micro_batch_size * grad_accum * world_size`` windows from the
+memory-mapped token stream; rank ``r``'s micro-batch ``m`` takes samples
+``pos + (r * grad_accum + m) * micro_batch_size ...``, so the same global batch gives the same samples whatever the
+split between processes and accumulation. Data comes from
 :class:`phi3data.tokenization.dataset.PackedDataset`; where the shards carry a loss mask, masked targets are -100
 and the loss skips them, while ``tokens`` (and tokens/s, MFU) still count every position processed.
 
@@ -286,9 +290,10 @@ class Trainer:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
         sharded = (path / OPTIMIZER_DIR).is_dir()
         if sharded != self.fsdp:
-            raise RuntimeError(
-                f"checkpoint {path} was written by {'an FSDP' if sharded else 'a non-FSDP'} run; resume it with "
-                f"distributed={'fsdp' if sharded else 'ddp'} (or resume=false / another out_dir to start over)"
+            kind = "an FSDP run" if sharded else "a run without FSDP (or an older FSDP run, without optimizer state)"
+            raise ConfigError(
+                f"checkpoint {path} was written by {kind}; resume it with distributed={'fsdp' if sharded else 'ddp'}, "
+                "or start over with resume=false or another out_dir"
             )
         if self.fsdp:
             import torch.distributed.checkpoint as dcp
