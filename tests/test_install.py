@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,13 @@ def _core_closure() -> list[md.Distribution]:
 def core_env(tmp_path_factory) -> Path:
     """A venv holding the phi3data wheel and, through a .pth file, only the core dependency closure."""
     root = tmp_path_factory.mktemp("core_install")
+    source = root / "src"  # a copy, so the build leaves nothing (build/, egg-info) in the checkout
+    shutil.copytree(ROOT / "phi3data", source / "phi3data", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = root / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(wheels), str(source)], check=True, capture_output=True)
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = next((venv / "lib").glob("python3*/site-packages"))
