@@ -1,4 +1,5 @@
-"""Shared fixtures: paths to the real data in ../shared/data and one reference pipeline run."""
+"""Shared fixtures: paths to the real data in ../shared/data, one reference pipeline run, and Ray and Spark
+started once per test session (the engines join them instead of starting their own)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ RECIPE = ROOT / "pipelines" / "web_quality.toml"
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray and Spark workers import the test modules' helper functions by name, so they need tests/ on their path.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), os.environ.get("PYTHONPATH")) if p)
 # Built artefacts (the int8 MiniLM build) go to a fresh cache per test session, never the user's own cache.
 os.environ["PHI3DATA_CACHE"] = tempfile.mkdtemp(prefix="phi3data-test-cache-")
 
@@ -52,3 +56,44 @@ def reference_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     run_pipeline(load_recipe(RECIPE), require_shared(WARC_DIR), out, engine="local", workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real two-node Ray cluster on this machine (a head and a second node, one CPU each), this process its
+    driver. (Nodes bound to 127.0.0.1 are not reachable by a driver here: Ray dials the GCS at the host's address.)
+
+    Started once per test session; ``engine="ray"`` joins it (the engine sees Ray initialised) and leaves it up.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    node = {"num_cpus": 1, "object_store_memory": 200 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
+    try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def spark_local():
+    """A local[2] SparkSession held for the test session; ``engine="spark"`` joins it and leaves it running."""
+    from phi3data.engines.spark import held_spark_session, spark_session
+
+    with held_spark_session(workers=2):
+        yield spark_session(workers=2)
+
+
+ENGINE_FIXTURES = {"local": None, "ray": "ray_cluster", "spark": "spark_local"}
+
+
+@pytest.fixture
+def engine_up(request):
+    """For a test parametrized over ``engine``: the session's Ray or Spark is up before it runs."""
+    name = ENGINE_FIXTURES[request.getfixturevalue("engine")]
+    return request.getfixturevalue(name) if name else None

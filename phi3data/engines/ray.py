@@ -1,4 +1,10 @@
-"""The Ray engine: Ray Data ``map_batches`` over the work items, one item per task."""
+"""The Ray engine: one plain Ray task per work item, results gathered with ``ray.wait`` as tasks finish.
+
+A work item is a whole input shard, so a task is coarse (seconds to minutes) and Ray's task API is the natural
+fit: no dataset, no per-row serialisation. Tasks are spread over the cluster's nodes. Stages that load models
+cache them per worker process (``run_shard_task`` keeps its Pipeline), and Ray reuses worker processes across a
+job's tasks, so a model loads once per worker as it would in an actor pool, without tying shards to actors.
+"""
 
 from __future__ import annotations
 
@@ -32,20 +38,31 @@ def ray_session(*, workers: int | None = None, address: str | None = None) -> It
         ray.shutdown()
 
 
+def _run_item(fn: Callable[[dict], dict], item: dict) -> dict:
+    return fn(item)
+
+
 def map_ray(fn: Callable[[dict], dict], items: list[dict], *, workers: int | None = None,
             address: str | None = None) -> Iterator[dict]:
+    """Submit one task per item (one CPU each) and yield results in completion order.
+
+    A failed task raises ``RuntimeError`` naming its item; the tasks still running are cancelled.
+    """
     with ray_session(workers=workers, address=address):
         import ray
 
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False
-        payload = [{"item": json.dumps(item)} for item in items]
-        dataset = ray.data.from_items(payload, override_num_blocks=len(payload))
-
-        def apply(batch):
-            return {"result": [json.dumps(fn(json.loads(x))) for x in batch["item"]]}
-
-        results = dataset.map_batches(apply, batch_size=1, num_cpus=1, batch_format="numpy")
-        for row in results.iter_rows():
-            yield json.loads(row["result"])
+        task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_run_item)
+        fn_ref = ray.put(fn)  # serialised once, not once per task
+        pending = {task.remote(fn_ref, item): item for item in items}
+        try:
+            while pending:
+                [ready], _ = ray.wait(list(pending), num_returns=1)
+                item = pending.pop(ready)
+                try:
+                    result = ray.get(ready)
+                except ray.exceptions.RayError as exc:
+                    raise RuntimeError(f"ray task for item {json.dumps(item)} failed: {exc}") from exc
+                yield result
+        finally:
+            for ref in pending:
+                ray.cancel(ref)
