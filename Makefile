@@ -1,12 +1,13 @@
 # Two commands set up a fresh machine and use it:
 #   make quickstart   install into .venv, then run the quickstart
 #   make test         install into .venv, then run the test suite
+#   make test-fast    the suite without the tests that start Ray/Spark clusters or take minutes (for iteration)
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install quickstart test lint bench
+.PHONY: install quickstart test test-fast lint bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not cluster and not slow" --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check phi3data tests bench

@@ -162,7 +162,8 @@ def test_threshold_params_are_checked():
         load_recipe(base)
 
 
-def test_same_kept_documents_on_local_ray_and_spark(dclm_model, tmp_path):
+@pytest.mark.cluster
+def test_same_kept_documents_on_local_ray_and_spark(dclm_model, ray_cluster, spark_local, tmp_path):
     shards = tmp_path / "in"
     shards.mkdir()
     lines = DCLM.read_text().splitlines()

@@ -1,4 +1,7 @@
-"""Exactly once: kill -9 a run in the middle, rerun, and get exactly the uninterrupted output."""
+"""Exactly once: kill -9 a run in the middle, rerun, and get exactly the uninterrupted output.
+
+Each run is its own process (that is what gets killed), so these start their own Ray / Spark.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ def _start(out, engine):
                             start_new_session=True)
 
 
-@pytest.mark.parametrize("engine", ["local", "ray", "spark"])
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.cluster),
+                                    pytest.param("spark", marks=pytest.mark.cluster)])
 def test_kill_and_resume_gives_exactly_the_uninterrupted_output(engine, reference_run, tmp_path):
     out = tmp_path / "out"
     proc = _start(out, engine)

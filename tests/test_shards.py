@@ -231,13 +231,15 @@ def local_shards(tmp_path_factory) -> dict[str, bytes]:
     return _digests(out)
 
 
-def test_ray_gives_identical_shards(tmp_path, local_shards):
+@pytest.mark.cluster
+def test_ray_gives_identical_shards(ray_cluster, tmp_path, local_shards):
     out = tmp_path / "tok"
     tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="ray", workers=2)
     assert _digests(out) == local_shards and len(local_shards) == 21
 
 
-def test_spark_gives_identical_shards(tmp_path, local_shards):
+@pytest.mark.cluster
+def test_spark_gives_identical_shards(spark_local, tmp_path, local_shards):
     out = tmp_path / "tok"
     tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="spark", workers=2)
     assert _digests(out) == local_shards

@@ -18,7 +18,11 @@ from phi3data.engines import default_workers
 
 @contextmanager
 def ray_session(*, workers: int | None = None, address: str | None = None) -> Iterator[None]:
-    """Ray initialised for the duration (joined if ``address`` is given); shut down after only if started here."""
+    """Ray initialised for the duration; shut down after only if started here.
+
+    Joins the cluster at ``address`` (or at ``$RAY_ADDRESS``, as Ray's own tools do); otherwise starts Ray on
+    this machine with ``workers`` CPUs.
+    """
     try:
         import ray
     except ImportError as exc:
@@ -28,10 +32,11 @@ def ray_session(*, workers: int | None = None, address: str | None = None) -> It
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=default_workers(workers), **kwargs)
+        # "local": a new Ray of our own, even when `ray start` has left a cluster address on this machine
+        ray.init(address="local", num_cpus=default_workers(workers), **kwargs)
     try:
         yield
     finally:
