@@ -30,7 +30,7 @@ def run_quickstart(output: Path, data: Path | None = None, engine: str = "local"
     from phi3data.scaling.report import write_report
 
     console = console or Console()
-    data = use_shared_data(data or shared_data())
+    data = Path(data or shared_data()).resolve()
     warc = data / "web" / "warc"
     if not warc.exists():
         raise FileNotFoundError(f"the shared WARC sample is missing at {warc}; pass --data DIR")
@@ -38,6 +38,7 @@ def run_quickstart(output: Path, data: Path | None = None, engine: str = "local"
         raise FileNotFoundError(f"the quickstart runs the repository's recipes (pipelines/, classifiers/, model/), "
                                 f"which are not beside this install ({REPO_ROOT}); run it from a clone")
     output = output.resolve()
+    use_shared_data(data)  # only once the folder is known good: workers and later steps inherit it
     started = time.perf_counter()
 
     def step(title: str) -> None:

@@ -172,3 +172,9 @@ def test_run_needs_no_optional_package(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, env=env)
     assert info.returncode == USER_ERROR_EXIT, info.stdout + info.stderr
     assert "pip install 'phi3data[train]'" in info.stderr and "Traceback" not in info.stderr
+
+
+def test_unknown_ladder_size_is_a_user_error():
+    result = CliRunner().invoke(app, ["model", "info", "ladder-cpu:s9"])
+    assert result.exit_code == USER_ERROR_EXIT, result.output + repr(result.exception)
+    assert result.stderr.startswith("error: ") and "size 's9' not in ladder-cpu; available: s1" in result.stderr

@@ -337,3 +337,23 @@ def test_cli_names_the_lock_holder(tmp_path):
                                "--output", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error:") and "pid 4242 on testhost" in proc.stderr
+
+
+def test_a_changed_blocklist_file_is_a_new_recipe_even_in_the_same_process(tmp_path):
+    """What a stage loads from outside the recipe is part of its identity: edit the domains file and the same
+    recipe has a new hash, the old output directory refuses it, and a run in the same process (one worker runs in
+    the driver) uses the new list instead of a pipeline cached with the old one."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"d{i}", "text": "some words " * 10, "url": f"https://{host}/p{i}"}) + "\n"
+                           for i, host in enumerate(["a.example", "b.example", "c.example"])))
+    domains = tmp_path / "blocked.txt"
+    domains.write_text("a.example\n")
+    recipe = {"pipeline": {"name": "block"}, "stage": [{"type": "url_blocklist", "domains_file": str(domains)}]}
+    first = run_pipeline(load_recipe(recipe), inp, tmp_path / "o1", workers=1, progress=False)
+    domains.write_text("a.example\nb.example  # and now this one\n")
+    with pytest.raises(RecipeError, match="another recipe"):
+        run_pipeline(load_recipe(recipe), inp, tmp_path / "o1", workers=1, progress=False)
+    second = run_pipeline(load_recipe(recipe), inp, tmp_path / "o2", workers=1, progress=False)
+    assert first.stats["recipe_hash"] != second.stats["recipe_hash"]
+    assert [i for i, _ in read_output(tmp_path / "o1")] == ["d1", "d2"]
+    assert [i for i, _ in read_output(tmp_path / "o2")] == ["d2"]

@@ -251,3 +251,23 @@ def test_jsonl_streams_gzip_members_padding_and_long_lines(tmp_path):
     assert got[-1]["reason"] == "truncated_gzip" and got[-1]["offset"] == len(first)
     kept = [r["id"] for r in got if not r.get("reject")]
     assert kept == [f"r{i}" for i in range(300) if i not in (150, 200)][:len(kept)] and 150 < len(kept) < 298
+
+
+def test_warc_records_without_an_id_get_distinct_ids(tmp_path):
+    """A record without WARC-Record-ID is named by its offset; in a file gzipped whole every record shares the
+    member's offset, so the ids must still differ (and carry the shard, via id_prefix, when a source is fixed)."""
+    def raw_record(n: int) -> bytes:
+        http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<html><body><p>page %d</p></body></html>" % n
+        head = b"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://example.org/%d\r\nContent-Length: %d\r\n\r\n"
+        return head % (n, len(http)) + http + b"\r\n\r\n"
+
+    body = b"".join(raw_record(n) for n in range(3))
+    whole = tmp_path / "whole.warc.gz"
+    whole.write_bytes(gzip.compress(body))
+    plain = tmp_path / "plain.warc"
+    plain.write_bytes(body)
+    for path in (whole, plain):
+        docs = [r for r in records(path, id_prefix=f"web:{path.name}") if not r.get("reject")]
+        ids = [d["id"] for d in docs]
+        assert len(docs) == 3 and len(set(ids)) == 3, ids
+        assert all(i.startswith(f"web:{path.name}@") for i in ids)

@@ -88,4 +88,6 @@ def test_fsdp_run_resumes_exactly(tmp_path: Path) -> None:
         assert torch.equal(final[name], tensor), name
     # its checkpoints hold sharded optimizer state: a run without FSDP refuses them rather than reset AdamW
     with pytest.raises(ConfigError, match="written by an FSDP run; resume it with distributed=fsdp"):
+        Trainer(TrainConfig.from_toml(parted, {"max_steps": 8, "distributed": "ddp"}))
+    with pytest.raises(ConfigError, match="written by an FSDP run; run it under torchrun with more than one process"):
         Trainer(TrainConfig.from_toml(parted, {"max_steps": 8}))

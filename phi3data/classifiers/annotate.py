@@ -2,7 +2,8 @@
 
 The rubric (built in: ``phi3data/classifiers/rubrics/*.md``, shipped with the package; or any file) is an
 additive 0-5 scale plus an educational level (primary, secondary, undergraduate, expert). A reply is parsed
-strictly: the score must be stated as a whole number from 0 to 5 after "score"; a reply without one is recorded as ``unparsed`` with the raw reply, never guessed.
+strictly: the score must be stated as a whole number from 0 to 5 after "score"; a reply without one is recorded
+as ``unparsed`` with the raw reply, never guessed.
 
 Resumable: results are appended to a JSONL file as they arrive; a rerun skips documents already graded (status
 ``ok`` or ``unparsed``) and retries failed ones. With the client's request cache, a rerun sends nothing twice.

@@ -55,7 +55,7 @@ def read_documents(path: str | Path, *, text_key: str = "text", id_key: str = "i
         records = _counted(read_records(file, source=source, max_document_bytes=10_000_000, text_key=text_key,
                                         id_key=id_key), skipped)
         if file.name.lower().endswith(WARC_SUFFIXES):
-            yield from _extracted(records, languages or [])
+            yield from _extracted(records, languages or [], skipped)
         else:
             yield from records
 
@@ -68,8 +68,9 @@ def _counted(records: Iterator[dict], skipped: Counter) -> Iterator[dict]:
             yield record
 
 
-def _extracted(records: Iterator[dict], languages: list[str]) -> Iterator[dict]:
-    """Run WARC records through the pipeline's extract (and language) stages, 256 at a time."""
+def _extracted(records: Iterator[dict], languages: list[str], skipped: Counter) -> Iterator[dict]:
+    """Run WARC records through the pipeline's extract (and language) stages, 256 at a time; what they drop is
+    counted in ``skipped`` under the stage's reason (``extract:empty_text``, ``language:other_language`` ...)."""
     from phi3data.documents import make_batch
     from phi3data.pipelines.stages.extract import Extract, ExtractParams
     from phi3data.pipelines.stages.language import Language, LanguageParams
@@ -83,7 +84,10 @@ def _extracted(records: Iterator[dict], languages: list[str]) -> Iterator[dict]:
         batch = make_batch(pending, with_html=True)
         for stage in stages:
             stage.ensure_setup()
-            batch = stage.process(batch).batch
+            result = stage.process(batch)
+            batch = result.batch
+            skipped.update(result.drops)
+            skipped.update(f"{stage.name}:{r['reason']}" for r in result.rejects)
         pending.clear()
         yield from batch.select(["id", "text", "metadata"]).to_pylist()
 

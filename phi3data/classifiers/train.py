@@ -85,11 +85,12 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     section = config.classifier
     skipped: dict[str, dict[str, int]] = {}
     loaded = []
-    for source in config.source:
+    for loaded_sources, source in enumerate(config.source, start=1):
         counts: Counter = Counter()
         loaded += load_source(source, base, counts)
         if counts:
-            skipped[source.path] = dict(sorted(counts.items()))
+            key = source.path if source.path not in skipped else f"{source.path} (source #{len(loaded_sources)})"
+            skipped[key] = dict(sorted(counts.items()))
     examples = dedupe(loaded)
     if not examples:
         raise ValueError(f"{section.name}: the sources gave no labelled documents")

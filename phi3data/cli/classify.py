@@ -86,6 +86,8 @@ def evaluate(
     Example: phi3data classify evaluate out/classifiers/edu_fasttext_textbooks
     ../shared/data/quality/dclm_majority_labeled.jsonl -o out/eval_dclm
     """
+    from collections import Counter
+
     import numpy as np
 
     from phi3data.classifiers.data import SourceConfig, load_source
@@ -94,12 +96,16 @@ def evaluate(
     from phi3data.io.writers import write_json_atomic
 
     classifier, manifest = load_classifier(model_dir)
-    examples = load_source(SourceConfig(path=str(data), label_key=label_key))
+    skipped: Counter = Counter()
+    examples = load_source(SourceConfig(path=str(data), label_key=label_key), skipped=skipped)
     if not examples:
         raise ValueError(f"no documents with a {label_key!r} label in {data}")
+    if skipped:
+        console.print(f"left out of {data}: " + ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())))
     scores = classifier.predict([e.text for e in examples])
     report = evaluate_scores(scores, np.array([e.label for e in examples]), [e.text for e in examples], task=task,
                              threshold=manifest["threshold"] if threshold is None else threshold)
+    report["skipped"] = dict(sorted(skipped.items()))
     console.print(metrics_table({data.name: report}))
     console.print(sweep_markdown(report["sweep"]))
     if output is not None:

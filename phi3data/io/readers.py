@@ -46,7 +46,7 @@ def read_records(path: Path, *, fmt: str = "auto", source: str, max_document_byt
     ``<id_prefix>:<line or row>`` (``id_prefix`` defaults to ``source``)."""
     fmt = detect_format(path) if fmt == "auto" else fmt
     if fmt == "warc":
-        yield from _read_warc(path, source, max_document_bytes)
+        yield from _read_warc(path, source, max_document_bytes, id_prefix or source)
         return
     for item in read_objects(path, fmt=fmt, source=source, max_record_bytes=max_document_bytes + 4096,
                              id_prefix=id_prefix):
@@ -93,14 +93,20 @@ def reject(source: str, reason: str, detail: str = "", *, offset: int | None = N
 WARC_HEAD_ROOM = 1 << 20  # HTTP headers and chunk framing a record block may hold besides its document
 
 
-def _read_warc(path: Path, source: str, max_document_bytes: int) -> Iterator[dict]:
+def _read_warc(path: Path, source: str, max_document_bytes: int, id_prefix: str | None = None) -> Iterator[dict]:
     """Stream the records of a WARC/WET file: memory is bounded by the largest record, not the file."""
     with open(path, "rb") as handle:
-        yield from _warc_documents(handle, source, max_document_bytes)
+        yield from _warc_documents(handle, source, max_document_bytes, id_prefix or source)
 
 
-def _warc_documents(handle, source: str, max_document_bytes: int) -> Iterator[dict]:
+def _warc_documents(handle, source: str, max_document_bytes: int, id_prefix: str) -> Iterator[dict]:
+    # A record without a WARC-Record-ID is named by its offset; records inside one gzip member (a file gzipped
+    # whole) share the member's offset, so the n-th of them gets a ":n" suffix.
+    last_offset, same_offset = None, 0
     for item in iter_warc(handle, max_record_bytes=max_document_bytes + WARC_HEAD_ROOM):
+        same_offset = same_offset + 1 if item.offset == last_offset else 0
+        last_offset = item.offset
+        fallback_id = f"{id_prefix}@{item.offset}" + (f":{same_offset}" if same_offset else "")
         if isinstance(item, WarcFault):
             kind = item.headers.get("warc-type", "").lower()
             if item.reason == "too_large" and kind and kind not in ("response", "conversion", "resource"):
@@ -112,7 +118,7 @@ def _warc_documents(handle, source: str, max_document_bytes: int) -> Iterator[di
         if kind not in ("response", "conversion", "resource"):
             continue  # warcinfo, request, metadata ... are not documents
         headers = item.headers
-        doc_id = headers.get("warc-record-id") or f"{source}@{item.offset}"
+        doc_id = headers.get("warc-record-id") or fallback_id
         url = headers.get("warc-target-uri")
         meta = {"warc_date": headers.get("warc-date"), "warc_type": kind}
         if kind == "conversion":

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from phi3data.config import read_toml
+from phi3data.config import ConfigError, read_toml
 from phi3data.model.model import Phi3Config
 
 
@@ -51,7 +51,7 @@ def load_model_dict(ref: str, base_dir: Path | None = None) -> dict[str, Any]:
     if size:
         sizes = data.get("sizes", {})
         if size not in sizes:
-            raise KeyError(f"size {size!r} not in {name}; available: {', '.join(sizes)}")
+            raise ConfigError(f"{path}: size {size!r} not in {name}; available: {', '.join(sizes)}")
         Phi3Config.check_names(sizes[size], str(path), f"sizes.{size}.")
         fields.update(sizes[size])
         fields.setdefault("name", f"{Path(name).stem}:{size}")

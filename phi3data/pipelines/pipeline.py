@@ -229,7 +229,8 @@ def run_shard_task(recipe_json: str, out_dir: str, shard: dict, segment: int = 0
     load, are kept per worker process so each worker loads them once. ``recipe_hash`` is the driver's: a worker
     that sees other model files (a classifier retrained mid-run) refuses instead of mixing them into the output."""
     pipeline = _PIPELINES.get(recipe_json)
-    if pipeline is None:
+    if pipeline is None or (recipe_hash is not None and pipeline.hash != recipe_hash):
+        # first use in this process, or the cached one was built over other model files (an earlier run)
         pipeline = _PIPELINES[recipe_json] = Pipeline(load_recipe(json.loads(recipe_json)))
     if recipe_hash is not None and pipeline.hash != recipe_hash:
         raise RuntimeError(f"the files this recipe loads changed during the run (driver recipe hash {recipe_hash}, "

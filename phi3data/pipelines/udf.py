@@ -27,7 +27,7 @@ from phi3data.pipelines.base import GlobalStage, Stage
 from phi3data.pipelines.recipe import Recipe, RecipeError, load_recipe
 
 REQUIRED_COLUMNS = ("id", "text", "url", "source")
-_STAGES: dict[str, list[Stage]] = {}  # per worker process: recipe JSON -> its stages, set up on first use
+_STAGES: dict[tuple[str, str], list[Stage]] = {}  # per worker process: (recipe JSON, hash) -> its stages
 
 
 class ArrowUDF:
@@ -41,12 +41,20 @@ class ArrowUDF:
                               "which need the whole dataset to decide and cannot run batch by batch; "
                               "run it with `phi3data run`, or drop those stages from the recipe")
         self.recipe_json = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+        self.recipe_hash = recipe.config_hash()
+        """Includes the hashes of the model files the stages load; workers check they load the same ones."""
 
     def stages(self) -> list[Stage]:
-        """This process's stages for the recipe (built once per process; only the recipe is pickled)."""
-        stages = _STAGES.get(self.recipe_json)
+        """This process's stages for the recipe (built once per process; only the recipe is pickled). A worker
+        whose model files differ from the driver's (a classifier retrained meanwhile) refuses to run."""
+        key = (self.recipe_json, self.recipe_hash)
+        stages = _STAGES.get(key)
         if stages is None:
-            stages = _STAGES[self.recipe_json] = load_recipe(json.loads(self.recipe_json)).build_stages()
+            recipe = load_recipe(json.loads(self.recipe_json))
+            if recipe.config_hash() != self.recipe_hash:
+                raise RuntimeError(f"the files recipe {recipe.pipeline.name!r} loads changed since this function was "
+                                   f"made (hash {self.recipe_hash}, now {recipe.config_hash()}); make it again")
+            stages = _STAGES[key] = recipe.build_stages()
         return stages
 
     def __call__(self, table: pa.Table) -> pa.Table:

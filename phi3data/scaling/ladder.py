@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from phi3data.config import ConfigError, StrictModel, check_keys, read_toml, validate
 from phi3data.io.inputs import list_input_files
 from phi3data.io.readers import read_records
-from phi3data.io.writers import commit, tmp_path_for, write_json_atomic
+from phi3data.io.writers import commit, output_lock, tmp_path_for, write_json_atomic
 
 EOS = "<|endoftext|>"
 MAX_DOCUMENT_BYTES = 10_000_000
@@ -172,8 +172,8 @@ def _resolve_size(name: str, size: Any, path: Path) -> Any:
     if base is not None:
         try:
             recipe = load_model_dict(str(base), path.parent)
-        except (OSError, KeyError, ValueError) as exc:
-            raise ConfigError(f"{where}.base: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{where}.base: {exc}") from None
         recipe = {k: v for k, v in recipe.items() if k not in LADDER_MODEL_FIELDS}
         # an untold field is the recipe model's default, not the ladder's tied embeddings
         recipe.setdefault("tie_word_embeddings", Phi3Config.tie_word_embeddings)
@@ -188,16 +188,13 @@ def _resolve_size(name: str, size: Any, path: Path) -> Any:
 
 def _check_train(train: dict[str, Any], where: str) -> None:
     """A [train] table holds TrainConfig fields the ladder does not set itself."""
-    from phi3data.training.trainer import TrainConfig
+    from phi3data.training.trainer import validate_train_config
 
     for key in train:
         if key in LADDER_TRAIN_FIELDS:
             raise ConfigError(f"{where}: train.{key}: set by {LADDER_TRAIN_FIELDS[key]}, not [train]")
     check_keys([f"train.{k}" for k in train], [f"train.{k}" for k in _train_config_fields()], where)
-    try:
-        grad_accum = TrainConfig(**train).grad_accum
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: train: {exc}") from None
+    grad_accum = validate_train_config(train, where, "train").grad_accum
     if not isinstance(grad_accum, int) or grad_accum < 1:  # the token budget counts on it
         raise ConfigError(f"{where}: train.grad_accum: must be a positive integer, got {grad_accum!r}")
 
@@ -403,7 +400,7 @@ def run_plan(cfg: LadderConfig, vocab_size: int) -> list[dict[str, Any]]:
 
 def train_config(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dict[str, Path]):
     """The TrainConfig of one run: the ladder's settings, its [train] table over the defaults below."""
-    from phi3data.training.trainer import TrainConfig
+    from phi3data.training.trainer import validate_train_config
 
     steps = run["steps"]
     lad = cfg.ladder
@@ -414,7 +411,7 @@ def train_config(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: 
               "seq_len": lad.seq_len, "micro_batch_size": lad.micro_batch_size, "max_steps": steps, "lr": lad.lr,
               "min_lr": lad.lr * lad.min_lr_ratio, "warmup_steps": max(1, int(lad.warmup_fraction * steps)),
               "weight_decay": lad.weight_decay, "seed": 1000 + run["seed"], "device": lad.device}
-    return TrainConfig(**(defaults | cfg.train | ladder))
+    return validate_train_config(defaults | cfg.train | ladder, f"ladder run {run['run']}")
 
 
 def train_run(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dict[str, Path]) -> Path:
@@ -446,7 +443,12 @@ def evaluate_run(cfg: LadderConfig, out: Path, checkpoint: Path, tokenizer: str)
 
 
 def run_ladder(cfg: LadderConfig, out: Path, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run (or resume) the whole ladder; returns every run's result."""
+    """Run (or resume) the whole ladder; returns every run's result. The ladder directory is locked meanwhile."""
+    with output_lock(out):
+        return _run_ladder_locked(cfg, out, progress=progress)
+
+
+def _run_ladder_locked(cfg: LadderConfig, out: Path, *, progress: bool) -> list[dict[str, Any]]:
     from rich.console import Console
 
     console = Console()

@@ -32,7 +32,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from phi3data.config import ConfigError, StrictModel, read_toml, validate
-from phi3data.io.writers import write_json_atomic
+from phi3data.io.writers import output_lock, write_json_atomic
 from phi3data.tokenization.shards import SHARD_FORMAT, TokenShardWriter, open_shards
 
 
@@ -190,7 +190,15 @@ def _budgets(phase: PhaseSpec) -> list[int]:
 
 
 def build_mix(recipe: MixRecipe, output: Path, *, dry_run: bool = False) -> list[dict]:
-    """Select documents for every phase, write each phase's shards under ``output/<phase>``; returns reports."""
+    """Select documents for every phase, write each phase's shards under ``output/<phase>``; returns reports.
+    The output directory is locked while it is written."""
+    if dry_run:
+        return _build_mix(recipe, output, dry_run=True)
+    with output_lock(output):
+        return _build_mix(recipe, output, dry_run=False)
+
+
+def _build_mix(recipe: MixRecipe, output: Path, *, dry_run: bool) -> list[dict]:
     sources: dict[Path, _Source] = {}
     reports = []
     tokenizer_hashes = set()

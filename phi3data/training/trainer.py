@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from pydantic import TypeAdapter, ValidationError
 
-from phi3data.config import ConfigError, check_keys, read_toml
+from phi3data.config import ConfigError, check_keys, format_validation_error, read_toml
+from phi3data.io.writers import output_lock
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
 from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset
@@ -154,6 +155,15 @@ class TrainConfig:
 
 
 _ADAPTER = TypeAdapter(TrainConfig)
+
+
+def validate_train_config(fields: dict[str, Any], where: str, prefix: str = "") -> TrainConfig:
+    """A TrainConfig from keyword fields, with the same type checks as a training TOML (for callers that build
+    one, like the ladder); errors name ``where`` and ``prefix.field``."""
+    try:
+        return _ADAPTER.validate_python(fields)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where, prefix)) from None
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -289,12 +299,17 @@ class Trainer:
         if self.model_cfg.tie_word_embeddings:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
         sharded = (path / OPTIMIZER_DIR).is_dir()
+        if not sharded and not optim_sd:  # an FSDP checkpoint from before optimizer state was saved
+            raise ConfigError(f"checkpoint {path} holds no optimizer state (an FSDP run of an older phi3data); "
+                              "resuming would reset AdamW: start over with resume=false or another out_dir")
         if sharded != self.fsdp:
-            kind = "an FSDP run" if sharded else "a run without FSDP (or an older FSDP run, without optimizer state)"
-            raise ConfigError(
-                f"checkpoint {path} was written by {kind}; resume it with distributed={'fsdp' if sharded else 'ddp'}, "
-                "or start over with resume=false or another out_dir"
-            )
+            if sharded and self.cfg.distributed == "fsdp":
+                how = "run it under torchrun with more than one process (distributed=fsdp)"
+            else:
+                how = f"resume it with distributed={'fsdp' if sharded else 'ddp'}"
+            kind = "an FSDP run" if sharded else "a run without FSDP"
+            raise ConfigError(f"checkpoint {path} was written by {kind}; {how}, or start over with resume=false "
+                              "or another out_dir")
         if self.fsdp:
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import (
@@ -497,12 +512,15 @@ class Trainer:
 def train(config: str | Path | TrainConfig, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run training from a TOML path or a :class:`TrainConfig`; returns the last step's metrics."""
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_toml(config, overrides)
-    trainer = Trainer(cfg)
-    try:
-        return trainer.train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # one run per out_dir: rank 0 holds its lock (a second run would delete this one's checkpoint temp dirs)
+    lock = output_lock(Path(cfg.out_dir)) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    with lock:
+        trainer = Trainer(cfg)
+        try:
+            return trainer.train()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def main() -> None:

