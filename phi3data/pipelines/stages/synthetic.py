@@ -66,7 +66,7 @@ MAX_PREAMBLE_CHARS = 300
 
 _INTERJECTION = re.compile(
     r"^(?:sure|certainly|of course|absolutely|okay|ok|alright|all right|great question|great|no problem|"
-    r"with pleasure)\b[\s!,.:;\-–—]*", re.IGNORECASE)
+    r"sure thing|with pleasure)(?P<mark>[!,.:;\-–—]+\s*|\s*$)", re.IGNORECASE)  # a mark: not "Great Awakening"
 # what follows an interjection (or opens a line by itself) when the line only announces the answer
 _PREAMBLE_START = re.compile(
     r"^(?:here(?:'s|’s| is| are)|below (?:is|are)|the following (?:is|are)|as requested|let me|let's|"
@@ -83,12 +83,14 @@ _AS_AN_AI = re.compile(
     re.IGNORECASE | re.MULTILINE)
 _TITLE_LINE = re.compile(r"^[#*\s]*title[*\s]*:[*\s]*(.*?)[*\s]*$", re.IGNORECASE)
 _CLOSING = re.compile(
-    r"^\W*(?:i hope (?:this|that|these|you|it)|hope (?:this|that) helps|let me know if|feel free to|"
+    r"^\W*(?:i hope (?:this|that|these|you|it)|hope (?:this|that) helps|let me know if|"
+    r"feel free to (?:ask|reach out|let me know|contact)|"
     r"please let me know|if you have any (?:other |more |further |additional )?questions|"
     r"is there anything else|happy (?:learning|studying|reading|exploring)|good luck)\b", re.IGNORECASE)
 _TRAILING_CLOSING = re.compile(
     r"(?<=[.!?])[ \t]+(?:i hope (?:this|that|these|you|it)|hope (?:this|that) helps|let me know if|"
-    r"feel free to|please let me know|if you have any (?:other |more |further |additional )?questions)\b.*$",
+    r"feel free to (?:ask|reach out)|please let me know|"
+    r"if you have any (?:other |more |further |additional )?questions)\b.*$",
     re.IGNORECASE)
 _RULE = re.compile(r"^[\s\-*_=~#]*$")  # blank lines and horizontal rules left around a removed line
 
@@ -106,9 +108,10 @@ def _clean_opening_line(lines: list[str]) -> bool:
         rest = line[interjection.end():]
         if not rest or (short and _PREAMBLE_START.match(rest)):
             del lines[0]
-        else:  # "Certainly! Photosynthesis is ..." keeps its content
+            return True
+        if "!" in interjection.group("mark"):  # "Certainly! Photosynthesis is ..." keeps its content
             lines[0] = rest[0].upper() + rest[1:]
-        return True
+            return True
     if short and (_FIRST_PERSON_OFFER.match(line)
                   or (_PREAMBLE_START.match(line) and _ANNOUNCED.search(line) and line[-1] in ":.!")):
         del lines[0]
