@@ -10,6 +10,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -120,24 +122,24 @@ def smollm2_gguf() -> Path:
     return Path(ggufs[0].locate()).resolve()
 
 
-@pytest.fixture(scope="session")
-def llama_server(tmp_path_factory):
-    """python -m llama_cpp.server on a free loopback port; yields its /v1 URL."""
+@contextmanager
+def running_llama_server(log_dir: Path, threads: int = 2) -> Iterator[str]:
+    """python -m llama_cpp.server with SmolLM2 on a free loopback port; yields its /v1 URL, stops it after."""
     import httpx
 
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError:
-        pytest.fail("the annotation tests need llama.cpp's server: "
+        pytest.fail("the LLM tests need llama.cpp's server: "
                     "CMAKE_ARGS=-DLLAVA_BUILD=OFF pip install 'llama-cpp-python[server]==0.3.36'")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tmp_path_factory.mktemp("llama") / "server.log"
+    log = log_dir / f"server-{port}.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)],
             stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     url = f"http://127.0.0.1:{port}/v1"
     try:
@@ -160,3 +162,10 @@ def llama_server(tmp_path_factory):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="session")
+def llama_server(tmp_path_factory) -> Iterator[str]:
+    """The session's llama.cpp server (SmolLM2-135M-Instruct) on 127.0.0.1; yields its /v1 URL."""
+    with running_llama_server(tmp_path_factory.mktemp("llama")) as url:
+        yield url

@@ -148,3 +148,32 @@ def test_kill_9_mid_run_then_resume_sends_nothing_answered_and_loses_nothing(pro
                          concurrency=1)
     assert reference.answered == n
     assert [(r["id"], r["text"]) for r in rows] == [(r["id"], r["text"]) for r in data_rows(tmp_path / "whole")]
+
+
+@pytest.mark.cluster
+def test_ray_fans_out_over_two_real_servers_and_answers_each_request_once(ray_cluster, llama_server, tmp_path):
+    """Two llama.cpp server processes, one Ray actor each (on a two-node Ray cluster): every request is answered
+    exactly once, by one of the replicas, and a rerun over the same replica group sends nothing."""
+    from conftest import running_llama_server
+
+    plan = requests(10)
+    with running_llama_server(tmp_path, threads=1) as second:
+        first_proxy, second_proxy = FaultProxy(llama_server), FaultProxy(second)
+        try:
+            replicas = [first_proxy.url, second_proxy.url]
+            out = tmp_path / "gen"
+            summary = generate(plan, out, client(first_proxy.url), plan_name="unit", replicas=replicas)
+            assert summary.answered == 10 and summary.pending == 0 and summary.failed == 0
+            prompts = [[b["messages"][0]["content"] for b in p.bodies] for p in (first_proxy, second_proxy)]
+            assert len(prompts[0]) == len(prompts[1]) == 5, "round-robin: half each"
+            assert sorted(prompts[0] + prompts[1]) == sorted(r.messages[0]["content"] for r in plan)
+            rows = [json.loads(line) for line in ledger_lines(out)]
+            assert len(rows) == 10 and len({r["key"] for r in rows}) == 10
+            assert len(list((out / "ledger").iterdir())) == 2, "one ledger file per replica's actor"
+            assert len(data_rows(out)) == 10
+            again = generate(plan, out, client(first_proxy.url), plan_name="unit",
+                             replicas=list(reversed(replicas)))
+            assert again.sent == 0 and len(first_proxy.bodies) + len(second_proxy.bodies) == 10
+        finally:
+            first_proxy.close()
+            second_proxy.close()

@@ -62,34 +62,76 @@ def payload_of(request: GenRequest, model: str) -> dict:
 
 def generate(requests: Sequence[GenRequest], output: Path, client: LLMClient, *, plan_name: str,
              concurrency: int | None = None, progress: Callable[[dict], None] | None = None,
-             handle_signals: bool = True) -> GenerateSummary:
+             handle_signals: bool = True, replicas: Sequence[str] | None = None) -> GenerateSummary:
     """Send every request of a plan that the ledger in ``output`` has not answered, then write the outputs.
 
+    ``client`` says how to talk to the server (model, retries, limits). With ``replicas`` (base URLs of servers
+    that serve the same model), Ray fans the requests out over them, one actor per replica; requests are then
+    keyed by the replica group, so a rerun over the same group sends nothing twice whichever replica answered.
     ``progress`` is called with running counts after every reply. The output directory is locked for the run.
     """
     with output_lock(output):
         remove_stale_tmp(output)
         return _generate_locked(requests, output, client, plan_name=plan_name,
                                 concurrency=concurrency or client.config.max_concurrency, progress=progress,
-                                handle_signals=handle_signals)
+                                handle_signals=handle_signals, replicas=list(replicas or []))
+
+
+def server_identity(client: LLMClient, replicas: Sequence[str]) -> str:
+    """The server part of a request key: the base URL, or the replica group (sorted, normalised URLs)."""
+    if len(replicas) > 1:
+        from phi3data.generators.cache import normalise_base_url
+
+        return "replicas:" + ",".join(sorted(normalise_base_url(u) for u in replicas))
+    return replicas[0] if replicas else client.config.base_url
 
 
 def _generate_locked(requests: Sequence[GenRequest], output: Path, client: LLMClient, *, plan_name: str,
-                     concurrency: int, progress: Callable[[dict], None] | None,
-                     handle_signals: bool) -> GenerateSummary:
+                     concurrency: int, progress: Callable[[dict], None] | None, handle_signals: bool,
+                     replicas: list[str]) -> GenerateSummary:
     started = time.perf_counter()
-    server, model = client.config.base_url, client.config.model
+    server, model = server_identity(client, replicas), client.config.model
     keys = [r.key(server, model) for r in requests]
     if len(set(keys)) != len(keys):
         raise ValueError("the plan expands to identical requests (same messages and parameters); give each its "
                          "own seed or fewer copies per cell")
     answered_before = read_ledger(output).answered()
     pending = [(r, k) for r, k in zip(requests, keys) if k not in answered_before]
-    counts = Counter()
+    if len(replicas) > 1:
+        from phi3data.generators.fanout import fan_out
+
+        counts, stopped = fan_out(pending, output, client, replicas, concurrency)
+    else:
+        if replicas:
+            client = LLMClient(client.config.model_copy(update={"base_url": replicas[0]}))
+        counts, stopped = send_and_record(pending, output, client, concurrency, progress, handle_signals)
+    state = read_ledger(output)
+    coverage = write_outputs(requests, keys, state.rows, output, plan_name=plan_name, server=server, model=model)
+    done = {k for k, row in state.rows.items() if row["status"] == "ok"}
+    failed = {k for k, row in state.rows.items() if row["status"] == "failed"} - done
+    pending_after = sum(1 for k in keys if k not in state.rows)
+    write_json_atomic(output / "manifest.json", {
+        "plan": plan_name, "model": model, "server": server, "replicas": replicas, "requests": len(requests),
+        "answered": sum(1 for k in keys if k in done), "failed": sum(1 for k in keys if k in failed),
+        "pending": pending_after, "complete": pending_after == 0, "ledger_unreadable_lines": dict(state.unreadable),
+        "client_usage": client.usage.as_dict(), "phi3data_version": __version__})
+    return GenerateSummary(output, len(requests), len(requests) - len(pending), counts["answered"] + counts["failed"],
+                           counts["answered"], counts["failed"], pending_after, stopped,
+                           time.perf_counter() - started, coverage)
+
+
+def send_and_record(pending: list[tuple[GenRequest, str]], output: Path, client: LLMClient, concurrency: int,
+                    progress: Callable[[dict], None] | None = None, handle_signals: bool = True
+                    ) -> tuple[Counter, bool]:
+    """Send ``pending`` through ``client``, appending each reply or final failure to this writer's ledger file.
+    Returns the counts (answered, failed) and whether sending stopped early (a signal, the budget)."""
+    counts: Counter = Counter()
+    model = client.config.model
     with LedgerWriter(output) as ledger:
 
         def record(request: GenRequest, key: str, result: Completion | LLMError) -> None:
-            row = {"key": key, "index": request.index, "model": model, "time": time.time()}
+            row = {"key": key, "index": request.index, "model": model, "server": client.config.base_url,
+                   "time": time.time()}
             if isinstance(result, Completion):
                 row.update(status="ok", text=result.text, finish_reason=result.finish_reason,
                            prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
@@ -103,19 +145,7 @@ def _generate_locked(requests: Sequence[GenRequest], output: Path, client: LLMCl
                           "completion_tokens": client.usage.completion_tokens})
 
         stopped = asyncio.run(_send(client, pending, record, concurrency, handle_signals))
-    state = read_ledger(output)
-    coverage = write_outputs(requests, keys, state.rows, output, plan_name=plan_name, server=server, model=model)
-    done = {k for k, row in state.rows.items() if row["status"] == "ok"}
-    failed = {k for k, row in state.rows.items() if row["status"] == "failed"} - done
-    pending_after = sum(1 for k in keys if k not in state.rows)
-    write_json_atomic(output / "manifest.json", {
-        "plan": plan_name, "model": model, "server": server, "requests": len(requests),
-        "answered": sum(1 for k in keys if k in done), "failed": sum(1 for k in keys if k in failed),
-        "pending": pending_after, "complete": pending_after == 0, "ledger_unreadable_lines": dict(state.unreadable),
-        "client_usage": client.usage.as_dict(), "phi3data_version": __version__})
-    return GenerateSummary(output, len(requests), len(requests) - len(pending), counts["answered"] + counts["failed"],
-                           counts["answered"], counts["failed"], pending_after, stopped,
-                           time.perf_counter() - started, coverage)
+    return counts, stopped
 
 
 async def _send(client: LLMClient, pending: list[tuple[GenRequest, str]],
