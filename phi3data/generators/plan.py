@@ -147,12 +147,14 @@ def load_plan(path: str | Path) -> GenerationPlan:
     """Read, validate and parse a plan and its templates; every problem is a ConfigError naming file, line, field."""
     path = Path(path)
     raw = read_toml(path, "generation plan")
-    for key in sorted(SECRETS & set(raw)):
-        raise ConfigError(f"{path}:{_line(path.read_text(encoding='utf-8'), key)}: {key}: a plan holds no server "
-                          "or API key; pass --base-url on the command line and the key in an environment variable")
+    text = path.read_text(encoding="utf-8")
+    secrets = sorted(SECRETS & set(raw))
+    if secrets:
+        raise ConfigError(f"{path}:{_line(text, secrets[0])}: {secrets[0]}: a plan holds no server or API key; pass "
+                          "--base-url on the command line and the key in an environment variable")
     plan = validate(GenerationPlan, raw, str(path))
     plan._path = path
-    plan._text = text = path.read_text(encoding="utf-8")
+    plan._text = text
     _check_ids(plan.styles, "styles", path, text)
     _check_ids(plan.audiences, "audiences", path, text)
     names = [s.name for s in plan.seeds]
