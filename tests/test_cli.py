@@ -21,7 +21,7 @@ from phi3data.cli.errors import USER_ERROR_EXIT, add_command, user_error_message
 COMMANDS = [
     ["run"], ["quickstart"],
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
-    ["tokenize"], ["mix"],
+    ["generate"], ["tokenize"], ["mix"],
     ["model", "info"], ["train"], ["eval"], ["ablate"],
 ]
 
@@ -55,6 +55,9 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
     classifier = tmp / "classifier.toml"
     classifier.write_text((ROOT / "classifiers" / "edu_fasttext_textbooks.toml").read_text()
                           .replace("\nepoch = ", "\nepochz = "))
+    plan = tmp / "plan.toml"
+    plan.write_text((ROOT / "generators" / "textbooks.toml").read_text().replace("\nseed = ", "\nsede = ")
+                    .replace('"templates/', f'"{ROOT}/generators/templates/'))
     mix = tmp / "mix.toml"
     mix.write_text((ROOT / "mixes" / "phase_example.toml").read_text().replace("\nmax_epochs =", "\nmax_epoch ="))
     ladder = tmp / "ladder.toml"
@@ -70,6 +73,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                                "--dry-run"], "missing.jsonl"),
         "classify train": (["classify", "train", str(classifier)], "epochz"),
         "classify evaluate": (["classify", "evaluate", str(tmp / "no-classifier"), labelled], "no-classifier"),
+        "generate": (["generate", str(plan), "--output", str(tmp / "g")], "sede"),
         "tokenize": (["tokenize", jsonl, "--output", str(tmp / "t"), "--tokenizer", "no-such-tokenizer"],
                      "no-such-tokenizer"),
         "mix": (["mix", str(mix), "--output", str(tmp / "m")], "max_epoch"),

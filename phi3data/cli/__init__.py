@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from phi3data.cli import classify, curate, model, tokens
+from phi3data.cli import classify, curate, generate, model, tokens
 from phi3data.cli.errors import add_command
 
 
@@ -39,6 +39,7 @@ COMMANDS = [
     (classify_app, "annotate", classify.annotate),
     (classify_app, "train", classify.train),
     (classify_app, "evaluate", classify.evaluate),
+    (app, "generate", generate.generate),
     (app, "tokenize", tokens.tokenize),
     (app, "mix", tokens.mix),
     (model_app, "info", model.info),

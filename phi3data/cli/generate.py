@@ -1,0 +1,123 @@
+"""The generation plane's command, ``phi3data generate``: a plan of prompts -> a synthetic corpus, exactly once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def generate(
+    plan: Annotated[Path, typer.Argument(help="Generation plan (TOML), e.g. generators/textbooks.toml")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Output directory (resumable)")] = None,
+    base_url: Annotated[list[str] | None, typer.Option(
+        help="OpenAI-compatible API root (vLLM, llama.cpp server, TGI ...); repeat it for replicas of one model, "
+             "which Ray fans the plan out over")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name to send (default: the plan's)")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key")] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="Requests in flight (per replica)")] = 8,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds")] = 300.0,
+    seed: Annotated[list[str] | None, typer.Option(help="Replace a seed source's path: NAME=PATH")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Expand the plan and show counts, tokens, cost and sample prompts; "
+                                               "send nothing")] = False,
+    samples: Annotated[int, typer.Option(help="Rendered prompts to show with --dry-run")] = 2,
+    price_in: Annotated[float, typer.Option(help="Price per million prompt tokens, for the estimate")] = 0.0,
+    price_out: Annotated[float, typer.Option(help="Price per million completion tokens, for the estimate")] = 0.0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+) -> None:
+    """Generate a synthetic corpus from a plan (topics x audiences x styles over seeds), exactly once.
+
+    Example: phi3data generate generators/textbooks.toml --output out/synthetic/textbooks
+    --base-url http://127.0.0.1:8080/v1
+
+    Every reply is appended to OUTPUT/ledger/ as it arrives; a rerun (after Ctrl-C, kill -9 or a failure) sends
+    only what has no reply. Output: OUTPUT/data/*.parquet (documents with provenance), failures/, coverage.md.
+    """
+    from rich.table import Table
+
+    from phi3data.generators.plan import estimate, expand, load_plan, sample_prompts
+
+    overrides = {}
+    for item in seed or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--seed takes NAME=PATH, got {item!r}")
+        overrides[name] = path
+    loaded = load_plan(plan)
+    expansion = expand(loaded, seed_paths=overrides)
+    if expansion.seed_rejects:
+        console.print("seed records left out: " + ", ".join(f"{k}={v}" for k, v in
+                                                             sorted(expansion.seed_rejects.items())))
+    if dry_run:
+        est = estimate(expansion, price_in_per_m=price_in, price_out_per_m=price_out)
+        table = Table(title=f"{loaded.name}: {est['prompts']:,} requests, ~{est['prompt_tokens']:,} prompt tokens, "
+                            f"<= {est['max_completion_tokens']:,} completion tokens, cost {est['cost']:.2f}")
+        for column in ("cell", "prompts", "prompt tokens", "max completion tokens", "cost"):
+            table.add_column(column, justify="left" if column == "cell" else "right", overflow="fold")
+        for cell, row in sorted(est["cells"].items()):
+            table.add_row(cell, f"{row['prompts']:,}", f"{row['prompt_tokens']:,}",
+                          f"{row['max_completion_tokens']:,}", f"{row['cost']:.2f}")
+        console.print(table)
+        for request in sample_prompts(expansion, samples):
+            console.rule(f"request {request.index}: {request.cell} ({request.template_id})")
+            for message in request.messages:
+                console.print(f"[bold]{message['role']}:[/bold] {message['content']}", markup=True, highlight=False)
+        return
+    if output is None:
+        raise ValueError("--output is required unless --dry-run")
+    urls = base_url or ["http://127.0.0.1:8000/v1"]
+    summary = _run(expansion.requests, output, loaded.name, urls, model or loaded.model, api_key_env, concurrency,
+                   timeout, progress)
+    console.print(_coverage_table(summary.coverage))
+    state = "stopped early; rerun to continue" if summary.stopped or summary.pending else "complete"
+    console.print(f"{summary.planned:,} requests: {summary.already_answered:,} answered before, {summary.sent:,} "
+                  f"sent now ({summary.answered:,} answered, {summary.failed:,} failed), {summary.pending:,} not "
+                  f"sent; {state} in {summary.seconds:.1f}s -> {output} (data/, failures/, coverage.md, ledger/)")
+
+
+def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, api_key_env: str, concurrency: int,
+         timeout: float, progress: bool):
+    from phi3data.generators.client import ClientConfig, LLMClient
+    from phi3data.generators.runner import generate as run_generate
+
+    client = LLMClient(ClientConfig(base_url=urls[0], model=model, api_key_env=api_key_env,
+                                    max_concurrency=concurrency, timeout_s=timeout))
+    replicas = urls if len(urls) > 1 else None
+    if not progress or replicas:
+        return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency,
+                            replicas=replicas)
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    started = time.perf_counter()
+    with Progress(TextColumn("[bold]generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[rate]}")) as bar:
+        task = bar.add_task("generate", total=None, rate="")
+
+        def update(counts: dict) -> None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            bar.update(task, total=counts["total"], completed=counts["done"],
+                       rate=f"{counts['done'] / elapsed:.2f} req/s, {counts['completion_tokens'] / elapsed:,.0f} "
+                            f"tok/s, {counts.get('failed', 0)} failed")
+
+        return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency, progress=update)
+
+
+def _coverage_table(coverage: dict):
+    from rich.table import Table
+
+    columns = ("planned", "generated", "failed", "pending", "truncated")
+    table = Table(title="coverage per cell")
+    table.add_column("cell")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for entry in coverage["cells"]:
+        style = "red" if entry.get("generated", 0) < entry["planned"] else None
+        table.add_row(", ".join(f"{v}" for v in entry["cell"].values()),
+                      *(str(entry.get(c, 0)) for c in columns), style=style)
+    return table
