@@ -490,3 +490,15 @@ def test_n_choices_give_all_texts(fake, secret_env):
     assert chat.texts == ["echo:yo:2", "echo:yo:2#1", "echo:yo:2#2"] and chat.text == chat.texts[0]
     [single] = client.complete_many(["one"], max_tokens=1)
     assert single.texts == [single.text]
+
+
+def test_rpm_and_tpm_together_share_one_start_time(fake, secret_env):
+    """A send held back by tpm takes its rpm slot at its real start, so later sends cannot bunch up behind it."""
+    recorded = RecordedTime()
+    client = make_client(fake.url, secret_env, sleep=recorded.sleep, clock=recorded.clock, rpm=6, tpm=100)
+    # the first reserves 101 tokens (60.6 s at 100/min); the others 2 tokens each (1.2 s)
+    results = client.complete_many(["x" * 400] + [f"p{i}" for i in range(7)], max_tokens=1)
+    assert all(not isinstance(r, LLMError) for r in results)
+    starts = client.request_pacer.scheduled
+    assert len(starts) == 8 and starts == client.token_pacer.scheduled
+    assert all(starts[i + 6] - starts[i] >= 60 for i in range(len(starts) - 6))

@@ -452,11 +452,11 @@ class LLMClient:
             waited = True
             await self._sleep(wait)
         now = self._clock()
-        start = now
-        if self.request_pacer is not None:
-            start = max(start, self.request_pacer.reserve(now, 1))
-        if self.token_pacer is not None:
-            start = max(start, self.token_pacer.reserve(now, sum(sent.estimate)))
+        pacers = [(pacer, cost) for pacer, cost in ((self.request_pacer, 1), (self.token_pacer, sum(sent.estimate)))
+                  if pacer is not None]
+        start = max([now] + [pacer.next_free for pacer, _ in pacers])  # one start time for both: the later
+        for pacer, cost in pacers:
+            pacer.reserve(start, cost)
         if start > now:
             waited = True
             await self._sleep(start - now)
@@ -468,12 +468,13 @@ class LLMClient:
         last_problem = ""
         for attempt in range(self.config.max_retries + 1):
             retry_after = None
+            if not sent.admitted and self.budget.exhausted:  # refuse at once, without waiting for a slot
+                raise self._budget_exhausted(url)
             epoch = await self.limiter.acquire()
             try:
                 if not sent.admitted:
                     if not self.budget.admit(*sent.estimate):
-                        raise BudgetExhausted(f"{url}: not sent, the token/cost budget is spent "
-                                              f"({self.budget.spent_tokens} tokens, cost {self.budget.spent_cost:g})")
+                        raise self._budget_exhausted(url)
                     sent.admitted = True
                 await self._wait_for_rate(sent)
                 body = self._body(endpoint, payload, sent)
@@ -512,6 +513,10 @@ class LLMClient:
                 self.usage.retries += 1
                 await self._sleep(self._backoff(attempt, retry_after))
         raise LLMError(f"{url}: gave up after {self.config.max_retries + 1} attempts ({last_problem})")
+
+    def _budget_exhausted(self, url: str) -> BudgetExhausted:
+        return BudgetExhausted(f"{url}: not sent, the token/cost budget is spent "
+                               f"({self.budget.spent_tokens} tokens, cost {self.budget.spent_cost:g})")
 
     @staticmethod
     def _seconds_per_token(reply: dict, seconds: float) -> float:
