@@ -218,3 +218,19 @@ def test_generate_command_runs_a_plan_end_to_end_and_resumes(llama_server, tmp_p
     curated = run_pipeline(load_recipe(Path(__file__).parents[1] / "pipelines" / "synthetic.toml"), out / "data",
                            tmp_path / "curated", progress=False)
     assert curated.stats["documents_read"] == planned and curated.stats["rejects_out"] == 0
+
+
+def test_a_token_budget_stops_the_run_cleanly_and_a_rerun_finishes_it(proxy, tmp_path):
+    plan = requests(8)
+    out = tmp_path / "gen"
+    # each request is estimated at prompt chars / 4 + max_tokens (about 25 tokens): about three fit
+    capped = generate(plan, out, client(proxy.url, max_total_tokens=80, max_concurrency=1), plan_name="unit",
+                      concurrency=1)
+    assert capped.stopped and 0 < capped.answered < 8 and capped.pending == 8 - capped.answered
+    assert capped.failed == 0, "requests the budget kept back are not failures"
+    coverage = json.loads((out / "coverage.json").read_text())
+    assert coverage["totals"]["pending"] == capped.pending
+    sent = len(proxy.bodies)
+    assert sent == capped.answered
+    finished = generate(plan, out, client(proxy.url), plan_name="unit")
+    assert finished.sent == capped.pending and len(proxy.bodies) == 8 and finished.pending == 0

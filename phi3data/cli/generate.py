@@ -19,14 +19,20 @@ def generate(
              "which Ray fans the plan out over")] = None,
     model: Annotated[str | None, typer.Option(help="Model name to send (default: the plan's)")] = None,
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key")] = "OPENAI_API_KEY",
-    concurrency: Annotated[int, typer.Option(help="Requests in flight (per replica)")] = 8,
+    concurrency: Annotated[int, typer.Option(help="Most requests in flight (per replica); the client adapts below "
+                                                  "it, backing off on 429/503 and rising latency")] = 8,
+    rpm: Annotated[float | None, typer.Option(help="Requests per minute at most (hosted APIs)")] = None,
+    tpm: Annotated[float | None, typer.Option(help="Tokens per minute at most (hosted APIs)")] = None,
+    max_tokens_total: Annotated[int | None, typer.Option(help="Token budget: stop sending (cleanly, resumable) "
+                                                              "past this many prompt + completion tokens")] = None,
+    max_cost: Annotated[float | None, typer.Option(help="Cost budget, with --price-in/--price-out")] = None,
     timeout: Annotated[float, typer.Option(help="Per-request timeout, seconds")] = 300.0,
     seed: Annotated[list[str] | None, typer.Option(help="Replace a seed source's path: NAME=PATH")] = None,
     dry_run: Annotated[bool, typer.Option(help="Expand the plan and show counts, tokens, cost and sample prompts; "
                                                "send nothing")] = False,
     samples: Annotated[int, typer.Option(help="Rendered prompts to show with --dry-run")] = 2,
-    price_in: Annotated[float, typer.Option(help="Price per million prompt tokens, for the estimate")] = 0.0,
-    price_out: Annotated[float, typer.Option(help="Price per million completion tokens, for the estimate")] = 0.0,
+    price_in: Annotated[float, typer.Option(help="Price per million prompt tokens (estimate and --max-cost)")] = 0.0,
+    price_out: Annotated[float, typer.Option(help="Price per million completion tokens")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Generate a synthetic corpus from a plan (topics x audiences x styles over seeds), exactly once.
@@ -70,8 +76,10 @@ def generate(
     if output is None:
         raise ValueError("--output is required unless --dry-run")
     urls = base_url or ["http://127.0.0.1:8000/v1"]
+    limits = {"rpm": rpm, "tpm": tpm, "max_total_tokens": max_tokens_total, "max_cost": max_cost,
+              "price_in_per_m": price_in, "price_out_per_m": price_out}
     summary = _run(expansion.requests, output, loaded.name, urls, model or loaded.model, api_key_env, concurrency,
-                   timeout, progress)
+                   timeout, progress, limits)
     console.print(_coverage_table(summary.coverage))
     state = "stopped early; rerun to continue" if summary.stopped or summary.pending else "complete"
     console.print(f"{summary.planned:,} requests: {summary.already_answered:,} answered before, {summary.sent:,} "
@@ -80,12 +88,12 @@ def generate(
 
 
 def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, api_key_env: str, concurrency: int,
-         timeout: float, progress: bool):
+         timeout: float, progress: bool, limits: dict):
     from phi3data.generators.client import ClientConfig, LLMClient
     from phi3data.generators.runner import generate as run_generate
 
     client = LLMClient(ClientConfig(base_url=urls[0], model=model, api_key_env=api_key_env,
-                                    max_concurrency=concurrency, timeout_s=timeout))
+                                    max_concurrency=concurrency, timeout_s=timeout, **limits))
     replicas = urls if len(urls) > 1 else None
     if not progress or replicas:
         return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency,
