@@ -52,6 +52,8 @@ class AdaptiveLimit:
         self.latency_tolerance = latency_tolerance
         self.clock = clock
         self.in_flight = 0
+        self.peak_in_flight = 0
+        """The most requests ever in flight at once (never above the limit at the time)."""
         self.epoch = 0
         """Counts decreases; a request carries the epoch it was sent in."""
         self.history: list[LimitChange] = []
@@ -73,6 +75,7 @@ class AdaptiveLimit:
         async with self._cond:
             await self._cond.wait_for(lambda: self.in_flight < self.limit)
             self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             return self.epoch
 
     async def release(self) -> None:
