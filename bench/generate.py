@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import sys
 import tempfile
@@ -131,11 +130,11 @@ def faults(url: str, texts: list[str], args) -> None:
 
     from phi3data.generators.ledger import ledger_lines
 
-    rng = random.Random(0)
     proxy = FaultProxy(url)
     kinds = [("status", 500, {}), ("status", 429, {"Retry-After": "0"}), ("drop",), ("truncate",), ("malformed",)]
-    proxy.script = [rng.choice(kinds) if rng.random() < args.fault_rate else ("forward",)
-                    for _ in range(4 * len(texts))]
+    every = max(1, round(1 / args.fault_rate))  # every k-th request that reaches the proxy gets the next fault
+    proxy.script = [kinds[(i // every) % len(kinds)] if i % every == every - 1 else ("forward",)
+                    for i in range(4 * len(texts))]
     try:
         with tempfile.TemporaryDirectory() as out:
             clean = run_phi3data(url, texts, args.concurrency, args.max_tokens, Path(out) / "clean")
@@ -145,10 +144,11 @@ def faults(url: str, texts: list[str], args) -> None:
             lost = len(texts) - len(set(keys))
             duplicated = len(keys) - len(set(keys))
             forwarded = proxy.forwarded
+            injected = sum(1 for i in range(len(proxy.bodies)) if i % every == every - 1)
     finally:
         proxy.close()
     print(f"\nwith {args.fault_rate:.0%} injected faults: {faulty['answered']} of {len(texts)} answered, "
-          f"lost {lost}, duplicated {duplicated}; {faulty['requests_sent']} requests sent "
+          f"lost {lost}, duplicated {duplicated}; {injected} faults injected, {faulty['requests_sent']} requests sent "
           f"({faulty['retries']} retries, {forwarded} reached the server); "
           f"{faulty['tok_s']:.1f} vs {clean['tok_s']:.1f} completion tokens/s without faults "
           f"({faulty['tok_s'] / clean['tok_s']:.2f}x)")
