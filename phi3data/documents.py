@@ -36,6 +36,15 @@ REJECT_SCHEMA = pa.schema(
 )
 REJECT_EXCERPT_BYTES = 1024
 
+FINDING_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string()),
+        pa.field("stage", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("detail", pa.large_string()),
+    ]
+)
+
 
 def make_batch(records: Iterable[dict], with_html: bool = False) -> pa.Table:
     """Build a document batch from dicts with keys of the core schema (and ``html`` when ``with_html``)."""
@@ -62,3 +71,15 @@ def make_rejects(records: Iterable[dict]) -> pa.Table:
                 value = bytes(value[:REJECT_EXCERPT_BYTES])
             columns[name].append(value)
     return pa.table(columns, schema=REJECT_SCHEMA)
+
+
+def make_findings(stage: str, findings: Iterable[dict]) -> pa.Table:
+    """Build a findings table: ``id`` and ``kind`` of each finding, everything else as JSON in ``detail``."""
+    ids, kinds, details = [], [], []
+    for finding in findings:
+        finding = dict(finding)
+        ids.append(finding.pop("id", None))
+        kinds.append(finding.pop("kind", None))
+        details.append(json.dumps(finding, ensure_ascii=False, sort_keys=True, default=str))
+    return pa.table({"id": ids, "stage": [stage] * len(ids), "kind": kinds, "detail": details},
+                    schema=FINDING_SCHEMA)

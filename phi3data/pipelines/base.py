@@ -23,6 +23,10 @@ class StageOutput:
     batch: pa.Table
     drops: Counter = field(default_factory=Counter)
     rejects: list[dict] = field(default_factory=list)
+    findings: list[dict] = field(default_factory=list)
+    """What a stage found about documents, kept or dropped (a benchmark item a document matched, the earlier
+    document a duplicate matched): dicts with ``id`` and ``kind`` plus any JSON-serialisable detail. They are
+    written per shard to ``findings/`` and summed into a report by the stage's ``report``."""
 
 
 class Stage:
@@ -30,6 +34,8 @@ class Stage:
 
     type_name: ClassVar[str] = ""
     Params: ClassVar[type[StageParams]] = StageParams
+    reports_always: ClassVar[bool] = False
+    """Write a report even when the stage found nothing (a clean decontamination report is news too)."""
 
     def __init__(self, params: StageParams, name: str | None = None):
         self.params = params
@@ -43,6 +49,12 @@ class Stage:
         """What the stage loads from outside the recipe (model files, by content hash). It is part of the recipe
         hash, so retraining a model in place gives a new hash instead of mixing old and new scores."""
         return {}
+
+    def report(self, findings: pa.Table) -> dict:
+        """A run-level report from all this stage's findings (columns ``id``, ``kind``, ``detail`` as a JSON
+        string), written to ``reports/<stage name>.json`` and into the run's stats. Default: counts by kind."""
+        kinds = Counter(findings.column("kind").to_pylist()) if findings.num_rows else Counter()
+        return {"findings": findings.num_rows, "by_kind": dict(sorted(kinds.items()))}
 
     def ensure_setup(self) -> None:
         if not self._ready:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phi3data.documents import REJECT_SCHEMA, make_batch, make_rejects
+from phi3data.documents import FINDING_SCHEMA, REJECT_SCHEMA, make_batch, make_findings, make_rejects
 from phi3data.io.inputs import InputShard
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import ShardWriter, write_json_atomic
@@ -29,6 +29,7 @@ from phi3data.pipelines.recipe import Recipe, load_recipe
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
+FINDINGS_DIR = "findings"
 PROGRESS_DIR = "_progress"
 SEGMENTS_DIR = "_segments"
 
@@ -86,13 +87,15 @@ class Pipeline:
         """Where a shard's outputs go for one segment (the last segment by default: the final outputs)."""
         segment = self.last_segment if segment is None else segment
         stem = shard.output_stem(self.hash)
-        rejects = out_dir / REJECTS_DIR / (f"{stem}.parquet" if segment == 0 else f"{stem}.s{segment}.parquet")
+        side = f"{stem}.parquet" if segment == 0 else f"{stem}.s{segment}.parquet"
+        rejects, findings = out_dir / REJECTS_DIR / side, out_dir / FINDINGS_DIR / side
         if segment == self.last_segment:
             ext = "parquet" if self.recipe.output.format == "parquet" else "jsonl"
-            return {"data": out_dir / DATA_DIR / f"{stem}.{ext}", "rejects": rejects,
+            return {"data": out_dir / DATA_DIR / f"{stem}.{ext}", "rejects": rejects, "findings": findings,
                     "done": out_dir / PROGRESS_DIR / f"{stem}.json"}
         base = out_dir / SEGMENTS_DIR / str(segment)
-        return {"data": base / f"{stem}.parquet", "rejects": rejects, "done": base / PROGRESS_DIR / f"{stem}.json"}
+        return {"data": base / f"{stem}.parquet", "rejects": rejects, "findings": findings,
+                "done": base / PROGRESS_DIR / f"{stem}.json"}
 
     def segment_stages(self, segment: int, decision: dict | None) -> list[Stage]:
         seg = self.segments[segment]
@@ -103,9 +106,12 @@ class Pipeline:
         return [_Decided(seg.opening, decision), *seg.stages]
 
     @staticmethod
-    def run_batch(stages: list[Stage], batch: pa.Table, stats: list[dict]) -> tuple[pa.Table, list[dict]]:
-        """Push one batch through the stages, adding to per-stage stats; returns kept docs and rejects."""
+    def run_batch(stages: list[Stage], batch: pa.Table, stats: list[dict]) -> tuple[pa.Table, list[dict],
+                                                                                     list[pa.Table]]:
+        """Push one batch through the stages, adding to per-stage stats; returns kept docs, rejects and
+        findings (one table per stage that found something)."""
         rejects: list[dict] = []
+        findings: list[pa.Table] = []
         for stage, stage_stats in zip(stages, stats):
             stage.ensure_setup()
             started = time.perf_counter()
@@ -118,7 +124,10 @@ class Pipeline:
             stage_stats["drops"].update(result.drops)
             stage_stats["rejects"] += len(result.rejects)
             rejects.extend(result.rejects)
-        return batch, rejects
+            if result.findings:
+                stage_stats["findings"] = stage_stats.get("findings", 0) + len(result.findings)
+                findings.append(make_findings(stage.name, result.findings))
+        return batch, rejects, findings
 
     def _input_batches(self, shard: InputShard, out_dir: Path, segment: int, read_rejects: Counter,
                        pending_rejects: list[dict]):
@@ -176,12 +185,15 @@ class Pipeline:
         summary: dict = {}
         writer = ShardWriter(paths["data"], cfg_out.format if final else "parquet", cfg_out.compression)
         reject_writer = ShardWriter(paths["rejects"], "parquet", cfg_out.compression)
+        finding_writer = ShardWriter(paths["findings"], "parquet", cfg_out.compression)
         try:
             scratch = [{"in": 0, "out": 0, "seconds": 0.0, "drops": Counter(), "rejects": 0} for _ in stages]
-            empty_out, _ = self.run_batch(stages, self._empty_input(shard, out_dir, segment), scratch)
+            empty_out, _, _ = self.run_batch(stages, self._empty_input(shard, out_dir, segment), scratch)
             for batch in self._input_batches(shard, out_dir, segment, read_rejects, pending_rejects):
                 docs_read += batch.num_rows
-                kept, rejects = self.run_batch(stages, batch, stage_stats)
+                kept, rejects, findings = self.run_batch(stages, batch, stage_stats)
+                for table in findings:
+                    finding_writer.write(table)
                 if kept.num_rows:
                     writer.write(kept)
                     if closing is not None:
@@ -195,9 +207,11 @@ class Pipeline:
                 reject_writer.write(make_rejects(pending_rejects))
             writer.close(empty_schema=empty_out.schema)
             reject_writer.close(empty_schema=REJECT_SCHEMA)
+            finding_writer.close(empty_schema=FINDING_SCHEMA)
         except BaseException:
             writer.abort()
             reject_writer.abort()
+            finding_writer.abort()
             raise
         for s in stage_stats:
             s["drops"] = dict(sorted(s["drops"].items()))
@@ -207,11 +221,13 @@ class Pipeline:
             "input_key": shard.key,
             "recipe_hash": self.hash,
             "segment": segment,
-            "outputs": {"data": paths["data"].name, "rejects": paths["rejects"].name},
+            "outputs": {"data": paths["data"].name, "rejects": paths["rejects"].name,
+                        "findings": paths["findings"].name},
             "read": {"documents": docs_read, "rejects": dict(sorted(read_rejects.items()))},
             "stages": stage_stats,
             "documents_out": writer.rows,
             "rejects_out": reject_writer.rows,
+            "findings_out": finding_writer.rows,
             "seconds": round(time.perf_counter() - started, 4),
         }
         if closing is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi3data import __version__
+from phi3data.documents import FINDING_SCHEMA
 from phi3data.engines import engine_session, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import InputShard, plan_shards
@@ -119,6 +120,9 @@ def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, 
                           for k in range(pipeline.last_segment)}
     stats["recipe_hash"] = pipeline.hash
     stats["engine"] = engine
+    reports = _reports(pipeline, output, shards)
+    if reports:
+        stats["reports"] = reports
     per_shard = per_segment[-1]
     write_json_atomic(output / "stats.json", stats)
     write_json_atomic(manifest_path, _manifest(recipe, pipeline, shards, engine, complete=True, per_shard=per_shard))
@@ -148,6 +152,28 @@ def _decide(pipeline: Pipeline, output: Path, shards: list[InputShard], segment:
     return decision
 
 
+def _reports(pipeline: Pipeline, output: Path, shards: list[InputShard]) -> dict:
+    """Each stage's report over all its findings (``Stage.report``), also written to ``reports/<stage>.json``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(pipeline.output_paths(output, s, k)["findings"])
+              for k in range(pipeline.last_segment + 1) for s in shards]
+    tables = [t for t in tables if t.num_rows]
+    findings = pa.concat_tables(tables) if tables else None
+    reports = {}
+    for stage in pipeline.stages:
+        mine = findings.filter(pc.equal(findings.column("stage"), stage.name)) if findings is not None else None
+        if mine is None or mine.num_rows == 0:
+            if not stage.reports_always:
+                continue
+            mine = FINDING_SCHEMA.empty_table()
+        reports[stage.name] = stage.report(mine)
+        write_json_atomic(output / "reports" / f"{stage.name}.json", reports[stage.name])
+    return reports
+
+
 def _is_done(pipeline: Pipeline, output: Path, shard: InputShard, segment: int | None = None) -> bool:
     paths = pipeline.output_paths(output, shard, segment)
     return all(p.exists() for p in paths.values())
@@ -170,6 +196,7 @@ def merge_stats(per_shard: list[dict]) -> dict:
             total["out"] += s["out"]
             total["seconds"] += s["seconds"]
             total["rejects"] += s["rejects"]
+            total["findings"] = total.get("findings", 0) + s.get("findings", 0)
             total["drops"].update(s["drops"])
     for s in stages.values():
         s["drops"] = dict(sorted(s["drops"].items()))
