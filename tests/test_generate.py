@@ -151,10 +151,16 @@ def test_kill_9_mid_run_then_resume_sends_nothing_answered_and_loses_nothing(pro
 
 
 @pytest.mark.cluster
-def test_ray_fans_out_over_two_real_servers_and_answers_each_request_once(ray_cluster, llama_server, tmp_path):
+def test_ray_fans_out_over_two_real_servers_and_answers_each_request_once(ray_cluster, llama_server, tmp_path,
+                                                                         monkeypatch):
     """Two llama.cpp server processes, one Ray actor each (on a two-node Ray cluster): every request is answered
-    exactly once, by one of the replicas, and a rerun over the same replica group sends nothing."""
+    exactly once, by one of the replicas, and a rerun over the same replica group sends nothing. The driver
+    reports progress while the actors work: growing counts, the last one the total."""
     from conftest import running_llama_server
+
+    from phi3data.generators import fanout
+
+    monkeypatch.setattr(fanout, "PROGRESS_EVERY_S", 0.05)
 
     plan = requests(10)
     with running_llama_server(tmp_path, threads=1) as second:
@@ -162,8 +168,16 @@ def test_ray_fans_out_over_two_real_servers_and_answers_each_request_once(ray_cl
         try:
             replicas = [first_proxy.url, second_proxy.url]
             out = tmp_path / "gen"
-            summary = generate(plan, out, client(first_proxy.url), plan_name="unit", replicas=replicas)
+            reports: list[dict] = []
+            summary = generate(plan, out, client(first_proxy.url), plan_name="unit", replicas=replicas,
+                               progress=reports.append)
             assert summary.answered == 10 and summary.pending == 0 and summary.failed == 0
+            done = [r["done"] for r in reports]
+            assert done == sorted(done) and any(0 < d < 10 for d in done), f"progress while sending: {done}"
+            assert reports[-1]["done"] == reports[-1]["total"] == reports[-1]["answered"] == 10
+            assert reports[-1]["failed"] == 0 and reports[-1]["completion_tokens"] > 0
+            tokens = [r["completion_tokens"] for r in reports]
+            assert tokens == sorted(tokens)
             prompts = [[b["messages"][0]["content"] for b in p.bodies] for p in (first_proxy, second_proxy)]
             assert len(prompts[0]) == len(prompts[1]) == 5, "round-robin: half each"
             assert sorted(prompts[0] + prompts[1]) == sorted(r.messages[0]["content"] for r in plan)

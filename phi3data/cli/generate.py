@@ -95,7 +95,7 @@ def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, ap
     client = LLMClient(ClientConfig(base_url=urls[0], model=model, api_key_env=api_key_env,
                                     max_concurrency=concurrency, timeout_s=timeout, **limits))
     replicas = urls if len(urls) > 1 else None
-    if not progress or replicas:
+    if not progress:
         return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency,
                             replicas=replicas)
     import time
@@ -113,7 +113,8 @@ def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, ap
                        rate=f"{counts['done'] / elapsed:.2f} req/s, {counts['completion_tokens'] / elapsed:,.0f} "
                             f"tok/s, {counts.get('failed', 0)} failed")
 
-        return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency, progress=update)
+        return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency, progress=update,
+                            replicas=replicas)
 
 
 def _coverage_table(coverage: dict):

@@ -68,7 +68,8 @@ def generate(requests: Sequence[GenRequest], output: Path, client: LLMClient, *,
     ``client`` says how to talk to the server (model, retries, limits). With ``replicas`` (base URLs of servers
     that serve the same model), Ray fans the requests out over them, one actor per replica; requests are then
     keyed by the replica group, so a rerun over the same group sends nothing twice whichever replica answered.
-    ``progress`` is called with running counts after every reply. The output directory is locked for the run.
+    ``progress`` is called with running counts after every reply (over replicas: the actors' summed counts,
+    polled while they work). The output directory is locked for the run.
     """
     with output_lock(output):
         remove_stale_tmp(output)
@@ -100,7 +101,7 @@ def _generate_locked(requests: Sequence[GenRequest], output: Path, client: LLMCl
     if len(replicas) > 1:
         from phi3data.generators.fanout import fan_out
 
-        counts, stopped = fan_out(pending, output, client, replicas, concurrency)
+        counts, stopped = fan_out(pending, output, client, replicas, concurrency, progress)
     else:
         if replicas:
             client = LLMClient(client.config.model_copy(update={"base_url": replicas[0]}))
