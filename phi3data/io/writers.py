@@ -76,6 +76,7 @@ class ShardWriter:
 
 def write_json_atomic(path: Path, obj, default=str) -> None:
     """Write JSON to ``path`` atomically; ``default`` converts values json cannot (numpy floats: pass float)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=default), encoding="utf-8")
     commit(tmp, path)

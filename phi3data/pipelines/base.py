@@ -131,6 +131,38 @@ class GlobalStage(Stage):
         raise RuntimeError(f"{self.name} is a global stage: run it through phi3data.pipelines.runner")
 
 
+class KeyedStage(GlobalStage):
+    """A global stage decided by a shuffle rather than a small summary (dedup): too much to sum on the driver.
+
+    The runner runs it in three steps:
+      1. ``keys(batch)`` in every worker: keyed rows per document (a ``key`` uint64 column and ``id``, plus the
+         stage's own columns); each shard's rows are written, partitioned by key, next to the segment's output;
+      2. ``resolve(job)`` on the driver, once: reduce tasks over the key partitions run on the run's engine
+         (:class:`phi3data.pipelines.shuffle.ShuffleJob`) and write, per shard, what each document needs; it
+         returns the (small) decision;
+      3. ``apply_resolved(batch, decision, resolved)`` on every batch of the next pass, with ``resolved`` the
+         rows the shuffle wrote for that batch's shard.
+    """
+
+    def keys(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    def resolve(self, job) -> dict:
+        raise NotImplementedError
+
+    def apply_resolved(self, batch: pa.Table, decision: dict, resolved: pa.Table) -> StageOutput:
+        raise NotImplementedError
+
+    def summarize(self, batch: pa.Table) -> dict:
+        return {}
+
+    def decide(self, summary: dict) -> dict:
+        raise RuntimeError(f"{self.name} is decided by a shuffle: the runner calls resolve()")
+
+    def apply(self, batch: pa.Table, decision: dict) -> StageOutput:
+        raise RuntimeError(f"{self.name} needs its shard's resolved rows: the pipeline calls apply_resolved()")
+
+
 def merge_summaries(a: dict, b: dict) -> dict:
     """Add two GlobalStage summaries key by key (ints add, lists of ints add element-wise)."""
     out = dict(a)

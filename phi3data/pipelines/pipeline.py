@@ -24,8 +24,9 @@ from phi3data.documents import FINDING_SCHEMA, REJECT_SCHEMA, make_batch, make_f
 from phi3data.io.inputs import InputShard
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import ShardWriter, write_json_atomic
-from phi3data.pipelines.base import GlobalStage, Stage, StageOutput, merge_summaries
+from phi3data.pipelines.base import GlobalStage, KeyedStage, Stage, StageOutput, merge_summaries
 from phi3data.pipelines.recipe import Recipe, load_recipe
+from phi3data.pipelines.shuffle import node_name, read_shard_rows, sha256_file, write_keys
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
@@ -52,11 +53,19 @@ class _Decided(Stage):
         self.type_name = stage.type_name
         self.stage = stage
         self.decision = decision
+        self.resolved: pa.Table | None = None
+
+    def bind_shard(self, out_dir: Path, stem: str) -> None:
+        """A keyed stage reads the rows its shuffle resolved for this shard."""
+        if isinstance(self.stage, KeyedStage):
+            self.resolved = read_shard_rows([str(out_dir / f) for f in sorted(self.decision["resolved"])], stem)
 
     def setup(self) -> None:
         self.stage.ensure_setup()
 
     def process(self, batch: pa.Table) -> StageOutput:
+        if isinstance(self.stage, KeyedStage):
+            return self.stage.apply_resolved(batch, self.decision, self.resolved)
         return self.stage.apply(batch, self.decision)
 
 
@@ -94,8 +103,11 @@ class Pipeline:
             return {"data": out_dir / DATA_DIR / f"{stem}.{ext}", "rejects": rejects, "findings": findings,
                     "done": out_dir / PROGRESS_DIR / f"{stem}.json"}
         base = out_dir / SEGMENTS_DIR / str(segment)
-        return {"data": base / f"{stem}.parquet", "rejects": rejects, "findings": findings,
-                "done": base / PROGRESS_DIR / f"{stem}.json"}
+        paths = {"data": base / f"{stem}.parquet", "rejects": rejects, "findings": findings,
+                 "done": base / PROGRESS_DIR / f"{stem}.json"}
+        if isinstance(self.segments[segment].closing, KeyedStage):
+            paths["keys"] = base / "keys" / f"{stem}.parquet"
+        return paths
 
     def segment_stages(self, segment: int, decision: dict | None) -> list[Stage]:
         seg = self.segments[segment]
@@ -173,7 +185,13 @@ class Pipeline:
         cfg_out = self.recipe.output
         final = segment == self.last_segment
         stages = self.segment_stages(segment, decision)
+        stem = shard.output_stem(self.hash)
+        for stage in stages:
+            if isinstance(stage, _Decided):
+                stage.bind_shard(out_dir, stem)
         closing = self.segments[segment].closing
+        keyed = isinstance(closing, KeyedStage)
+        keys: list[pa.Table] = []
         paths = self.output_paths(out_dir, shard, segment)
         for p in paths.values():
             p.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +214,12 @@ class Pipeline:
                     finding_writer.write(table)
                 if kept.num_rows:
                     writer.write(kept)
-                    if closing is not None:
+                    if keyed:
+                        closing.ensure_setup()
+                        rows = closing.keys(kept)
+                        keys.append(rows.append_column("node", pa.array(
+                            node_name(rows.column("id").to_pylist(), stem), pa.string())).drop_columns(["id"]))
+                    elif closing is not None:
                         closing.ensure_setup()
                         summary = merge_summaries(summary, closing.summarize(kept))
                 pending_rejects.extend(rejects)
@@ -208,6 +231,11 @@ class Pipeline:
             writer.close(empty_schema=empty_out.schema)
             reject_writer.close(empty_schema=REJECT_SCHEMA)
             finding_writer.close(empty_schema=FINDING_SCHEMA)
+            if keyed:
+                empty = pa.table({"band": pa.array([], pa.int16()), "key": pa.array([], pa.uint64()),
+                                  "node": pa.array([], pa.string())})
+                write_keys(pa.concat_tables([empty.cast(t.schema) for t in keys[:1]] + keys) if keys else empty,
+                           paths["keys"], closing.params.partitions)
         except BaseException:
             writer.abort()
             reject_writer.abort()
@@ -232,6 +260,8 @@ class Pipeline:
         }
         if closing is not None:
             stats["summary"] = summary
+        if not final:  # the next pass and the shuffle check these before reading them
+            stats["sha256"] = {name: sha256_file(paths[name]) for name in ("data", "keys") if name in paths}
         write_json_atomic(paths["done"], stats)
         return stats
 

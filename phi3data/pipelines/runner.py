@@ -22,9 +22,10 @@ from phi3data.engines.progress import drain
 from phi3data.io.inputs import InputShard, plan_shards
 from phi3data.io.readers import detect_format
 from phi3data.io.writers import output_lock, remove_stale_tmp, write_json_atomic
-from phi3data.pipelines.base import merge_summaries
+from phi3data.pipelines.base import KeyedStage, merge_summaries
 from phi3data.pipelines.pipeline import SEGMENTS_DIR, Pipeline, run_shard_task
 from phi3data.pipelines.recipe import Recipe, RecipeError
+from phi3data.pipelines.shuffle import ShuffleJob, sha256_file
 
 
 def materialise_hf_dataset(name: str, target: Path) -> Path:
@@ -101,12 +102,21 @@ def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, 
             items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
             results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
                                  spark_master=spark_master)
+            mapper = functools.partial(_map_tasks, engine=engine, workers=workers, ray_address=ray_address,
+                                       spark_master=spark_master)
             label = engine if pipeline.last_segment == 0 else \
                 f"{engine}, pass {segment + 1}/{pipeline.last_segment + 1}"
             drain(results, total=len(shards), skipped=len(shards) - len(pending), label=f"run ({label})",
                   count=lambda r: r["read"]["documents"], unit="docs", progress=progress)
             if segment < pipeline.last_segment:
-                decision = _decide(pipeline, output, shards, segment)
+                broken = _broken_intermediates(pipeline, output, shards, segment)
+                if broken:  # a corrupt or missing intermediate file is rebuilt, never read
+                    redo = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in broken]
+                    drain(map_shards(task, redo, engine=engine, workers=workers, ray_address=ray_address,
+                                     spark_master=spark_master), total=len(redo), skipped=0,
+                          label=f"run ({engine}, rebuilding {len(redo)} intermediate shard(s))",
+                          count=lambda r: r["read"]["documents"], unit="docs", progress=progress)
+                decision = _decide(pipeline, output, shards, segment, mapper)
 
     per_segment = [[json.loads(pipeline.output_paths(output, s, k)["done"].read_text()) for s in shards]
                    for k in range(pipeline.last_segment + 1)]
@@ -133,19 +143,58 @@ def _decision_path(output: Path, segment: int) -> Path:
     return output / SEGMENTS_DIR / f"decision-{segment}.json"
 
 
-def _decide(pipeline: Pipeline, output: Path, shards: list[InputShard], segment: int) -> dict:
-    """Reduce a segment's per-shard summaries on the driver and let its closing global stage decide.
+def _map_tasks(fn, items: list[dict], *, engine: str, workers: int | None, ray_address: str | None,
+               spark_master: str | None):
+    return map_shards(fn, items, engine=engine, workers=workers, ray_address=ray_address, spark_master=spark_master)
+
+
+def _broken_intermediates(pipeline: Pipeline, output: Path, shards: list[InputShard], segment: int) -> list:
+    """Shards whose intermediate files for ``segment`` are missing or differ from the sha256 their pass recorded;
+    their done markers are removed so they are redone. Checked only while the next pass still has work."""
+    if all(_is_done(pipeline, output, s, segment + 1) for s in shards):
+        return []
+    broken = []
+    for shard in shards:
+        paths = pipeline.output_paths(output, shard, segment)
+        done = json.loads(paths["done"].read_text())
+        recorded = done.get("sha256", {})
+        if any(not paths[name].exists() or sha256_file(paths[name]) != sha for name, sha in recorded.items()):
+            paths["done"].unlink()
+            broken.append(shard)
+    if broken:
+        _decision_path(output, segment).unlink(missing_ok=True)
+    return broken
+
+
+def _decide(pipeline: Pipeline, output: Path, shards: list[InputShard], segment: int, mapper) -> dict:
+    """Let the segment's closing global stage decide: sum the per-shard summaries on the driver, or, for a keyed
+    stage (dedup), run its shuffle on the engine.
 
     The decision is saved, and reused by a resumed run, so every shard of the next pass sees the same one.
     """
     path = _decision_path(output, segment)
+    stage = pipeline.segments[segment].closing
     if path.exists():
-        return json.loads(path.read_text())
+        decision = json.loads(path.read_text())
+        files = decision.get("resolved", {}) if isinstance(stage, KeyedStage) else {}
+        if all((output / f).exists() and sha256_file(output / f) == sha for f, sha in files.items()):
+            return decision
+        path.unlink()  # what the shuffle resolved changed since: resolve again (its intact steps are reused)
+    if isinstance(stage, KeyedStage):
+        paths = [pipeline.output_paths(output, s, segment) for s in shards]
+        job = ShuffleJob(work=output / SEGMENTS_DIR / str(segment) / "shuffle" / stage.name, output=output,
+                         stems=[s.output_stem(pipeline.hash) for s in shards],
+                         keys_files=[p["keys"] for p in paths],
+                         data_files={s.output_stem(pipeline.hash): p["data"] for s, p in zip(shards, paths)},
+                         mapper=mapper)
+        stage.ensure_setup()
+        decision = stage.resolve(job)
+        write_json_atomic(path, decision)
+        return decision
     summary: dict = {}
     for shard in shards:
         done = json.loads(pipeline.output_paths(output, shard, segment)["done"].read_text())
         summary = merge_summaries(summary, done.get("summary", {}))
-    stage = pipeline.segments[segment].closing
     stage.ensure_setup()
     decision = stage.decide(summary)
     write_json_atomic(path, decision)
