@@ -53,9 +53,11 @@ _PUNCTUATION = r"[\p{P}\p{S}]+"
 def normalised_words(texts: pa.Array | pa.ChunkedArray) -> pa.ListArray:
     """Each text as a list of words: lower case, punctuation and symbols removed, split on white space."""
     lowered = pc.utf8_lower(pc.fill_null(texts, ""))
-    spaced = pc.replace_substring_regex(lowered, _PUNCTUATION, " ")
-    words = pc.utf8_split_whitespace(spaced)
-    return words.combine_chunks() if isinstance(words, pa.ChunkedArray) else words
+    spaced = pc.utf8_trim_whitespace(pc.replace_substring_regex(lowered, _PUNCTUATION, " "))
+    # a text with no words splits into [""]: make it an empty list
+    words = pc.utf8_split_whitespace(pc.if_else(pc.equal(spaced, ""), pa.scalar(None, spaced.type), spaced))
+    words = words.combine_chunks() if isinstance(words, pa.ChunkedArray) else words
+    return pc.fill_null(words, pa.scalar([], words.type))
 
 
 def word_hashes(words: pa.Array) -> np.ndarray:
