@@ -9,8 +9,9 @@ How a match is found:
    hashes of its word n-grams (``n`` = 13 by default, as GPT-3 used) go into sorted numpy arrays that map an
    n-gram hash to the items holding it: a hash table searched with ``np.searchsorted`` a whole batch at a time.
 2. **Short items**: an item with fewer than ``n`` words (and at least ``min_n``) is indexed as one n-gram of its
-   own length, so only the whole item, word for word, finds it. An item under ``min_n`` words is not indexed
-   (the report counts it as ``too_short``): "Predators eat" matches too much ordinary text to mean anything.
+   own length, so only the whole item, word for word, finds it (labels such as "A." between its options hide
+   it). An item under ``min_n`` words is not indexed (the report counts it as ``too_short``): "Predators eat"
+   and four one-word options match too much ordinary text to mean anything.
 3. **Common n-grams**: an n-gram held by more than ``max_items_per_ngram`` items is template text (the
    preamble MMLU's 895 moral-scenario questions share) and is left out of the index; without it a page quoting
    the template would put every one of those items up for confirmation, and the template alone covers more
@@ -24,12 +25,17 @@ How a match is found:
    len(benchmark text)``, not ``SequenceMatcher.ratio()``, which would shrink with the window. The share is
    taken of the whole item, or of its first field (the question) alone when that has at least ``min_n`` words,
    whichever is larger: a page that copies an ARC question without its four answer options has still copied
-   the question. The hit is confirmed when the share is at least ``min_ratio`` (0.5, Cosmopedia's bound).
+   the question. Only the blocks of one passage count: the longest block and its neighbours while the
+   unmatched words between them are fewer than max(n, half the item). The hit is confirmed when the share is
+   at least ``min_ratio`` (0.5, Cosmopedia's bound).
 
 Every confirmed (document, item) pair is a finding: ``{"id", "kind": "benchmark_match", "benchmark", "item",
-"matched", "ratio"}``, where ``matched`` is the document's text from the first to the last reproduced word.
-``report`` sums the findings per benchmark. Benchmark files are JSONL (optionally .gz / .bz2); how an item's
-text and id are found is described at :class:`DecontaminateParams`.
+"matched", "ratio"}``, where ``matched`` is the passage: the document's text from the first to the last
+reproduced word, widened to whitespace (so a trailing "?" goes with it). ``cut`` removes every confirmed
+passage and joins what is left with newlines. ``report`` sums the findings per benchmark.
+
+Benchmark files are JSONL (optionally .gz / .bz2); how an item's text and id are found is described at
+:class:`DecontaminateParams`.
 """
 
 from __future__ import annotations
@@ -160,7 +166,7 @@ class _TokenHashes(dict):
 
 
 _HASHES = _TokenHashes()
-_HASH_CACHE_LIMIT = 2_000_000
+_HASH_CACHE_LIMIT = 500_000  # distinct raw words kept (about 60 MB)
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -176,29 +182,52 @@ def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return flat, offsets
 
 
-def segment_ngrams(hashes: np.ndarray, offsets: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hashes of every m-gram that lies inside one segment, and their start positions in ``hashes``."""
-    total = len(hashes)
-    if total < m:
-        return np.empty(0, np.uint64), np.empty(0, np.int64)
-    count = total - m + 1
-    acc = hashes[:count].copy()
-    for k in range(1, m):
-        acc *= _MULT
-        acc += hashes[k:k + count]
-    starts = np.arange(count, dtype=np.int64)
-    segment = np.searchsorted(offsets, starts, side="right") - 1
-    inside = starts + m <= offsets[segment + 1]
-    return acc[inside], starts[inside]
+def ngram_passes(hashes: np.ndarray, offsets: np.ndarray, lengths: list[int]):
+    """For each m in ``lengths`` (ascending): (m, hashes of every m-gram inside one segment, their starts).
+
+    The polynomial hash H_m(i) = sum_k hashes[i + k] * MULT^(m - 1 - k) grows one word at a time,
+    H_{m+1}(i) = H_m(i) * MULT + hashes[i + m], so all lengths up to the largest cost one pass each."""
+    if not lengths:
+        return
+    ends = np.repeat(offsets[1:], np.diff(offsets))  # each word's segment end
+    acc = hashes.copy()
+    wanted = set(lengths)
+    for m in range(1, max(lengths) + 1):
+        if m > 1:
+            if len(acc) <= 1:
+                return
+            acc = acc[:-1] * _MULT + hashes[m - 1:]
+        if m in wanted:
+            starts = np.arange(len(acc), dtype=np.int64)
+            inside = starts + m <= ends[:len(acc)]
+            yield m, acc[inside], starts[inside]
 
 
 def whole_ngrams(hashes: np.ndarray, starts: np.ndarray, m: int) -> np.ndarray:
-    """The m-gram hash starting at each of ``starts`` (same polynomial as :func:`segment_ngrams`)."""
+    """The m-gram hash starting at each of ``starts`` (the polynomial of :func:`ngram_passes`)."""
     acc = hashes[starts].copy()
     for k in range(1, m):
         acc *= _MULT
         acc += hashes[starts + k]
     return acc
+
+
+class _Bitmap:
+    """A one-bit-per-slot filter on a hash's top bits: most n-grams of a document are in no benchmark, and this
+    rejects them with a few vector operations before the (cache-unfriendly) binary search."""
+
+    BITS = 27  # 16 MB
+
+    def __init__(self, keys: np.ndarray):
+        self.bits = np.zeros(1 << (self.BITS - 3), np.uint8)
+        slots = keys >> np.uint64(64 - self.BITS)
+        np.bitwise_or.at(self.bits, (slots >> np.uint64(3)).astype(np.int64),
+                         (np.uint8(1) << (slots & np.uint64(7)).astype(np.uint8)))
+
+    def maybe(self, grams: np.ndarray) -> np.ndarray:
+        slots = grams >> np.uint64(64 - self.BITS)
+        byte = self.bits[(slots >> np.uint64(3)).astype(np.int64)]
+        return (byte >> (slots & np.uint64(7)).astype(np.uint8)) & np.uint8(1) == 1
 
 
 # --- benchmark files ----------------------------------------------------------------------------------------
@@ -372,12 +401,13 @@ class NgramIndex:
         self.keys: dict[int, np.ndarray] = {}
         self.items: dict[int, np.ndarray] = {}
         self.common_dropped = 0
-        grams, starts = segment_ngrams(hashes, offsets, n)
-        self._add(n, grams, np.searchsorted(offsets, starts, side="right") - 1, max_items_per_ngram)
+        for _, grams, starts in ngram_passes(hashes, offsets, [n]):
+            self._add(n, grams, np.searchsorted(offsets, starts, side="right") - 1, max_items_per_ngram)
         for m in range(min_n, n):
             short = np.flatnonzero(self.words == m)
             if len(short):
                 self._add(m, whole_ngrams(hashes, offsets[short], m), short, max_items_per_ngram)
+        self.bitmap = _Bitmap(np.concatenate([np.empty(0, np.uint64), *self.keys.values()]))
 
     def _add(self, m: int, grams: np.ndarray, items: np.ndarray, cap: int) -> None:
         items = items.astype(np.int64)
@@ -389,16 +419,17 @@ class NgramIndex:
         _, inverse, counts = np.unique(grams, return_inverse=True, return_counts=True)
         common = counts[inverse] > cap
         self.common_dropped += int(np.count_nonzero(counts > cap))
-        self.keys[m], self.items[m] = grams[~common], items[~common]
+        if np.count_nonzero(~common):
+            self.keys[m], self.items[m] = grams[~common], items[~common]
 
     def scan(self, texts: list[str], min_ratio: float) -> list[list[Match]]:
         """Every document's confirmed matches (by item order within a document)."""
         hashes, offsets = word_hashes(texts)
         hits: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)  # (doc, item) -> [(start, m)]
-        for m, keys in self.keys.items():
-            if not len(keys):
-                continue
-            grams, starts = segment_ngrams(hashes, offsets, m)
+        for m, grams, starts in ngram_passes(hashes, offsets, sorted(self.keys)):
+            keys = self.keys[m]
+            maybe = self.bitmap.maybe(grams)
+            grams, starts = grams[maybe], starts[maybe]
             left = np.searchsorted(keys, grams, side="left")
             found = keys[np.minimum(left, len(keys) - 1)] == grams
             if not found.any():
@@ -440,7 +471,9 @@ class NgramIndex:
         for lo, hi in _clusters(sorted(set(hits)), reach):
             start, stop = max(0, lo - reach), min(len(words), hi + reach)
             matcher = difflib.SequenceMatcher(None, words[start:stop], item_words, autojunk=False)
-            blocks = [b for b in matcher.get_matching_blocks() if b.size >= min(MIN_BLOCK_WORDS, len(item_words))]
+            blocks = _passage([b for b in matcher.get_matching_blocks()
+                               if b.size >= min(MIN_BLOCK_WORDS, len(item_words))],
+                              gap=max(self.n, len(item_words) // 2))
             if not blocks:
                 continue
             covered = np.zeros(len(item_words), bool)
@@ -451,11 +484,34 @@ class NgramIndex:
                 ratio = max(ratio, int(sizes[:q_words][covered[:q_words]].sum()) / q_total)
             if ratio >= min_ratio:
                 first, last = start + blocks[0].a, start + blocks[-1].a + blocks[-1].size - 1
-                confirmed.append((ratio, (spans[first][0], spans[last][1])))
+                confirmed.append((ratio, _whole_tokens(text, spans[first][0], spans[last][1])))
         if not confirmed:
             return None
         ratio, span = max(confirmed, key=lambda c: c[0])
         return Match(bench.name, bench.ids[local], round(ratio, 4), span, [c[1] for c in confirmed])
+
+
+def _passage(blocks: list, gap: int) -> list:
+    """The matching blocks of one copied passage: the longest block and its neighbours, as long as fewer than
+    ``gap`` unmatched document words separate them (a stray "one of the" further on is no part of the copy,
+    a quotation the item elides with ". . ." is)."""
+    if not blocks:
+        return blocks
+    lo = hi = max(range(len(blocks)), key=lambda i: blocks[i].size)
+    while lo > 0 and blocks[lo].a - (blocks[lo - 1].a + blocks[lo - 1].size) < gap:
+        lo -= 1
+    while hi + 1 < len(blocks) and blocks[hi + 1].a - (blocks[hi].a + blocks[hi].size) < gap:
+        hi += 1
+    return blocks[lo:hi + 1]
+
+
+def _whole_tokens(text: str, start: int, end: int) -> tuple[int, int]:
+    """Widen a span to whitespace on both sides, so a cut takes '"Their' and 'take?' whole."""
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    while end < len(text) and not text[end].isspace():
+        end += 1
+    return start, end
 
 
 def _clusters(hits: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
