@@ -4,6 +4,7 @@ killed in its global stages, or given a corrupt intermediate file, resumes to ex
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
@@ -16,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, read_output
+from conftest import ROOT, SHARED, read_output
 
 from phi3data.pipelines.recipe import load_recipe
 from phi3data.pipelines.runner import run_pipeline
@@ -57,7 +58,11 @@ def planted(reference_run, tmp_path_factory) -> dict:
         docs.append({"id": copy, "text": "  ".join(by_id[original].upper().split(" "))})
     for copy, original in near.items():
         docs.append({"id": copy, "text": _edit(by_id[original], rng, 0.02)})
-    shorts = [{"id": f"short-{i}", "text": "too short to shingle"} for i in range(3)] + [{"id": "empty", "text": "... --- !!! ???"}]  # no words
+    # a GSM8K test question copied into a page: the decontamination stage of the engine test finds it
+    question = json.loads(gzip.open(SHARED / "eval" / "gsm8k" / "test.jsonl.gz", "rt").readline())["question"]
+    docs[5]["text"] = docs[5]["text"] + "\n" + question
+    shorts = [{"id": f"short-{i}", "text": "too short to shingle"} for i in range(3)]
+    shorts.append({"id": "empty", "text": "... --- !!! ???"})  # no words
     docs.extend(shorts)
     rng.shuffle(docs)
     root = tmp_path_factory.mktemp("planted")
@@ -121,11 +126,21 @@ def test_boilerplate_lines_stay_only_in_the_smallest_id_document(local_run):
 
 @pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.cluster),
                                     pytest.param("spark", marks=pytest.mark.cluster)])
-def test_every_engine_keeps_the_same_documents(engine, engine_up, planted, local_run, tmp_path):
+def test_every_engine_keeps_the_same_documents(engine, engine_up, planted, tmp_path_factory, tmp_path):
+    """Dedup and decontamination together: the same documents, decisions and reports on every engine."""
+    spec = _recipe()
+    spec["stage"].insert(0, {"type": "decontaminate", "benchmarks": [str(SHARED / "eval" / "gsm8k" / "test.jsonl.gz")]})
     out = tmp_path / "out"
-    run_pipeline(load_recipe(_recipe()), planted["dir"], out, engine=engine, workers=2, progress=False)
-    assert read_output(out) == read_output(local_run)
-    assert _stats(out)["decisions"] == _stats(local_run)["decisions"]
+    run_pipeline(load_recipe(spec), planted["dir"], out, engine=engine, workers=2, progress=False)
+    assert "doc-0005" not in {doc for doc, _ in read_output(out)}
+    report = _stats(out)["reports"]["decontaminate"]
+    assert report["benchmarks"]["gsm8k/test"]["items_hit"] == 1, report
+    local = tmp_path_factory.getbasetemp() / "dedup-decontaminate-local"
+    if not (local / "stats.json").exists():
+        run_pipeline(load_recipe(spec), planted["dir"], local, engine="local", workers=2, progress=False)
+    assert read_output(out) == read_output(local)
+    for key in ("decisions", "reports", "documents_out"):
+        assert _stats(out)[key] == _stats(local)[key]
 
 
 def test_driver_and_distributed_components_give_the_same_clusters(planted, local_run, tmp_path):
@@ -251,12 +266,12 @@ def test_kill_in_a_global_step_resumes_exactly(step, planted, distributed_refere
     proc = _run_cli(recipe_toml, planted["dir"], out)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if watch.exists() and len(list(watch.glob("*.json"))) >= 1:
+        if watch.exists() and any(not p.name.startswith(".tmp-") for p in watch.glob("*.json")):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.killpg(proc.pid, signal.SIGSTOP)
-    before = {p: p.stat().st_mtime_ns for p in (out / "_segments").rglob("*.json")}
+    before = {p: p.stat().st_mtime_ns for p in (out / "_segments").rglob("*.json") if not p.name.startswith(".tmp-")}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "stats.json").exists()
