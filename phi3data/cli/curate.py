@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -34,6 +35,14 @@ def run(
     summary = run_pipeline(loaded, input, output, engine=engine, workers=workers, ray_address=ray_address,
                            spark_master=spark_master, progress=progress)
     console.print(stats_table(summary.stats))
+    for name, decision in summary.stats.get("decisions", {}).items():
+        if "audit" in decision:
+            console.print(f"{name}: {decision['in_clusters']} documents in {decision['clusters']} clusters, "
+                          f"{decision['to_drop']} dropped; audit {json.dumps(decision['audit'])}")
+    for name, report in summary.stats.get("reports", {}).items():
+        totals = report.get("totals")
+        console.print(f"{name}: report in {output / 'reports' / (name + '.json')}"
+                      + (f" ({json.dumps(totals)})" if totals else ""))
     skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
     console.print(f"{summary.shards_total} shards{skipped} in {summary.seconds:.1f}s -> {output} "
                   f"(data/, rejects/, stats.json, manifest.json)")
