@@ -27,6 +27,7 @@ DOMAIN_ERRORS = (
     ("phi3data.training.trainer", "TrainingDiverged"),
     ("phi3data.generators.client", "LLMError"),
     ("phi3data.io.writers", "OutputLocked"),
+    ("phi3data.generators.verified", "CodeExecutionRefused"),
 )
 
 # Optional packages and the extra that installs them, for a clear message when a command needs one.

@@ -34,6 +34,9 @@ def generate(
     price_in: Annotated[float, typer.Option(help="Price per million prompt tokens (estimate and --max-cost)")] = 0.0,
     price_out: Annotated[float, typer.Option(help="Price per million completion tokens")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    allow_code_execution: Annotated[bool, typer.Option(
+        help="Let a plan with [verify] run the generated programs (in the sandbox)")] = False,
+    sandbox_workers: Annotated[int, typer.Option(help="Sandbox worker processes for verification")] = 2,
 ) -> None:
     """Generate a synthetic corpus from a plan (topics x audiences x styles over seeds), exactly once.
 
@@ -75,6 +78,11 @@ def generate(
         return
     if output is None:
         raise ValueError("--output is required unless --dry-run")
+    if loaded.verify is not None and not (loaded.verify.allow_code_execution or allow_code_execution):
+        from phi3data.generators.verified import CodeExecutionRefused
+
+        raise CodeExecutionRefused(f"{plan}: this plan verifies replies by running the generated code; pass "
+                                   "--allow-code-execution (or set allow_code_execution = true in [verify])")
     urls = base_url or ["http://127.0.0.1:8000/v1"]
     limits = {"rpm": rpm, "tpm": tpm, "max_total_tokens": max_tokens_total, "max_cost": max_cost,
               "price_in_per_m": price_in, "price_out_per_m": price_out}
@@ -85,6 +93,30 @@ def generate(
     console.print(f"{summary.planned:,} requests: {summary.already_answered:,} answered before, {summary.sent:,} "
                   f"sent now ({summary.answered:,} answered, {summary.failed:,} failed), {summary.pending:,} not "
                   f"sent; {state} in {summary.seconds:.1f}s -> {output} (data/, failures/, coverage.md, ledger/)")
+    if loaded.verify is not None:
+        _verify(loaded, expansion.requests, summary.keys, output, urls, model or loaded.model, api_key_env,
+                concurrency, timeout, progress, limits, sandbox_workers)
+
+
+def _verify(loaded, requests, keys, output: Path, urls, model, api_key_env, concurrency, timeout, progress, limits,
+            sandbox_workers: int) -> None:
+    """Check the replies of a plan with [verify]: solve requests, sandbox runs, verified outputs."""
+    from phi3data.generators.ledger import read_ledger
+    from phi3data.generators.sandbox import Sandbox
+    from phi3data.generators.verified import verify_plan
+
+    def generate_solves(solves):
+        solved = _run(solves, output / "solve", f"{loaded.name}-solve", urls, model, api_key_env, concurrency,
+                      timeout, progress, limits)
+        return solved.keys, read_ledger(output / "solve").rows
+
+    with Sandbox(workers=sandbox_workers, allow_code_execution=True) as sandbox:
+        summary = verify_plan(loaded, requests, keys, output, generate_solves, sandbox.run_many,
+                              allow_code_execution=True)
+    console.print(f"verified: {summary['kept']:,} of {summary['replies']:,} replies kept "
+                  f"(pass rate {summary['pass_rate']:.0%}); failures {summary['failures']}; "
+                  f"{summary['preference_pairs']} preference pairs; isolation {summary['isolation']} -> "
+                  f"{output / 'verified'}, {output / 'verification.json'}")
 
 
 def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, api_key_env: str, concurrency: int,

@@ -55,8 +55,8 @@ def read_ledger(output: Path) -> LedgerState:
 class LedgerWriter:
     """Appends rows to this writer's own ledger file; every row is flushed, and fsynced every ``sync_every``."""
 
-    def __init__(self, output: Path, sync_every: int = 64):
-        directory = output / LEDGER_DIR
+    def __init__(self, output: Path, sync_every: int = 64, folder: str = LEDGER_DIR):
+        directory = output / folder
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._handle = open(self.path, "a", encoding="utf-8")

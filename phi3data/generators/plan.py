@@ -107,6 +107,24 @@ class SeedSource(StrictModel):
     """... unless a cell ``"topic/audience/style"`` has its own."""
 
 
+class VerifyConfig(StrictModel):
+    """How replies are checked by running them (see ``phi3data.generators.verified``)."""
+
+    kind: Literal["math_program"] = "math_program"
+    gold_styles: list[str] = []
+    """Styles whose replies re-solve the seed problem: a reply is kept when its program's answer is the gold one."""
+    solve_template: str | None = None
+    """For every other style the reply states a new problem (and its program); this template (variable
+    ``problem``) asks for ``samples`` independent programs solving it, and the problem is kept when ``agree`` of
+    them, and its own program, give the same answer."""
+    samples: int = Field(3, ge=1)
+    agree: int | None = Field(None, ge=1)
+    timeout: float = Field(5.0, gt=0)
+    """Wall-clock seconds per program."""
+    allow_code_execution: bool = False
+    """Generated code runs only with this set (or ``--allow-code-execution`` on the command line)."""
+
+
 class GenerationPlan(StrictModel):
     """A generation plan as its TOML file holds it (load it with :func:`load_plan`)."""
 
@@ -123,11 +141,17 @@ class GenerationPlan(StrictModel):
     audiences: dict[str, str] = Field(min_length=1)
     """Audience id -> how the template describes it."""
     seeds: list[SeedSource] = Field(min_length=1)
+    verify: VerifyConfig | None = None
 
     _path: Path = PrivateAttr()
     _text: str = PrivateAttr("")
     _templates: dict[str, PromptTemplate] = PrivateAttr(default_factory=dict)
     _schema: dict | None = PrivateAttr(None)
+    _solve_template: PromptTemplate | None = PrivateAttr(None)
+
+    @property
+    def solve_template(self) -> PromptTemplate | None:
+        return self._solve_template
 
     @property
     def path(self) -> Path:
@@ -177,7 +201,29 @@ def load_plan(path: str | Path) -> GenerationPlan:
             check_variables(plan._templates[style], COMMON_VARIABLES | KIND_VARIABLES[src.kind],
                             f"styles.{style}", f"seeds[{i}] ({src.name}, kind {src.kind}) in {path}")
     plan._schema = _load_schema(plan, path, text)
+    if plan.verify is not None:
+        _check_verify(plan, path, text)
     return plan
+
+
+def _check_verify(plan: GenerationPlan, path: Path, text: str) -> None:
+    verify = plan.verify
+    unknown = sorted(set(verify.gold_styles) - set(plan.styles))
+    if unknown:
+        raise ConfigError(f"{path}:{_line(text, 'gold_styles')}: verify.gold_styles: unknown style {unknown[0]!r}")
+    for i, src in enumerate(plan.seeds):
+        if set(src.styles) & set(verify.gold_styles) and src.kind != "problems":
+            raise ConfigError(f"{path}:{_seed_line(text, i, 'kind')}: seeds[{i}]: gold styles need problems with "
+                              f"gold answers (kind = \"problems\"), not {src.kind!r}")
+    if set(plan.styles) - set(verify.gold_styles):
+        if verify.solve_template is None:
+            raise ConfigError(f"{path}:{_line(text, '[verify]')}: verify.solve_template: missing; styles that write "
+                              "new problems need a template asking for independent solutions")
+        plan._solve_template = load_template(path.parent / verify.solve_template, "verify.solve_template")
+        check_variables(plan._solve_template, {"problem"}, "verify.solve_template", str(path))
+    if (verify.agree or verify.samples) > verify.samples:
+        raise ConfigError(f"{path}:{_line(text, 'agree')}: verify.agree: {verify.agree} is more than samples = "
+                          f"{verify.samples}")
 
 
 def _check_ids(table: dict[str, str], section: str, path: Path, text: str) -> None:

@@ -22,7 +22,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,6 +50,8 @@ class GenerateSummary:
     stopped: bool
     seconds: float
     coverage: dict
+    keys: list[str] = field(default_factory=list)
+    """Each request's content key, in plan order (the ledger rows are keyed by them)."""
 
 
 def payload_of(request: GenRequest, model: str) -> dict:
@@ -118,7 +120,7 @@ def _generate_locked(requests: Sequence[GenRequest], output: Path, client: LLMCl
         "client_usage": client.usage.as_dict(), "phi3data_version": __version__})
     return GenerateSummary(output, len(requests), len(requests) - len(pending), counts["answered"] + counts["failed"],
                            counts["answered"], counts["failed"], pending_after, stopped,
-                           time.perf_counter() - started, coverage)
+                           time.perf_counter() - started, coverage, keys)
 
 
 def send_and_record(pending: list[tuple[GenRequest, str]], output: Path, client: LLMClient, concurrency: int,

@@ -1,0 +1,214 @@
+"""Verified math problems with programs (TinyGSM style): generate, re-solve, run in the sandbox, keep what checks.
+
+After ``generate`` has answered a plan with a ``[verify]`` section:
+
+1. every reply is parsed into its problem statement and its ``solution()`` program (``verify.parse_reply``);
+2. a reply of a *gold style* re-solves its seed problem: its program's answer must equal the seed's gold answer;
+3. a reply of another style states a *new* problem: ``samples`` independent solve requests are generated for it
+   (their own ledger under ``solve/``, so they too are sent exactly once) and the problem is kept when ``agree``
+   of their programs, and the reply's own program, return the same answer (self-consistency);
+4. every program runs in the sandbox once: each run is appended to ``verify/runs-*.jsonl`` keyed by the program's
+   source, so a rerun after a kill runs only what has no recorded result;
+5. outputs: ``verified/data`` (kept problems as documents, with the verification in ``metadata``),
+   ``verified/rejected`` (every failure with its reason), ``verified/preferences`` (a passing and a failing
+   solution of the same problem: ``prompt``, ``chosen``, ``rejected``, ``why``) and ``verification.json`` (pass
+   rates per cell and template, failures by reason, the sandbox's isolation level).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from phi3data.generators.ledger import LedgerWriter, read_ledger
+from phi3data.generators.plan import GenerationPlan
+from phi3data.generators.requests import GenRequest
+from phi3data.generators.verify import Program, answer_of, check_against_gold, consensus, parse_reply, same_answer
+from phi3data.io.writers import write_json_atomic
+
+RUNS_DIR = "verify"
+VERIFIED_DIR = "verified"
+SOLVE_DIR = "solve"
+RunPrograms = Callable[[list[str], float], Iterator[tuple[int, dict]]]
+"""Runs sources in the sandbox, yielding (index, result) as each finishes; a result has ``status``, ``exit_code``,
+``stdout``, ``stderr`` and ``isolation``."""
+
+
+class CodeExecutionRefused(RuntimeError):
+    """Generated code would run, but the user has not opted in."""
+
+
+@dataclass
+class Item:
+    """One generated reply and how it is checked."""
+
+    request: GenRequest
+    key: str
+    reply: str
+    program: Program
+    gold: bool
+
+
+def solve_requests(plan: GenerationPlan, items: Sequence[Item]) -> list[GenRequest]:
+    """``samples`` independent solve requests for every new problem (in plan order, seeds fixed by the problem)."""
+    verify = plan.verify
+    template = plan.solve_template
+    out: list[GenRequest] = []
+    for item in items:
+        if item.gold or not item.program.problem:
+            continue
+        prompt = template.render(problem=item.program.problem)
+        messages = ({"role": "system", "content": plan.system},) if plan.system else ()
+        messages += ({"role": "user", "content": prompt},)
+        for sample in range(verify.samples):
+            seed = int.from_bytes(hashlib.sha256(f"{item.key}:{sample}".encode()).digest()[:4], "big") % (2 ** 31)
+            params = {"max_tokens": plan.sampling.max_tokens, "temperature": max(plan.sampling.temperature, 0.7),
+                      "top_p": plan.sampling.top_p, "seed": seed}
+            out.append(GenRequest(index=len(out), messages=messages, params=params, cell=dict(item.request.cell),
+                                  template_id=template.id, template_hash=template.hash, seed_id=item.key,
+                                  extra={"problem_key": item.key, "sample": sample}))
+    return out
+
+
+def read_runs(output: Path) -> dict[str, dict]:
+    """Recorded sandbox runs by program key (a line cut short by a kill is ignored: that program runs again)."""
+    rows: dict[str, dict] = {}
+    for path in sorted((output / RUNS_DIR).glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            rows.setdefault(row["key"], row)
+    return rows
+
+
+def run_once(programs: Iterable[Program], output: Path, run_programs: RunPrograms, timeout: float) -> dict[str, dict]:
+    """Run every program that has no recorded result (each distinct source once); returns all results by key."""
+    done = read_runs(output)
+    todo: dict[str, Program] = {}
+    for program in programs:
+        if program.reason is None and program.key not in done:
+            todo.setdefault(program.key, program)
+    if todo:
+        keys = list(todo)
+        with LedgerWriter(output, sync_every=16, folder=RUNS_DIR) as writer:
+            for index, result in run_programs([todo[k].source for k in keys], timeout):
+                row = {"key": keys[index], **{k: result.get(k) for k in ("status", "exit_code", "stdout", "stderr",
+                                                                        "isolation", "cpu_seconds", "wall_seconds")}}
+                writer.append(row)
+                done[row["key"]] = row
+    return done
+
+
+def outcome(program: Program, runs: dict[str, dict]) -> tuple[object | None, str]:
+    if program.reason is not None:
+        return None, program.reason
+    return answer_of(runs[program.key])
+
+
+def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequence[str], output: Path,
+                generate_solves: Callable[[list[GenRequest]], tuple[list[str], dict[str, dict]]],
+                run_programs: RunPrograms, *, allow_code_execution: bool = False) -> dict:
+    """Check every answered request of a verified plan and write the verified outputs; returns the summary.
+
+    ``generate_solves(requests)`` sends the solve requests exactly once (``generate`` into ``solve/``) and returns
+    their keys and ledger rows; ``run_programs`` is the sandbox."""
+    verify = plan.verify
+    if not (verify.allow_code_execution or allow_code_execution):
+        raise CodeExecutionRefused(f"{plan.path}: verifying runs generated code; set allow_code_execution = true in "
+                                   "[verify] or pass --allow-code-execution (it runs in the sandbox)")
+    rows = read_ledger(output).rows
+    items = [Item(r, k, rows[k]["text"], parse_reply(rows[k]["text"]), r.cell["style"] in verify.gold_styles)
+             for r, k in zip(requests, keys) if rows.get(k, {}).get("status") == "ok"]
+    solves = solve_requests(plan, items)
+    solve_keys, solve_rows = generate_solves(solves) if solves else ([], {})
+    samples: dict[str, list[tuple[GenRequest, str, Program]]] = defaultdict(list)
+    for request, key in zip(solves, solve_keys):
+        row = solve_rows.get(key)
+        if row is not None and row.get("status") == "ok":
+            samples[request.extra["problem_key"]].append((request, row["text"], parse_reply(row["text"])))
+    programs = [i.program for i in items] + [p for group in samples.values() for _, _, p in group]
+    runs = run_once(programs, output, run_programs, verify.timeout)
+    isolation = next((r.get("isolation") for r in runs.values() if r.get("isolation")), None)
+
+    kept, rejected, pairs = [], [], []
+    stats: dict[str, Counter] = defaultdict(Counter)
+    for item in items:
+        cell = item.request.cell
+        group = f"{cell['source']}/{cell['topic']}/{cell['audience']}/{cell['style']}|{item.request.template_id}"
+        answer, result = outcome(item.program, runs)
+        sample_results = [(req, text, *outcome(p, runs)) for req, text, p in samples.get(item.key, [])]
+        if item.gold:
+            if result == "ok":
+                result = check_against_gold(answer, item.request.extra.get("gold_final"))
+        elif not item.program.problem:
+            result = "no_problem"
+        elif result == "ok":
+            agreed, result = consensus([a for _, _, a, r in sample_results if r == "ok"],
+                                       verify.agree or verify.samples)
+            if result == "ok" and not same_answer(answer, agreed):
+                result = "disagreement"
+        stats[group]["replies"] += 1
+        stats[group][result] += 1
+        verification = {"kind": verify.kind, "outcome": result, "answer": answer, "gold": item.gold,
+                        "gold_final": item.request.extra.get("gold_final"), "program_key": item.program.key,
+                        "samples": [{"outcome": r, "answer": a} for _, _, a, r in sample_results],
+                        "isolation": isolation}
+        record = {"id": f"{plan.name}-{item.key[:24]}", "text": item.reply, "cell": json.dumps(cell, sort_keys=True),
+                  "template_id": item.request.template_id, "seed_id": item.request.seed_id,
+                  "verification": json.dumps(verification, default=str, sort_keys=True)}
+        (kept if result == "ok" else rejected).append({**record, "reason": result})
+        pairs.extend(_pairs(item, answer, result, sample_results))
+    _write(output / VERIFIED_DIR / "data", kept)
+    _write(output / VERIFIED_DIR / "rejected", rejected)
+    _write(output / VERIFIED_DIR / "preferences", pairs)
+    summary = _summary(stats, isolation, len(runs), len(pairs))
+    write_json_atomic(output / "verification.json", summary)
+    return summary
+
+
+def _pairs(item: Item, answer: object, result: str, samples: list[tuple]) -> list[dict]:
+    """Preference pairs from verification: for a gold problem, a passing and a failing sample of the same prompt
+    are not available here (one reply each), so pairs come from the solve samples of new problems: a sample that
+    returned the agreed answer against one that failed or disagreed."""
+    if item.gold or result != "ok":
+        return []
+    good = [s for s in samples if s[3] == "ok" and same_answer(s[2], answer)]
+    bad = [s for s in samples if s[3] != "ok" or not same_answer(s[2], answer)]
+    pairs = []
+    for (g_req, g_text, _, _), (_, b_text, b_answer, b_result) in zip(good, bad):
+        why = b_result if b_result != "ok" else f"returned {b_answer!r}, not the agreed {answer!r}"
+        pairs.append({"prompt": g_req.messages[-1]["content"], "chosen": g_text, "rejected": b_text, "why": why,
+                      "source": f"verification:{item.key[:24]}"})
+    return pairs
+
+
+def _write(directory: Path, rows: list[dict]) -> None:
+    from phi3data.generators.runner import ROWS_PER_SHARD, _write_shards
+
+    for stale in directory.glob("part-*.parquet") if directory.exists() else []:
+        stale.unlink()
+    tables = [pa.Table.from_pylist(rows[i:i + ROWS_PER_SHARD]) for i in range(0, len(rows), ROWS_PER_SHARD)]
+    _write_shards(directory, tables, pa.schema([("id", pa.string())]) if not tables else None)
+
+
+def _summary(stats: dict[str, Counter], isolation: object, runs: int, pairs: int) -> dict:
+    groups = []
+    totals: Counter = Counter()
+    for group, counts in sorted(stats.items()):
+        cell, template = group.split("|", 1)
+        totals.update(counts)
+        groups.append({"cell": cell, "template": template, **counts,
+                       "pass_rate": round(counts["ok"] / counts["replies"], 4) if counts["replies"] else 0.0})
+    failures = {k: v for k, v in totals.items() if k not in ("replies", "ok")}
+    return {"groups": groups, "replies": totals["replies"], "kept": totals["ok"],
+            "pass_rate": round(totals["ok"] / totals["replies"], 4) if totals["replies"] else 0.0,
+            "failures": dict(sorted(failures.items())), "programs_run": runs, "preference_pairs": pairs,
+            "isolation": isolation}
