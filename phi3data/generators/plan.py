@@ -110,7 +110,9 @@ class SeedSource(StrictModel):
 class VerifyConfig(StrictModel):
     """How replies are checked by running them (see ``phi3data.generators.verified``)."""
 
-    kind: Literal["math_program"] = "math_program"
+    kind: Literal["math_program", "code_exercise"] = "math_program"
+    """math_program: a ``solution()`` whose answer is checked; code_exercise: a function with tests that must
+    pass on it and fail on an empty and a mutated solution."""
     gold_styles: list[str] = []
     """Styles whose replies re-solve the seed problem: a reply is kept when its program's answer is the gold one."""
     solve_template: str | None = None
@@ -215,7 +217,7 @@ def _check_verify(plan: GenerationPlan, path: Path, text: str) -> None:
         if set(src.styles) & set(verify.gold_styles) and src.kind != "problems":
             raise ConfigError(f"{path}:{_seed_line(text, i, 'kind')}: seeds[{i}]: gold styles need problems with "
                               f"gold answers (kind = \"problems\"), not {src.kind!r}")
-    if set(plan.styles) - set(verify.gold_styles):
+    if verify.kind == "math_program" and set(plan.styles) - set(verify.gold_styles):
         if verify.solve_template is None:
             raise ConfigError(f"{path}:{_line(text, '[verify]')}: verify.solve_template: missing; styles that write "
                               "new problems need a template asking for independent solutions")

@@ -29,7 +29,18 @@ import pyarrow as pa
 from phi3data.generators.ledger import LedgerWriter, read_ledger
 from phi3data.generators.plan import GenerationPlan
 from phi3data.generators.requests import GenRequest
-from phi3data.generators.verify import Program, answer_of, check_against_gold, consensus, parse_reply, same_answer
+from phi3data.generators.verify import (
+    Program,
+    answer_of,
+    check_against_gold,
+    consensus,
+    exercise_outcome,
+    mutate_solution,
+    parse_exercise,
+    parse_reply,
+    same_answer,
+    source_key,
+)
 from phi3data.io.writers import write_json_atomic
 
 RUNS_DIR = "verify"
@@ -89,17 +100,18 @@ def read_runs(output: Path) -> dict[str, dict]:
     return rows
 
 
-def run_once(programs: Iterable[Program], output: Path, run_programs: RunPrograms, timeout: float) -> dict[str, dict]:
-    """Run every program that has no recorded result (each distinct source once); returns all results by key."""
+def run_once(sources: Iterable[str], output: Path, run_programs: RunPrograms, timeout: float) -> dict[str, dict]:
+    """Run every source that has no recorded result (each distinct one once); returns all results by key."""
     done = read_runs(output)
-    todo: dict[str, Program] = {}
-    for program in programs:
-        if program.reason is None and program.key not in done:
-            todo.setdefault(program.key, program)
+    todo: dict[str, str] = {}
+    for source in sources:
+        key = source_key(source)
+        if key not in done:
+            todo.setdefault(key, source)
     if todo:
         keys = list(todo)
         with LedgerWriter(output, sync_every=16, folder=RUNS_DIR) as writer:
-            for index, result in run_programs([todo[k].source for k in keys], timeout):
+            for index, result in run_programs([todo[k] for k in keys], timeout):
                 row = {"key": keys[index], **{k: result.get(k) for k in ("status", "exit_code", "stdout", "stderr",
                                                                         "isolation", "cpu_seconds", "wall_seconds")}}
                 writer.append(row)
@@ -125,8 +137,10 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
         raise CodeExecutionRefused(f"{plan.path}: verifying runs generated code; set allow_code_execution = true in "
                                    "[verify] or pass --allow-code-execution (it runs in the sandbox)")
     rows = read_ledger(output).rows
-    items = [Item(r, k, rows[k]["text"], parse_reply(rows[k]["text"]), r.cell["style"] in verify.gold_styles)
-             for r, k in zip(requests, keys) if rows.get(k, {}).get("status") == "ok"]
+    answered = [(r, k, rows[k]["text"]) for r, k in zip(requests, keys) if rows.get(k, {}).get("status") == "ok"]
+    if verify.kind == "code_exercise":
+        return _verify_exercises(plan, answered, output, run_programs)
+    items = [Item(r, k, text, parse_reply(text), r.cell["style"] in verify.gold_styles) for r, k, text in answered]
     solves = solve_requests(plan, items)
     solve_keys, solve_rows = generate_solves(solves) if solves else ([], {})
     samples: dict[str, list[tuple[GenRequest, str, Program]]] = defaultdict(list)
@@ -135,14 +149,13 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
         if row is not None and row.get("status") == "ok":
             samples[request.extra["problem_key"]].append((request, row["text"], parse_reply(row["text"])))
     programs = [i.program for i in items] + [p for group in samples.values() for _, _, p in group]
-    runs = run_once(programs, output, run_programs, verify.timeout)
+    runs = run_once([p.source for p in programs if p.reason is None], output, run_programs, verify.timeout)
     isolation = next((r.get("isolation") for r in runs.values() if r.get("isolation")), None)
 
     kept, rejected, pairs = [], [], []
     stats: dict[str, Counter] = defaultdict(Counter)
+    by_seed: dict[tuple, list[tuple[Item, str]]] = defaultdict(list)
     for item in items:
-        cell = item.request.cell
-        group = f"{cell['source']}/{cell['topic']}/{cell['audience']}/{cell['style']}|{item.request.template_id}"
         answer, result = outcome(item.program, runs)
         sample_results = [(req, text, *outcome(p, runs)) for req, text, p in samples.get(item.key, [])]
         if item.gold:
@@ -155,29 +168,86 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
                                        verify.agree or verify.samples)
             if result == "ok" and not same_answer(answer, agreed):
                 result = "disagreement"
-        stats[group]["replies"] += 1
-        stats[group][result] += 1
         verification = {"kind": verify.kind, "outcome": result, "answer": answer, "gold": item.gold,
                         "gold_final": item.request.extra.get("gold_final"), "program_key": item.program.key,
                         "samples": [{"outcome": r, "answer": a} for _, _, a, r in sample_results],
                         "isolation": isolation}
-        record = {"id": f"{plan.name}-{item.key[:24]}", "text": item.reply, "cell": json.dumps(cell, sort_keys=True),
-                  "template_id": item.request.template_id, "seed_id": item.request.seed_id,
-                  "verification": json.dumps(verification, default=str, sort_keys=True)}
-        (kept if result == "ok" else rejected).append({**record, "reason": result})
+        _record(plan, item.request, item.key, item.reply, result, verification, stats, kept, rejected)
         pairs.extend(_pairs(item, answer, result, sample_results))
-    _write(output / VERIFIED_DIR / "data", kept)
+        if item.gold:
+            by_seed[(item.request.seed_id, item.request.cell["style"])].append((item, result))
+    pairs.extend(_gold_pairs(by_seed))
+    return _finish(output, kept, rejected, pairs, stats, isolation, len(runs))
+
+
+def _record(plan: GenerationPlan, request: GenRequest, key: str, reply: str, result: str, verification: dict,
+            stats: dict[str, Counter], kept: list[dict], rejected: list[dict]) -> None:
+    """Count a checked reply under its cell and template, and file it as kept or rejected with its reason."""
+    cell = request.cell
+    group = f"{cell['source']}/{cell['topic']}/{cell['audience']}/{cell['style']}|{request.template_id}"
+    stats[group]["replies"] += 1
+    stats[group][result] += 1
+    meta = {"plan": plan.name, "cell": cell, "template_id": request.template_id,
+            "template_hash": request.template_hash, "seed_id": request.seed_id, "request_key": key,
+            "verification": verification}
+    record = {"id": f"{plan.name}-{key[:24]}", "text": reply, "source": f"synthetic/{plan.name}",
+              "metadata": json.dumps(meta, default=str, sort_keys=True), "reason": result}
+    (kept if result == "ok" else rejected).append(record)
+
+
+def _finish(output: Path, kept: list[dict], rejected: list[dict], pairs: list[dict], stats: dict[str, Counter],
+            isolation: object, runs: int) -> dict:
+    _write(output / VERIFIED_DIR / "data", [{k: v for k, v in r.items() if k != "reason"} for r in kept])
     _write(output / VERIFIED_DIR / "rejected", rejected)
     _write(output / VERIFIED_DIR / "preferences", pairs)
-    summary = _summary(stats, isolation, len(runs), len(pairs))
+    summary = _summary(stats, isolation, runs, len(pairs))
     write_json_atomic(output / "verification.json", summary)
     return summary
 
 
+def _verify_exercises(plan: GenerationPlan, answered: list[tuple[GenRequest, str, str]], output: Path,
+                      run_programs: RunPrograms) -> dict:
+    """Code exercises: kept when the tests pass on the solution and fail on the empty and mutated solutions."""
+    exercises = [(r, k, text, parse_exercise(text)) for r, k, text in answered]
+    sources = [src for *_, ex in exercises if ex.reason is None for src in ex.variants().values()]
+    runs = run_once(sources, output, run_programs, plan.verify.timeout)
+    isolation = next((r.get("isolation") for r in runs.values() if r.get("isolation")), None)
+    kept, rejected, pairs = [], [], []
+    stats: dict[str, Counter] = defaultdict(Counter)
+    for request, key, text, exercise in exercises:
+        if exercise.reason is not None:
+            result, checks = exercise.reason, {}
+        else:
+            variant_runs = {name: runs[source_key(src)] for name, src in exercise.variants().items()}
+            result = exercise_outcome(variant_runs)
+            checks = {name: {"status": run.get("status"), "exit_code": run.get("exit_code")}
+                      for name, run in variant_runs.items()}
+            if result == "ok" and "mutated" in exercise.variants():
+                prompt = request.messages[-1]["content"]
+                pairs.append({"prompt": prompt, "chosen": exercise.solution,
+                              "rejected": mutate_solution(exercise.solution),
+                              "why": "its own tests fail on it (a mutated solution)",
+                              "source": f"verification:{key[:24]}"})
+        verification = {"kind": "code_exercise", "outcome": result, "checks": checks, "isolation": isolation}
+        _record(plan, request, key, text, result, verification, stats, kept, rejected)
+    return _finish(output, kept, rejected, pairs, stats, isolation, len(runs))
+
+
+def _gold_pairs(by_seed: dict[tuple, list[tuple[Item, str]]]) -> list[dict]:
+    """Pairs from replies re-solving the same seed problem: one that reached the gold answer, one that did not."""
+    pairs = []
+    for group in by_seed.values():
+        good = [item for item, result in group if result == "ok"]
+        bad = [(item, result) for item, result in group if result != "ok"]
+        for chosen, (rejected, why) in zip(good, bad):
+            pairs.append({"prompt": chosen.request.messages[-1]["content"], "chosen": chosen.reply,
+                          "rejected": rejected.reply, "why": why, "source": f"verification:{chosen.key[:24]}"})
+    return pairs
+
+
 def _pairs(item: Item, answer: object, result: str, samples: list[tuple]) -> list[dict]:
-    """Preference pairs from verification: for a gold problem, a passing and a failing sample of the same prompt
-    are not available here (one reply each), so pairs come from the solve samples of new problems: a sample that
-    returned the agreed answer against one that failed or disagreed."""
+    """Pairs from the solve samples of a kept new problem: a sample that returned the agreed answer against one
+    that failed or returned another."""
     if item.gold or result != "ok":
         return []
     good = [s for s in samples if s[3] == "ok" and same_answer(s[2], answer)]

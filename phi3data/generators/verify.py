@@ -47,7 +47,12 @@ class Program:
     @property
     def key(self) -> str:
         """The run's identity: the exact source (harness version included)."""
-        return hashlib.sha256(f"{HARNESS_VERSION}\n{self.source}".encode()).hexdigest()
+        return source_key(self.source)
+
+
+def source_key(source: str) -> str:
+    """A program run's identity: its exact source and the harness version."""
+    return hashlib.sha256(f"{HARNESS_VERSION}\n{source}".encode()).hexdigest()
 
 
 def parse_reply(text: str) -> Program:
@@ -123,3 +128,120 @@ def consensus(answers: list[object | None], agree: int) -> tuple[object | None, 
     if count >= agree:
         return best, "ok"
     return None, "disagreement"
+
+
+# --- code exercises (phi-1's CodeExercises style) -------------------------------------------------------------
+
+TEST_HARNESS = """
+
+if __name__ == "__main__":
+    _tests = [_f for _n, _f in sorted(globals().items()) if _n.startswith("test_") and callable(_f)]
+    for _test in _tests:
+        _test()
+    print("\\n__phi3data_tests__ " + str(len(_tests)))
+"""
+TESTS_MARK = "__phi3data_tests__ "
+
+
+@dataclass(frozen=True)
+class Exercise:
+    """A code exercise split into its solution (functions and imports) and its tests (``test_*`` functions and
+    top-level asserts), and the two variants its tests must fail on: an empty and a mutated solution."""
+
+    solution: str | None
+    tests: str | None
+    reason: str | None = None
+
+    def program(self, solution: str | None = None) -> str:
+        return f"{solution if solution is not None else self.solution}\n\n{self.tests}\n{TEST_HARNESS}"
+
+    def variants(self) -> dict[str, str]:
+        """The sources to run: the solution with its tests, and the empty and mutated solutions with the same
+        tests (absent when no mutation applies)."""
+        out = {"solution": self.program(), "empty": self.program(empty_solution(self.solution))}
+        mutated = mutate_solution(self.solution)
+        if mutated is not None:
+            out["mutated"] = self.program(mutated)
+        return out
+
+
+def parse_exercise(text: str) -> Exercise:
+    """An exercise from a reply: all fenced code blocks (or the whole reply) joined, then split into solution
+    and tests at the top level of the module."""
+    blocks = [m.group(1) for m in _FENCE.finditer(text or "")] or [text or ""]
+    code = "\n\n".join(b.strip() for b in blocks if b.strip())
+    if not code:
+        return Exercise(None, None, "no_program")
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return Exercise(None, None, "syntax_error")
+    solution, tests = [], []
+    for node in tree.body:
+        is_test = (isinstance(node, ast.FunctionDef) and node.name.startswith("test")) or isinstance(node, ast.Assert)
+        (tests if is_test else solution).append(ast.get_source_segment(code, node))
+    top_asserts = [n for n in tree.body if isinstance(n, ast.Assert)]
+    if top_asserts:  # asserts at module level become one test function, so the harness counts and runs them
+        tests = [t for t in tests if not t.lstrip().startswith("assert")]
+        tests.append("def test_asserts():\n" + "\n".join("    " + ast.get_source_segment(code, n)
+                                                         for n in top_asserts))
+    if not any(isinstance(n, ast.FunctionDef) and not n.name.startswith("test") for n in tree.body):
+        return Exercise(None, None, "no_solution")
+    if not tests:
+        return Exercise(None, None, "no_tests")
+    return Exercise("\n\n".join(solution), "\n\n".join(tests))
+
+
+def empty_solution(solution: str) -> str:
+    """Every solution function's body replaced by ``return None``."""
+    tree = ast.parse(solution)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            node.body = [ast.Return(value=ast.Constant(None))]
+    return ast.unparse(tree)
+
+
+_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Add, ast.Lt: ast.GtE, ast.Gt: ast.LtE, ast.LtE: ast.Gt,
+          ast.GtE: ast.Lt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq}
+
+
+def mutate_solution(solution: str) -> str | None:
+    """The solution with its first arithmetic or comparison operator swapped (``+`` -> ``-``, ``<`` -> ``>=`` ...),
+    else its first integer constant changed; None when nothing can be mutated."""
+    tree = ast.parse(solution)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.BinOp) and type(node.op) in _SWAPS:
+            node.op = _SWAPS[type(node.op)]()
+            return ast.unparse(tree)
+        if isinstance(node, ast.Compare) and type(node.ops[0]) in _SWAPS:
+            node.ops[0] = _SWAPS[type(node.ops[0])]()
+            return ast.unparse(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            node.value += 1
+            return ast.unparse(tree)
+    return None
+
+
+def tests_passed(run: dict) -> bool:
+    """True when the run exited cleanly after running at least one test."""
+    if run.get("status") != "ok" or run.get("exit_code") not in (0, None):
+        return False
+    return any(line.startswith(TESTS_MARK) and line[len(TESTS_MARK):].strip() not in ("", "0")
+               for line in (run.get("stdout") or "").splitlines())
+
+
+def exercise_outcome(runs: dict[str, dict]) -> str:
+    """``ok`` when the tests pass on the solution and fail on the empty and mutated ones; otherwise why not."""
+    solution = runs["solution"]
+    if solution.get("status") == "timeout":
+        return "timeout"
+    if not tests_passed(solution):
+        return "tests_fail_on_solution"
+    if tests_passed(runs["empty"]):
+        return "tests_pass_on_empty_solution"
+    if "mutated" in runs and tests_passed(runs["mutated"]):
+        return "tests_miss_mutation"
+    return "ok"
+
+
