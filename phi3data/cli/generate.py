@@ -93,9 +93,30 @@ def generate(
     console.print(f"{summary.planned:,} requests: {summary.already_answered:,} answered before, {summary.sent:,} "
                   f"sent now ({summary.answered:,} answered, {summary.failed:,} failed), {summary.pending:,} not "
                   f"sent; {state} in {summary.seconds:.1f}s -> {output} (data/, failures/, coverage.md, ledger/)")
+    if loaded.chat is not None:
+        _chat(loaded, expansion.requests, summary.keys, output, urls, model or loaded.model, api_key_env,
+              concurrency, timeout, progress, limits)
     if loaded.verify is not None:
         _verify(loaded, expansion.requests, summary.keys, output, urls, model or loaded.model, api_key_env,
                 concurrency, timeout, progress, limits, sandbox_workers)
+
+
+def _chat(loaded, requests, keys, output: Path, urls, model, api_key_env, concurrency, timeout, progress,
+          limits) -> None:
+    """The assistant and follow-up turns of a chat plan, each step generated exactly once into chat/<step>."""
+    from phi3data.generators.chat import CHAT_DIR, build_conversations
+    from phi3data.generators.ledger import read_ledger
+
+    def generate_step(step, step_requests):
+        folder = output / CHAT_DIR / step
+        done = _run(step_requests, folder, f"{loaded.name}-{step}", urls, model, api_key_env, concurrency, timeout,
+                    progress, limits)
+        return done.keys, read_ledger(folder).rows
+
+    summary = build_conversations(loaded, requests, keys, read_ledger(output).rows, output, generate_step)
+    console.print(f"chat: {summary['conversations']:,} conversations of {summary['turns']} turns, "
+                  f"{summary['failed']:,} failed {summary['failed_by_step'] or ''} -> {output / CHAT_DIR / 'data'} "
+                  f"(tokenize with: phi3data tokenize ... --chat)")
 
 
 def _verify(loaded, requests, keys, output: Path, urls, model, api_key_env, concurrency, timeout, progress, limits,

@@ -127,6 +127,20 @@ class VerifyConfig(StrictModel):
     """Generated code runs only with this set (or ``--allow-code-execution`` on the command line)."""
 
 
+class ChatConfig(StrictModel):
+    """Multi-turn chat SFT conversations (see ``phi3data.generators.chat``): the plan's own requests write each
+    conversation's opening user message; the model then answers as the assistant, and ``followup_template``
+    (variables ``conversation``, ``topic``, ``audience``) asks it for the user's next message, for ``turns``
+    exchanges."""
+
+    turns: int = Field(2, ge=1, le=16)
+    followup_template: str
+    assistant_system: str | None = None
+    """The system message of the conversations (and of the assistant requests)."""
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens per assistant reply (default: the plan's sampling.max_tokens)."""
+
+
 class GenerationPlan(StrictModel):
     """A generation plan as its TOML file holds it (load it with :func:`load_plan`)."""
 
@@ -144,12 +158,18 @@ class GenerationPlan(StrictModel):
     """Audience id -> how the template describes it."""
     seeds: list[SeedSource] = Field(min_length=1)
     verify: VerifyConfig | None = None
+    chat: ChatConfig | None = None
 
     _path: Path = PrivateAttr()
     _text: str = PrivateAttr("")
     _templates: dict[str, PromptTemplate] = PrivateAttr(default_factory=dict)
     _schema: dict | None = PrivateAttr(None)
     _solve_template: PromptTemplate | None = PrivateAttr(None)
+    _followup_template: PromptTemplate | None = PrivateAttr(None)
+
+    @property
+    def followup_template(self) -> PromptTemplate | None:
+        return self._followup_template
 
     @property
     def solve_template(self) -> PromptTemplate | None:
@@ -205,6 +225,12 @@ def load_plan(path: str | Path) -> GenerationPlan:
     plan._schema = _load_schema(plan, path, text)
     if plan.verify is not None:
         _check_verify(plan, path, text)
+    if plan.chat is not None:
+        if plan.verify is not None:
+            raise ConfigError(f"{path}:{_line(text, '[chat]')}: a plan has [chat] or [verify], not both")
+        plan._followup_template = load_template(path.parent / plan.chat.followup_template, "chat.followup_template")
+        check_variables(plan._followup_template, {"conversation", "topic", "audience"}, "chat.followup_template",
+                        str(path))
     return plan
 
 
