@@ -27,7 +27,7 @@ DOMAIN_ERRORS = (
     ("phi3data.training.trainer", "TrainingDiverged"),
     ("phi3data.generators.client", "LLMError"),
     ("phi3data.io.writers", "OutputLocked"),
-    ("phi3data.generators.verified", "CodeExecutionRefused"),
+    ("phi3data.generators.sandbox", "CodeExecutionRefused"),
 )
 
 # Optional packages and the extra that installs them, for a clear message when a command needs one.

@@ -79,10 +79,9 @@ def generate(
     if output is None:
         raise ValueError("--output is required unless --dry-run")
     if loaded.verify is not None and not (loaded.verify.allow_code_execution or allow_code_execution):
-        from phi3data.generators.verified import CodeExecutionRefused
+        from phi3data.generators.sandbox import CodeExecutionRefused
 
-        raise CodeExecutionRefused(f"{plan}: this plan verifies replies by running the generated code; pass "
-                                   "--allow-code-execution (or set allow_code_execution = true in [verify])")
+        raise CodeExecutionRefused(f"verifying the replies of {plan}")
     urls = base_url or ["http://127.0.0.1:8000/v1"]
     limits = {"rpm": rpm, "tpm": tpm, "max_total_tokens": max_tokens_total, "max_cost": max_cost,
               "price_in_per_m": price_in, "price_out_per_m": price_out}
@@ -131,7 +130,7 @@ def _verify(loaded, requests, keys, output: Path, urls, model, api_key_env, conc
                       timeout, progress, limits)
         return solved.keys, read_ledger(output / "solve").rows
 
-    with Sandbox(workers=sandbox_workers, allow_code_execution=True) as sandbox:
+    with Sandbox(workers=sandbox_workers, allow_code_execution=True, timeout=loaded.verify.timeout) as sandbox:
         summary = verify_plan(loaded, requests, keys, output, generate_solves, sandbox.run_many,
                               allow_code_execution=True)
     console.print(f"verified: {summary['kept']:,} of {summary['replies']:,} replies kept "

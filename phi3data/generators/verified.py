@@ -29,6 +29,7 @@ import pyarrow as pa
 from phi3data.generators.ledger import LedgerWriter, read_ledger
 from phi3data.generators.plan import GenerationPlan
 from phi3data.generators.requests import GenRequest
+from phi3data.generators.sandbox import CodeExecutionRefused
 from phi3data.generators.verify import (
     Program,
     answer_of,
@@ -38,8 +39,8 @@ from phi3data.generators.verify import (
     mutate_solution,
     parse_exercise,
     parse_reply,
+    run_key,
     same_answer,
-    source_key,
 )
 from phi3data.io.writers import write_json_atomic
 
@@ -49,10 +50,6 @@ SOLVE_DIR = "solve"
 RunPrograms = Callable[[list[str], float], Iterator[tuple[int, dict]]]
 """Runs sources in the sandbox, yielding (index, result) as each finishes; a result has ``status``, ``exit_code``,
 ``stdout``, ``stderr`` and ``isolation``."""
-
-
-class CodeExecutionRefused(RuntimeError):
-    """Generated code would run, but the user has not opted in."""
 
 
 @dataclass
@@ -100,12 +97,13 @@ def read_runs(output: Path) -> dict[str, dict]:
     return rows
 
 
-def run_once(sources: Iterable[str], output: Path, run_programs: RunPrograms, timeout: float) -> dict[str, dict]:
-    """Run every source that has no recorded result (each distinct one once); returns all results by key."""
+def run_once(programs: Iterable[tuple[str, str]], output: Path, run_programs: RunPrograms,
+             timeout: float) -> dict[str, dict]:
+    """Run every (owner, source) that has no recorded result; returns all results by ``run_key``."""
     done = read_runs(output)
     todo: dict[str, str] = {}
-    for source in sources:
-        key = source_key(source)
+    for owner, source in programs:
+        key = run_key(owner, source)
         if key not in done:
             todo.setdefault(key, source)
     if todo:
@@ -119,10 +117,10 @@ def run_once(sources: Iterable[str], output: Path, run_programs: RunPrograms, ti
     return done
 
 
-def outcome(program: Program, runs: dict[str, dict]) -> tuple[object | None, str]:
+def outcome(owner: str, program: Program, runs: dict[str, dict]) -> tuple[object | None, str]:
     if program.reason is not None:
         return None, program.reason
-    return answer_of(runs[program.key])
+    return answer_of(runs[run_key(owner, program.source)])
 
 
 def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequence[str], output: Path,
@@ -134,8 +132,7 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
     their keys and ledger rows; ``run_programs`` is the sandbox."""
     verify = plan.verify
     if not (verify.allow_code_execution or allow_code_execution):
-        raise CodeExecutionRefused(f"{plan.path}: verifying runs generated code; set allow_code_execution = true in "
-                                   "[verify] or pass --allow-code-execution (it runs in the sandbox)")
+        raise CodeExecutionRefused(f"verifying the replies of {plan.path}")
     rows = read_ledger(output).rows
     answered = [(r, k, rows[k]["text"]) for r, k in zip(requests, keys) if rows.get(k, {}).get("status") == "ok"]
     if verify.kind == "code_exercise":
@@ -143,21 +140,22 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
     items = [Item(r, k, text, parse_reply(text), r.cell["style"] in verify.gold_styles) for r, k, text in answered]
     solves = solve_requests(plan, items)
     solve_keys, solve_rows = generate_solves(solves) if solves else ([], {})
-    samples: dict[str, list[tuple[GenRequest, str, Program]]] = defaultdict(list)
+    samples: dict[str, list[tuple[GenRequest, str, Program, str]]] = defaultdict(list)
     for request, key in zip(solves, solve_keys):
         row = solve_rows.get(key)
         if row is not None and row.get("status") == "ok":
-            samples[request.extra["problem_key"]].append((request, row["text"], parse_reply(row["text"])))
-    programs = [i.program for i in items] + [p for group in samples.values() for _, _, p in group]
-    runs = run_once([p.source for p in programs if p.reason is None], output, run_programs, verify.timeout)
+            samples[request.extra["problem_key"]].append((request, row["text"], parse_reply(row["text"]), key))
+    programs = [(i.key, i.program) for i in items] + [(k, p) for group in samples.values() for _, _, p, k in group]
+    runs = run_once([(owner, p.source) for owner, p in programs if p.reason is None], output, run_programs,
+                    verify.timeout)
     isolation = next((r.get("isolation") for r in runs.values() if r.get("isolation")), None)
 
     kept, rejected, pairs = [], [], []
     stats: dict[str, Counter] = defaultdict(Counter)
     by_seed: dict[tuple, list[tuple[Item, str]]] = defaultdict(list)
     for item in items:
-        answer, result = outcome(item.program, runs)
-        sample_results = [(req, text, *outcome(p, runs)) for req, text, p in samples.get(item.key, [])]
+        answer, result = outcome(item.key, item.program, runs)
+        sample_results = [(req, text, *outcome(k, p, runs)) for req, text, p, k in samples.get(item.key, [])]
         if item.gold:
             if result == "ok":
                 result = check_against_gold(answer, item.request.extra.get("gold_final"))
@@ -169,7 +167,7 @@ def verify_plan(plan: GenerationPlan, requests: Sequence[GenRequest], keys: Sequ
             if result == "ok" and not same_answer(answer, agreed):
                 result = "disagreement"
         verification = {"kind": verify.kind, "outcome": result, "answer": answer, "gold": item.gold,
-                        "gold_final": item.request.extra.get("gold_final"), "program_key": item.program.key,
+                        "gold_final": item.request.extra.get("gold_final"),
                         "samples": [{"outcome": r, "answer": a} for _, _, a, r in sample_results],
                         "isolation": isolation}
         _record(plan, item.request, item.key, item.reply, result, verification, stats, kept, rejected)
@@ -209,8 +207,9 @@ def _verify_exercises(plan: GenerationPlan, answered: list[tuple[GenRequest, str
                       run_programs: RunPrograms) -> dict:
     """Code exercises: kept when the tests pass on the solution and fail on the empty and mutated solutions."""
     exercises = [(r, k, text, parse_exercise(text)) for r, k, text in answered]
-    sources = [src for *_, ex in exercises if ex.reason is None for src in ex.variants().values()]
-    runs = run_once(sources, output, run_programs, plan.verify.timeout)
+    programs = [(f"{key}:{name}", src) for _, key, _, ex in exercises if ex.reason is None
+                for name, src in ex.variants().items()]
+    runs = run_once(programs, output, run_programs, plan.verify.timeout)
     isolation = next((r.get("isolation") for r in runs.values() if r.get("isolation")), None)
     kept, rejected, pairs = [], [], []
     stats: dict[str, Counter] = defaultdict(Counter)
@@ -218,7 +217,7 @@ def _verify_exercises(plan: GenerationPlan, answered: list[tuple[GenRequest, str
         if exercise.reason is not None:
             result, checks = exercise.reason, {}
         else:
-            variant_runs = {name: runs[source_key(src)] for name, src in exercise.variants().items()}
+            variant_runs = {name: runs[run_key(f"{key}:{name}", src)] for name, src in exercise.variants().items()}
             result = exercise_outcome(variant_runs)
             checks = {name: {"status": run.get("status"), "exit_code": run.get("exit_code")}
                       for name, run in variant_runs.items()}
@@ -254,10 +253,15 @@ def _pairs(item: Item, answer: object, result: str, samples: list[tuple]) -> lis
     bad = [s for s in samples if s[3] != "ok" or not same_answer(s[2], answer)]
     pairs = []
     for (g_req, g_text, _, _), (_, b_text, b_answer, b_result) in zip(good, bad):
-        why = b_result if b_result != "ok" else f"returned {b_answer!r}, not the agreed {answer!r}"
+        why = b_result if b_result != "ok" else f"returned {b_answer!r}, not the agreed {_plain(answer)!r}"
         pairs.append({"prompt": g_req.messages[-1]["content"], "chosen": g_text, "rejected": b_text, "why": why,
                       "source": f"verification:{item.key[:24]}"})
     return pairs
+
+
+def _plain(value: object) -> object:
+    """12.0 -> 12: agreed answers are compared as floats but read best as the integers they usually are."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _write(directory: Path, rows: list[dict]) -> None:

@@ -44,15 +44,12 @@ class Program:
         """What the sandbox runs: the code and the answer-printing harness."""
         return (self.code or "") + HARNESS
 
-    @property
-    def key(self) -> str:
-        """The run's identity: the exact source (harness version included)."""
-        return source_key(self.source)
 
-
-def source_key(source: str) -> str:
-    """A program run's identity: its exact source and the harness version."""
-    return hashlib.sha256(f"{HARNESS_VERSION}\n{source}".encode()).hexdigest()
+def run_key(owner: str, source: str) -> str:
+    """A program run's identity: the reply it checks (``owner``: a request key, and the variant), its exact
+    source and the harness version. The same code in two independent samples runs twice, so a non-deterministic
+    program cannot agree with itself."""
+    return hashlib.sha256(f"{HARNESS_VERSION}\n{owner}\n{source}".encode()).hexdigest()
 
 
 def parse_reply(text: str) -> Program:
@@ -67,8 +64,8 @@ def parse_reply(text: str) -> Program:
         return Program(problem, None, "no_program")
     try:
         tree = ast.parse(code)
-    except SyntaxError:
-        return Program(problem, code, "syntax_error")
+    except SyntaxError:  # unfenced prose is no program; fenced code that does not parse is a syntax error
+        return Program(problem, code, "syntax_error" if match else "no_program")
     if not any(isinstance(node, ast.FunctionDef) and node.name == "solution" for node in tree.body):
         return Program(problem, code, "no_program")
     return Program(problem, code)
