@@ -92,51 +92,51 @@ def generate(
     console.print(f"{summary.planned:,} requests: {summary.already_answered:,} answered before, {summary.sent:,} "
                   f"sent now ({summary.answered:,} answered, {summary.failed:,} failed), {summary.pending:,} not "
                   f"sent; {state} in {summary.seconds:.1f}s -> {output} (data/, failures/, coverage.md, ledger/)")
+    run_args = (urls, model or loaded.model, api_key_env, concurrency, timeout, progress, limits)
     if loaded.chat is not None:
-        _chat(loaded, expansion.requests, summary.keys, output, urls, model or loaded.model, api_key_env,
-              concurrency, timeout, progress, limits)
+        from phi3data.generators.chat import CHAT_DIR, build_conversations
+
+        done = build_conversations(loaded, expansion.requests, summary.keys, _rows(output), output,
+                                   _stepper(output / CHAT_DIR, loaded.name, run_args))
+        console.print(f"chat: {done['conversations']:,} conversations of {done['turns']} turns, {done['failed']:,} "
+                      f"failed {done['failed_by_step'] or ''} -> {output / CHAT_DIR / 'data'} "
+                      f"(tokenize with: phi3data tokenize ... --chat)")
+    if loaded.judge is not None:
+        from phi3data.generators.judge import JUDGE_DIR, judge_pairs
+
+        done = judge_pairs(loaded, expansion.requests, summary.keys, _rows(output), output,
+                           _stepper(output / JUDGE_DIR, loaded.name, run_args))
+        console.print(f"judge: {done['pairs']:,} preference pairs from {done['prompts']:,} prompts "
+                      f"{done['outcomes']} -> {output / JUDGE_DIR / 'preferences.jsonl'}")
     if loaded.verify is not None:
-        _verify(loaded, expansion.requests, summary.keys, output, urls, model or loaded.model, api_key_env,
-                concurrency, timeout, progress, limits, sandbox_workers)
+        from phi3data.generators.sandbox import Sandbox
+        from phi3data.generators.verified import SOLVE_DIR, verify_plan
+
+        solve = _stepper(output, loaded.name, run_args, folder=SOLVE_DIR)
+        with Sandbox(workers=sandbox_workers, allow_code_execution=True, timeout=loaded.verify.timeout) as sandbox:
+            done = verify_plan(loaded, expansion.requests, summary.keys, output, lambda reqs: solve(SOLVE_DIR, reqs),
+                               sandbox.run_many, allow_code_execution=True)
+        console.print(f"verified: {done['kept']:,} of {done['replies']:,} replies kept (pass rate "
+                      f"{done['pass_rate']:.0%}); failures {done['failures']}; {done['preference_pairs']} preference "
+                      f"pairs; isolation {done['isolation']} -> {output / 'verified'}, {output / 'verification.json'}")
 
 
-def _chat(loaded, requests, keys, output: Path, urls, model, api_key_env, concurrency, timeout, progress,
-          limits) -> None:
-    """The assistant and follow-up turns of a chat plan, each step generated exactly once into chat/<step>."""
-    from phi3data.generators.chat import CHAT_DIR, build_conversations
+def _rows(folder: Path) -> dict[str, dict]:
     from phi3data.generators.ledger import read_ledger
 
-    def generate_step(step, step_requests):
-        folder = output / CHAT_DIR / step
-        done = _run(step_requests, folder, f"{loaded.name}-{step}", urls, model, api_key_env, concurrency, timeout,
-                    progress, limits)
-        return done.keys, read_ledger(folder).rows
-
-    summary = build_conversations(loaded, requests, keys, read_ledger(output).rows, output, generate_step)
-    console.print(f"chat: {summary['conversations']:,} conversations of {summary['turns']} turns, "
-                  f"{summary['failed']:,} failed {summary['failed_by_step'] or ''} -> {output / CHAT_DIR / 'data'} "
-                  f"(tokenize with: phi3data tokenize ... --chat)")
+    return read_ledger(folder).rows
 
 
-def _verify(loaded, requests, keys, output: Path, urls, model, api_key_env, concurrency, timeout, progress, limits,
-            sandbox_workers: int) -> None:
-    """Check the replies of a plan with [verify]: solve requests, sandbox runs, verified outputs."""
-    from phi3data.generators.ledger import read_ledger
-    from phi3data.generators.sandbox import Sandbox
-    from phi3data.generators.verified import verify_plan
+def _stepper(root: Path, plan_name: str, run_args: tuple, folder: str | None = None):
+    """A function that sends one follow-up step's requests exactly once into ``root/<step>`` (or ``root/folder``)
+    and returns their keys and ledger rows."""
 
-    def generate_solves(solves):
-        solved = _run(solves, output / "solve", f"{loaded.name}-solve", urls, model, api_key_env, concurrency,
-                      timeout, progress, limits)
-        return solved.keys, read_ledger(output / "solve").rows
+    def generate_step(step: str, requests):
+        target = root / (folder or step)
+        done = _run(requests, target, f"{plan_name}-{step}", *run_args)
+        return done.keys, _rows(target)
 
-    with Sandbox(workers=sandbox_workers, allow_code_execution=True, timeout=loaded.verify.timeout) as sandbox:
-        summary = verify_plan(loaded, requests, keys, output, generate_solves, sandbox.run_many,
-                              allow_code_execution=True)
-    console.print(f"verified: {summary['kept']:,} of {summary['replies']:,} replies kept "
-                  f"(pass rate {summary['pass_rate']:.0%}); failures {summary['failures']}; "
-                  f"{summary['preference_pairs']} preference pairs; isolation {summary['isolation']} -> "
-                  f"{output / 'verified'}, {output / 'verification.json'}")
+    return generate_step
 
 
 def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, api_key_env: str, concurrency: int,

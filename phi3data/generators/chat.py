@@ -24,7 +24,7 @@ from pathlib import Path
 
 from phi3data.generators.plan import GenerationPlan
 from phi3data.generators.requests import GenRequest
-from phi3data.io.writers import write_json_atomic
+from phi3data.io.writers import write_json_atomic, write_jsonl_atomic
 
 CHAT_DIR = "chat"
 GenerateStep = Callable[[str, list[GenRequest]], tuple[list[str], dict[str, dict]]]
@@ -102,22 +102,10 @@ def build_conversations(plan: GenerationPlan, requests: Sequence[GenRequest], ke
                 "turns": plan.chat.turns}
         records.append({"id": f"{plan.name}-{key[:24]}", "messages": convo["messages"],
                         "source": f"synthetic/{plan.name}", "metadata": json.dumps(meta, sort_keys=True)})
-    _write_jsonl(output / CHAT_DIR / "data" / "conversations.jsonl", records)
-    _write_jsonl(output / CHAT_DIR / "failures" / "failures.jsonl", failures)
+    write_jsonl_atomic(output / CHAT_DIR / "data" / "conversations.jsonl", records)
+    write_jsonl_atomic(output / CHAT_DIR / "failures" / "failures.jsonl", failures)
     summary = {"conversations": len(records), "failed": len(failures),
                "failed_by_step": dict(Counter(f["step"] for f in failures)), "turns": plan.chat.turns}
     write_json_atomic(output / CHAT_DIR / "summary.json", summary)
     return summary
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One JSONL file, written atomically (a rerun rewrites it whole from the ledgers)."""
-    from phi3data.io.writers import commit, tmp_path_for
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    commit(tmp, path)
 

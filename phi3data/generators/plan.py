@@ -141,6 +141,17 @@ class ChatConfig(StrictModel):
     """Tokens per assistant reply (default: the plan's sampling.max_tokens)."""
 
 
+class JudgeConfig(StrictModel):
+    """Preference pairs from an LLM judge (see ``phi3data.generators.judge``): a second answer to every prompt of
+    the plan, then ``rubric_template`` (variables ``prompt``, ``answer_a``, ``answer_b``) asks which is better."""
+
+    rubric_template: str
+    both_orders: bool = True
+    """Ask again with the answers swapped and keep a pair only when both verdicts agree (position bias)."""
+    max_tokens: int = Field(200, ge=1)
+    """Tokens for the judge's reasoning and verdict."""
+
+
 class GenerationPlan(StrictModel):
     """A generation plan as its TOML file holds it (load it with :func:`load_plan`)."""
 
@@ -159,6 +170,7 @@ class GenerationPlan(StrictModel):
     seeds: list[SeedSource] = Field(min_length=1)
     verify: VerifyConfig | None = None
     chat: ChatConfig | None = None
+    judge: JudgeConfig | None = None
 
     _path: Path = PrivateAttr()
     _text: str = PrivateAttr("")
@@ -166,6 +178,11 @@ class GenerationPlan(StrictModel):
     _schema: dict | None = PrivateAttr(None)
     _solve_template: PromptTemplate | None = PrivateAttr(None)
     _followup_template: PromptTemplate | None = PrivateAttr(None)
+    _rubric_template: PromptTemplate | None = PrivateAttr(None)
+
+    @property
+    def rubric_template(self) -> PromptTemplate | None:
+        return self._rubric_template
 
     @property
     def followup_template(self) -> PromptTemplate | None:
@@ -225,9 +242,15 @@ def load_plan(path: str | Path) -> GenerationPlan:
     plan._schema = _load_schema(plan, path, text)
     if plan.verify is not None:
         _check_verify(plan, path, text)
+    modes = [m for m in ("verify", "chat", "judge") if getattr(plan, m) is not None]
+    if len(modes) > 1:
+        raise ConfigError(f"{path}:{_line(text, f'[{modes[1]}]')}: a plan has at most one of [verify], [chat] and "
+                          f"[judge], not {' and '.join(f'[{m}]' for m in modes)}")
+    if plan.judge is not None:
+        plan._rubric_template = load_template(path.parent / plan.judge.rubric_template, "judge.rubric_template")
+        check_variables(plan._rubric_template, {"prompt", "answer_a", "answer_b"}, "judge.rubric_template",
+                        str(path))
     if plan.chat is not None:
-        if plan.verify is not None:
-            raise ConfigError(f"{path}:{_line(text, '[chat]')}: a plan has [chat] or [verify], not both")
         plan._followup_template = load_template(path.parent / plan.chat.followup_template, "chat.followup_template")
         check_variables(plan._followup_template, {"conversation", "topic", "audience"}, "chat.followup_template",
                         str(path))

@@ -82,6 +82,16 @@ def write_json_atomic(path: Path, obj, default=str) -> None:
     commit(tmp, path)
 
 
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write rows as one JSONL file atomically (readers see all of it or the previous version)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    commit(tmp, path)
+
+
 LOCK_FILE = ".phi3data.lock"
 
 
