@@ -81,3 +81,28 @@ def test_judge_plan_runs_against_the_real_server_and_resumes(llama_server, tmp_p
             assert pair["chosen"] != pair["rejected"] and len(set(pair["verdicts"].values())) == 1
     finally:
         Path(plan).unlink(missing_ok=True)
+
+
+def test_preference_pairs_tokenize_into_aligned_masked_shards(tmp_path):
+    import numpy as np
+
+    from phi3data.tokenization.dataset import PackedDataset
+    from phi3data.tokenization.shards import open_shards
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    pairs = [{"prompt": f"Explain topic {i}.", "chosen": f"A clear answer number {i}.", "rejected": f"Meh {i}."}
+             for i in range(3)]
+    pairs.append({"prompt": "Missing its rejected side", "chosen": "fine"})  # rejected on both sides
+    source = tmp_path / "preferences.jsonl"
+    source.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    result = CliRunner().invoke(app, ["tokenize", str(source), "--output", str(tmp_path / "tok"), "--preferences",
+                                      "--no-progress"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    tok = get_tokenizer("phi3-mini")
+    for side, expected in (("chosen", "A clear answer number"), ("rejected", "Meh")):
+        [shard] = open_shards(tmp_path / "tok" / side)
+        assert len(shard) == 3, side  # the same three pairs on both sides
+        trained = tok.decode(np.asarray(shard.tokens)[np.asarray(shard.mask) == 1])
+        assert trained.count(expected) == 3 and "Explain topic" not in trained
+        assert PackedDataset(tmp_path / "tok" / side, seq_len=8, shuffle=False).has_mask
+    assert "rejects: bad_chat_record=1" in result.output

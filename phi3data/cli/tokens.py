@@ -27,6 +27,9 @@ def tokenize(
     max_document_tokens: Annotated[int | None, typer.Option(help="Reject documents with more tokens")] = None,
     chat: Annotated[bool, typer.Option(help="Inputs are JSONL conversations (`messages`): phi-3 chat template "
                                             "with an assistant-only loss mask")] = False,
+    preferences: Annotated[bool, typer.Option(help="Inputs are preference pairs (prompt, chosen, rejected): "
+                                                   "writes OUTPUT/chosen and OUTPUT/rejected, masked chat shards "
+                                                   "holding the same pairs in the same order")] = False,
     engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
     workers: Annotated[int | None, typer.Option(help="Parallel workers (default: CPU count)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster")] = None,
@@ -50,14 +53,21 @@ def tokenize(
     config = TokenizeConfig(tokenizer=tokenizer, text_key=text_key, add_bos=add_bos, add_eos=add_eos,
                             max_document_chars=max_document_chars, max_document_tokens=max_document_tokens,
                             chat=chat)
-    summary = run_tokenize(inputs, output, config, source=source, engine=engine, workers=workers,
-                           ray_address=ray_address, spark_master=spark_master, progress=progress)
-    m = summary.manifest
-    rejects = ", ".join(f"{k}={v}" for k, v in m["rejects"].items()) or "none"
-    skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
-    console.print(f"{m['documents']:,} documents -> {m['tokens']:,} tokens ({m['dtype']}, tokenizer "
-                  f"{m['tokenizer']['name']} {m['tokenizer_hash'][:10]}) in {summary.shards_total} shards{skipped}, "
-                  f"{summary.seconds:.1f}s; rejects: {rejects}; repaired documents: {m['repaired_documents']}")
+    import dataclasses
+
+    # preference pairs: two shard sets, chosen and rejected, holding the same pairs in the same order
+    runs = [(output / side, dataclasses.replace(config, pair_side=side), f"{side}: ")
+            for side in ("chosen", "rejected")] if preferences else [(output, config, "")]
+    for target, side_config, label in runs:
+        summary = run_tokenize(inputs, target, side_config, source=source, engine=engine, workers=workers,
+                               ray_address=ray_address, spark_master=spark_master, progress=progress)
+        m = summary.manifest
+        rejects = ", ".join(f"{k}={v}" for k, v in m["rejects"].items()) or "none"
+        skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
+        console.print(f"{label}{m['documents']:,} documents -> {m['tokens']:,} tokens ({m['dtype']}, tokenizer "
+                      f"{m['tokenizer']['name']} {m['tokenizer_hash'][:10]}) in {summary.shards_total} shards"
+                      f"{skipped}, {summary.seconds:.1f}s; rejects: {rejects}; repaired documents: "
+                      f"{m['repaired_documents']}")
     if export_llmc is not None:
         info = write_llmc(output, export_llmc)
         console.print(f"llm.c file {info['path']}: {info['tokens']:,} tokens (magic {info['magic']}, "

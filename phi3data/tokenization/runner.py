@@ -50,6 +50,10 @@ class TokenizeConfig:
     max_document_tokens: int | None = None
     chat: bool = False
     messages_key: str = "messages"
+    pair_side: str | None = None
+    """Preference pairs (``prompt``, ``chosen``, ``rejected``): tokenize this side (``chosen`` or ``rejected``) as a
+    user/assistant conversation with the assistant-only mask. A pair that fails on either side is rejected on
+    both, so the chosen and rejected shards hold the same pairs in the same order."""
     extra: dict = field(default_factory=dict)
 
     def hash(self) -> str:
@@ -74,11 +78,11 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
     stem = out / item["stem"]
     threads = int(item.get("threads", 1))
     started = time.perf_counter()
-    writer = TokenShardWriter(stem, tok.dtype, with_mask=config.chat)
+    writer = TokenShardWriter(stem, tok.dtype, with_mask=config.chat or config.pair_side is not None)
     rejects: list[dict] = []
     counts: Counter = Counter()
     try:
-        if config.chat:
+        if config.chat or config.pair_side is not None:
             _tokenize_chat(config, tok, Path(item["path"]), item["source"], writer, rejects, counts)
         else:
             _tokenize_text(config, tok, Path(item["path"]), item["source"], writer, rejects, counts, threads)
@@ -207,7 +211,18 @@ def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer:
         obj, doc_id = record.obj, record.fallback_id
         try:
             doc_id = str(obj.get(config.id_key) or doc_id)
-            messages = obj[config.messages_key]
+            if config.pair_side is not None:
+                sides = {side: [{"role": "user", "content": obj["prompt"]},
+                                {"role": "assistant", "content": obj[side]}] for side in ("chosen", "rejected")}
+                other = "rejected" if config.pair_side == "chosen" else "chosen"
+                for m in sides[other]:
+                    m["content"], _ = sanitize(m["content"]) if isinstance(m["content"], str) else (m["content"], 0)
+                other_ids, _ = encode_chat(sides[other], tok)
+                if config.max_document_tokens is not None and len(other_ids) > config.max_document_tokens:
+                    raise ChatFormatError(f"the {other} side has {len(other_ids)} tokens, over the limit")
+                messages = sides[config.pair_side]
+            else:
+                messages = obj[config.messages_key]
             for m in messages:
                 if isinstance(m.get("content"), str):
                     m["content"], repaired = sanitize(m["content"])
