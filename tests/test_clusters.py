@@ -39,15 +39,6 @@ RECIPES = {
 }
 SUBMIT_RECIPES = ["web_quality"]  # also submitted with spark-submit (each Spark application costs 15-40 s here)
 
-RELATIVE_PATHS_BUG = ("paths relative to the driver's working directory are resolved on the workers, whose working "
-                      "directory is another (a Spark executor's work dir, a Ray raylet's)")
-RELATIVE_OUTPUT_BUG = f"{RELATIVE_PATHS_BUG}: run_pipeline passes --output to the tasks as given"
-# (recipe, engine) pairs that fail for a reason outside these tests: reported as xfail and not run (a failing Spark
-# run retries each task 4 times, a minute here); delete the entry once fixed.
-KNOWN_BROKEN = {
-    ("decontaminate", "spark"): f"{RELATIVE_PATHS_BUG}: the decontaminate stage's benchmark paths",
-    ("decontaminate", "ray"): f"{RELATIVE_PATHS_BUG}: the decontaminate stage's benchmark paths",
-}
 RUN_TIMEOUT = 300  # seconds for one run, far above what it takes; a hang fails instead of blocking the suite
 
 
@@ -57,8 +48,6 @@ def cases(engine: str, names: list[str] | None = None) -> list:
     for name in names or list(RECIPES):
         path = ROOT / "pipelines" / f"{name}.toml"
         marks = [pytest.mark.skipif(not path.exists(), reason=f"{path.name} not written yet")]
-        if (name, engine) in KNOWN_BROKEN:
-            marks.append(pytest.mark.xfail(reason=KNOWN_BROKEN[name, engine], run=False))
         params.append(pytest.param(path, RECIPES[name], id=name, marks=marks))
     return params
 
@@ -165,7 +154,6 @@ class TestSparkStandalone:
         assert_both_workers_ran_tasks(spark_cluster, events)
         assert_same_output(out, local_runs(recipe_path, input_dir), "spark")
 
-    @pytest.mark.xfail(reason=RELATIVE_OUTPUT_BUG, strict=True)
     def test_relative_paths(self, spark_cluster, local_runs, tmp_path):
         env, _ = spark_cluster.driver_env(tmp_path)
         run_with_relative_paths(["--engine", "spark", "--spark-master", spark_cluster.master], env, local_runs,
@@ -197,7 +185,6 @@ class TestRay:
         assert list(jobs.values()) == [nodes], f"tasks finished on {jobs}; the cluster's nodes: {nodes}"
         assert_same_output(out, local_runs(recipe_path, input_dir), "ray")
 
-    @pytest.mark.xfail(reason=RELATIVE_OUTPUT_BUG, strict=True)
     def test_relative_paths(self, ray_two_nodes, local_runs, tmp_path):
         run_with_relative_paths(["--engine", "ray", "--ray-address", ray_two_nodes.address], ray_two_nodes.env,
                                 local_runs, tmp_path, "ray")

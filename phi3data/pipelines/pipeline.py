@@ -12,6 +12,7 @@ the summaries segment k-1 returned.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -270,10 +271,14 @@ _PIPELINES: dict[str, Pipeline] = {}
 
 
 def run_shard_task(recipe_json: str, out_dir: str, shard: dict, segment: int = 0,
-                   decision: dict | None = None, recipe_hash: str | None = None) -> dict:
+                   decision: dict | None = None, recipe_hash: str | None = None, cwd: str | None = None) -> dict:
     """Engine entry point (picklable): run one segment over one shard. The Pipeline, and the models its stages
     load, are kept per worker process so each worker loads them once. ``recipe_hash`` is the driver's: a worker
-    that sees other model files (a classifier retrained mid-run) refuses instead of mixing them into the output."""
+    that sees other model files (a classifier retrained mid-run) refuses instead of mixing them into the output.
+    ``cwd`` is the driver's working directory: the task runs there, so a recipe's relative paths resolve as they
+    do on the driver (Spark executors and Ray workers start elsewhere)."""
+    if cwd is not None and os.path.isdir(cwd) and os.getcwd() != cwd:
+        os.chdir(cwd)
     pipeline = _PIPELINES.get(recipe_json)
     if pipeline is None or (recipe_hash is not None and pipeline.hash != recipe_hash):
         # first use in this process, or the cached one was built over other model files (an earlier run)

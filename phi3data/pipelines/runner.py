@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -57,7 +58,12 @@ def run_pipeline(recipe: Recipe, input_path: Path, output: Path, *, engine: str 
                  progress: bool = True) -> RunSummary:
     """Run ``recipe`` over every shard under ``input_path`` into ``output``; resumable and idempotent.
 
-    The output directory is locked for the run: a second run on it fails at once (:class:`OutputLocked`)."""
+    The output directory is locked for the run: a second run on it fails at once (:class:`OutputLocked`).
+    Paths are the driver's: workers on other processes or machines get them absolute, and run in the driver's
+    working directory, so relative paths in a recipe (a classifier, benchmark files) mean the same everywhere."""
+    output = Path(output).absolute()
+    if not str(input_path).startswith("hf:"):
+        input_path = Path(input_path).absolute()
     with output_lock(output):
         return _run_locked(recipe, input_path, output, engine=engine, workers=workers, ray_address=ray_address,
                            spark_master=spark_master, progress=progress)
@@ -98,7 +104,7 @@ def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, 
             if segment == pipeline.last_segment:
                 skipped = len(shards) - len(pending)
             task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision,
-                                     recipe_hash=pipeline.hash)
+                                     recipe_hash=pipeline.hash, cwd=os.getcwd())
             items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
             results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
                                  spark_master=spark_master)
