@@ -67,7 +67,8 @@ def reference_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_cluster():
     """A real two-node Ray cluster on this machine (a head and a second node, one CPU each), this process its
-    driver. (Nodes bound to 127.0.0.1 are not reachable by a driver here: Ray dials the GCS at the host's address.)
+    driver. (Ray 2.60 turns 127.0.0.1 into the host's address for its nodes; ``tests/clusters.py`` starts nodes
+    with ``ray start`` instead, and explains the token authentication a driver must then use.)
 
     Started once per test session; ``engine="ray"`` joins it (the engine sees Ray initialised) and leaves it up.
     """

@@ -33,7 +33,13 @@ def ray_session(*, workers: int | None = None, address: str | None = None) -> It
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     kwargs = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            if "auth" in repr(exc.__cause__ or exc).lower() and os.environ.get("RAY_AUTH_MODE") != "token":
+                raise ConnectionError(f"{exc}; the cluster uses token authentication: set RAY_AUTH_MODE=token "
+                                      "(and its token, ~/.ray/auth_token or RAY_AUTH_TOKEN_PATH)") from exc
+            raise
     else:
         # "local": a new Ray of our own, even when `ray start` has left a cluster address on this machine
         ray.init(address="local", num_cpus=default_workers(workers), **kwargs)

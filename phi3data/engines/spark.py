@@ -38,6 +38,10 @@ def spark_session(master: str | None = None, workers: int | None = None):
                .config("spark.python.worker.reuse", "true")
                .config("spark.driver.host", "127.0.0.1")
                .config("spark.driver.bindAddress", "127.0.0.1"))
+    if master and master.startswith("spark://"):
+        # wait for every executor before the first task, or the first to register takes all the work
+        builder = builder.config("spark.scheduler.minRegisteredResourcesRatio", "1.0") \
+                         .config("spark.scheduler.maxRegisteredResourcesWaitingTime", "60s")
     spark = builder.getOrCreate()
     if running is None:
         spark.sparkContext.setLogLevel("ERROR")
