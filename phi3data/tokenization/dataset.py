@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,59 @@ class PackedDataset:
             raise ValueError("the saved data position belongs to another dataset or sequence length")
         self.seed, self.samples = state["seed"], state["samples"]
         self._order_epoch = -1
+
+
+# --- phases ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Phase:
+    """One phase of a phased run: its windows and how many of them it contributes (its token budget)."""
+
+    name: str
+    data: PackedDataset
+    samples: int
+
+
+class PhasedDataset:
+    """Phases consumed in order, never mixed: positions ``[start_k, start_k + samples_k)`` of the stream are phase
+    ``k``'s, in its own seeded order (epoch after epoch if its budget allows repetition). A batch straddling a
+    boundary takes its first samples from the ending phase and the rest from the next one, so the samples are
+    the same whatever the batch size. Position ``p`` always maps to the same window, so a resumed run reads
+    exactly what an uninterrupted one would."""
+
+    def __init__(self, phases: list[Phase]) -> None:
+        if not phases:
+            raise ValueError("a phased dataset needs at least one phase")
+        masked = {p.data.has_mask for p in phases}
+        if len(masked) > 1:
+            raise ValueError("some phases have a loss mask and some do not; train them separately")
+        self.phases = phases
+        self.starts = np.cumsum([0] + [p.samples for p in phases])
+        self.has_mask = masked.pop()
+
+    @property
+    def total_samples(self) -> int:
+        return int(self.starts[-1])
+
+    def __len__(self) -> int:
+        return self.total_samples
+
+    def phase_at(self, position: int) -> int:
+        """The index of the phase that position ``position`` of the stream belongs to (the last one past the end)."""
+        return min(int(np.searchsorted(self.starts, position, side="right")) - 1, len(self.phases) - 1)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        for phase in self.phases:
+            phase.data.check_vocab(vocab_size)
+
+    def batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        position = start
+        while position < start + size:
+            k = self.phase_at(position)
+            end = start + size if k == len(self.phases) - 1 else min(start + size, int(self.starts[k + 1]))
+            x, y = self.phases[k].data.batch(position - int(self.starts[k]), end - position)
+            xs.append(x)
+            ys.append(y)
+            position = end
+        return torch.cat(xs), torch.cat(ys)

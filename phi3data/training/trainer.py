@@ -22,6 +22,23 @@ Training config TOML::
     seq_len = 256
     micro_batch_size = 8
     ...                            # see TrainConfig
+
+Phased training (phi-3's two sequential phases): instead of ``path``, an ordered list of phases with token
+budgets; they are read in order and never shuffled together, ``max_steps`` follows from the budgets, and a WSD
+decay can sit in a phase::
+
+    [[data.phases]]
+    name = "web"
+    path = "out/mix/phase1"        # a token dir, or a phase folder of a `phi3data mix` output
+    tokens = 2_000_000
+    [[data.phases]]
+    name = "reasoning"
+    path = "out/mix/phase2"
+    tokens = 500_000
+    allow_repeat = false           # a budget above the phase's data is refused unless this is true
+    [train]
+    schedule = "wsd"
+    decay_phase = "reasoning"
 """
 
 from __future__ import annotations
@@ -37,13 +54,15 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+import xxhash
 from pydantic import TypeAdapter, ValidationError
 
 from phi3data.config import ConfigError, check_keys, format_validation_error, read_toml
 from phi3data.io.writers import output_lock
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
-from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset
+from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset, Phase, PhasedDataset
+from phi3data.tokenization.shards import open_shards
 from phi3data.training.checkpoint import (
     OPTIMIZER_DIR,
     finish_checkpoint,
@@ -69,6 +88,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_path: str = ""
     data_dtype: str | None = None
+    data_phases: list[dict[str, Any]] | None = None
+    """Phased training: ``[[data.phases]]`` tables (``name``, ``path``, ``tokens``, optional ``allow_repeat``),
+    consumed in order and never mixed; then ``max_steps`` comes from their token budgets unless given."""
     val_path: str | None = None
     val_windows: int = 16
     out_dir: str = "runs/train"
@@ -81,6 +103,8 @@ class TrainConfig:
     warmup_steps: int = 10
     schedule: Literal["cosine", "wsd"] = "cosine"  # wsd: warmup-stable-decay
     wsd_decay_fraction: float = 0.2
+    decay_phase: str | None = None
+    """wsd with phases: decay over this phase's steps (e.g. the last one) instead of ``wsd_decay_fraction``."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -131,6 +155,8 @@ class TrainConfig:
         data_keys = [f"data.{n.removeprefix('data_')}" for n in names if n.startswith(("data_", "val_"))]
         check_keys([origin[n] for n in origin if origin[n].startswith("data.")], data_keys, where)
         check_keys([origin[n] for n in origin if origin[n].startswith("train.")], [f"train.{n}" for n in names], where)
+        if "data_phases" in kw and "max_steps" not in kw and "max_steps" not in (overrides or {}):
+            kw["max_steps"] = 0  # the phases' token budgets decide the run's length
         model_overrides = {k.removeprefix("model."): v for k, v in (overrides or {}).items() if k.startswith("model.")}
         plain = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.")}
         Phi3Config.check_names(model_overrides, f"{where}: overrides", "model.")
@@ -166,8 +192,9 @@ def validate_train_config(fields: dict[str, Any], where: str, prefix: str = "") 
         raise ConfigError(format_validation_error(exc, where, prefix)) from None
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or WSD decay."""
+def lr_at(cfg: TrainConfig, step: int, decay: tuple[int, int] | None = None) -> float:
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or WSD decay. ``decay``
+    (start, end steps) places a WSD decay explicitly (a phase's steps); the rate stays at ``min_lr`` after it."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "cosine":
@@ -175,8 +202,11 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
     if cfg.schedule == "wsd":
-        decay_steps = max(1, int(cfg.wsd_decay_fraction * cfg.max_steps))
-        decay_start = cfg.max_steps - decay_steps
+        if decay is not None:
+            decay_start, decay_steps = decay[0], max(1, decay[1] - decay[0])
+        else:
+            decay_steps = max(1, int(cfg.wsd_decay_fraction * cfg.max_steps))
+            decay_start = cfg.max_steps - decay_steps
         if step < decay_start:
             return cfg.lr
         progress = min(1.0, (step - decay_start) / decay_steps)
@@ -229,8 +259,18 @@ class Trainer:
         self.is_main = self.rank == 0
 
         # data
-        data = PackedDataset(cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed)
-        if cfg.val_path:
+        self.phases: PhasedDataset | None = None
+        self.phase_val: dict[str, PackedDataset] = {}
+        self.decay: tuple[int, int] | None = None
+        if cfg.data_phases:
+            self._build_phases()
+        elif cfg.max_steps < 1:
+            raise ConfigError("max_steps must be at least 1 (0, from the token budgets, needs [[data.phases]])")
+        data = self.phases if self.phases is not None else \
+            PackedDataset(cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed)
+        if self.phases is not None:
+            self.train_data, self.val_data = data, None
+        elif cfg.val_path:
             self.train_data = data
             self.val_data: PackedDataset | None = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype)
         elif cfg.val_windows > 0 and cfg.eval_every > 0:
@@ -274,6 +314,67 @@ class Trainer:
         self.peak = _peak_flops(cfg, self.device)
         self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
         self.tb = None
+
+    # ---- phases ------------------------------------------------------------------------------------------
+    def _build_phases(self) -> None:
+        """The phases, checked before any step: each directory exists and holds tokens of one tokenizer, each
+        budget fits its data (or repeats it only when allowed), and the schedule's decay falls inside the run."""
+        cfg = self.cfg
+        phases, tokenizers, names = [], {}, []
+        global_batch = cfg.micro_batch_size * cfg.grad_accum * self.world
+        for i, spec in enumerate(cfg.data_phases):
+            where = f"data.phases[{i}]"
+            unknown = sorted(set(spec) - {"name", "path", "tokens", "allow_repeat"})
+            if unknown or "path" not in spec or "tokens" not in spec:
+                raise ConfigError(f"{where}: needs path and tokens (and optionally name, allow_repeat); "
+                                  f"unknown: {unknown}" if unknown else f"{where}: needs path and tokens")
+            name = str(spec.get("name") or f"phase{i + 1}")
+            path = Path(spec["path"])
+            if not path.exists():
+                raise ConfigError(f"{where} ({name}): {path} does not exist")
+            shards = open_shards(path) if path.is_dir() else []
+            tokenizers[name] = {s.manifest.get("tokenizer_hash") for s in shards} or {None}
+            data = PackedDataset(path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed + 1000 * i)
+            if cfg.val_windows > 0 and cfg.eval_every > 0:
+                data, self.phase_val[name] = data.split(min(cfg.val_windows, len(data) // 10 or 1))
+            samples = int(spec["tokens"]) // cfg.seq_len
+            if samples < 1:
+                raise ConfigError(f"{where} ({name}): tokens = {spec['tokens']} is less than one window "
+                                  f"(seq_len {cfg.seq_len})")
+            if samples > len(data) and not spec.get("allow_repeat", False):
+                raise ConfigError(f"{where} ({name}): a budget of {spec['tokens']:,} tokens needs {samples:,} windows "
+                                  f"but {path} holds {len(data):,}; lower it or set allow_repeat = true")
+            phases.append(Phase(name, data, samples))
+            names.append(name)
+        seen = {h for hashes in tokenizers.values() for h in hashes}
+        if len(seen) > 1:
+            raise ConfigError(f"data.phases: the phases were tokenized by different tokenizers: {tokenizers}")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.phases: phase names must be unique: {names}")
+        self.phases = PhasedDataset(phases)
+        steps = self.phases.total_samples // global_batch
+        if cfg.max_steps == 0:
+            cfg.max_steps = steps
+        elif cfg.max_steps > steps:
+            raise ConfigError(f"max_steps = {cfg.max_steps} needs {cfg.max_steps * global_batch:,} windows but the "
+                              f"phases' budgets give {self.phases.total_samples:,} ({steps} steps); leave max_steps "
+                              "out to take it from the budgets")
+        if cfg.decay_phase is not None:
+            if cfg.schedule != "wsd":
+                raise ConfigError("decay_phase places a warmup-stable-decay schedule's decay; set schedule = \"wsd\"")
+            if cfg.decay_phase not in names:
+                raise ConfigError(f"decay_phase {cfg.decay_phase!r} is not a phase ({', '.join(names)})")
+            k = names.index(cfg.decay_phase)
+            start, end = int(self.phases.starts[k]) // global_batch, int(self.phases.starts[k + 1]) // global_batch
+            if start >= cfg.max_steps:
+                raise ConfigError(f"decay_phase {cfg.decay_phase!r} starts at step {start}, after the run's "
+                                  f"{cfg.max_steps} steps: the decay would fall outside the run")
+            self.decay = (start, min(end, cfg.max_steps))
+        elif cfg.schedule == "wsd" and not 0 < cfg.wsd_decay_fraction <= 1:
+            raise ConfigError(f"wsd_decay_fraction = {cfg.wsd_decay_fraction} puts the decay outside the run")
+
+    def phase_name(self, samples: int) -> str | None:
+        return self.phases.phases[self.phases.phase_at(samples)].name if self.phases is not None else None
 
     # ---- model and checkpoints ----------------------------------------------------------------------------
     def _build_fsdp_model(self) -> Phi3:
@@ -384,18 +485,22 @@ class Trainer:
         return x
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        if self.val_data is None:
+    def evaluate(self, val_data: PackedDataset | None = None) -> float | None:
+        if val_data is None and self.phases is not None:
+            return self.evaluate(self.phase_val.get(self.phase_name(max(self.samples - 1, 0)))) \
+                if self.phase_val else None
+        val_data = val_data or self.val_data
+        if val_data is None:
             return None
         self.train_model.eval()
         losses, counts = [], []
-        for x, y in self.val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
+        for x, y in val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
             with self.autocast:
                 _, loss = self.train_model(x.to(self.device), y.to(self.device))
             losses.append(loss.float())
             counts.append(float((y != IGNORE_INDEX).sum()))
         self.train_model.train()
-        if not self.val_data.has_mask:
+        if not val_data.has_mask:
             return float(self._all_mean(torch.stack(losses).mean()))
         # masked (SFT) data: the mean over trained targets, as in training, not over batches
         weights = torch.tensor(counts, device=self.device) / max(sum(counts), 1.0)
@@ -404,13 +509,16 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
-        lr = lr_at(cfg, self.step)
+        lr = lr_at(cfg, self.step, self.decay)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         mb, accum = cfg.micro_batch_size, cfg.grad_accum
         batches = [self.train_data.batch(self.samples + (self.rank * accum + m) * mb, mb) for m in range(accum)]
         weights = self._micro_batch_weights([y for _, y in batches])
         loss_sum = torch.zeros((), device=self.device)
+        digest = xxhash.xxh64()
+        for x, _ in batches:  # which samples the step saw: equal digests, equal batches (resume checks)
+            digest.update(x.numpy().tobytes())
         for m, (x, y) in enumerate(batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = m == accum - 1 or self.world == 1 or not hasattr(self.train_model, "no_sync")
@@ -439,7 +547,7 @@ class Trainer:
         self.samples += global_batch
         self.tokens += global_batch * cfg.seq_len
         self.step += 1
-        return {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm)}
+        return {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm), "batch_digest": digest.hexdigest()}
 
     def _micro_batch_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
         """Loss weight of each micro-batch, so a step's gradient is the mean over all its trained targets.
@@ -471,7 +579,10 @@ class Trainer:
         last: dict[str, Any] = {}
         t_last, steps_since = time.perf_counter(), 0
         while self.step < cfg.max_steps:
+            phase = self.phase_name(self.samples)
             rec = self.train_step()
+            if phase is not None:
+                rec["phase"] = phase
             steps_since += 1
             if self.device.type == "cuda" and (self.step % cfg.log_every == 0 or self.step == cfg.max_steps):
                 torch.cuda.synchronize()
@@ -493,7 +604,12 @@ class Trainer:
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 val = self.evaluate()
                 if val is not None:
-                    self._log({"step": self.step, "val_loss": val})
+                    record = {"step": self.step, "val_loss": val}
+                    if self.phases is not None:  # every phase's held-out loss, and the current phase's name
+                        record["phase"] = self.phase_name(self.samples - 1)
+                        record.update({f"val_loss/{name}": self.evaluate(data)
+                                       for name, data in self.phase_val.items()})
+                    self._log(record)
                     self._say(f"step {self.step} | val_loss {val:.4f}")
                     last["val_loss"] = val
                 t_last, steps_since = time.perf_counter(), 0
