@@ -308,3 +308,72 @@ def test_size_recipe_with_overrides(tmp_path):
     model = next(r["model"] for r in run_plan(cfg, 512) if r["size"] == "b")
     assert model["num_hidden_layers"] == 3 and model["hidden_size"] == 32 and model["tie_word_embeddings"]
     assert model["vocab_size"] == 512 and model["max_position_embeddings"] == 128
+
+
+PHASED_LADDER = """
+[ladder]
+name = "phased toy"
+seeds = [0]
+tokens_per_param = 1
+min_tokens = 8_000
+seq_len = 64
+micro_batch_size = 8
+lr = 3e-3
+
+[tokenizer]
+train_vocab = 384
+sample_chars = 1_000_000
+
+[sizes.a]
+hidden_size = 16
+num_hidden_layers = 1
+num_attention_heads = 2
+intermediate_size = 32
+
+[sizes.b]
+hidden_size = 24
+num_hidden_layers = 1
+num_attention_heads = 2
+intermediate_size = 48
+
+[recipes.mixed]
+description = "web and textbooks in one shuffled stream"
+sources = ["{web}", "{books}"]
+
+[recipes.two_phase]
+description = "web first, then textbooks"
+phases = [{{name = "web", sources = ["{web}"], fraction = 0.75}},
+          {{name = "books", sources = ["{books}"], fraction = 0.25}}]
+
+[eval]
+tasks = ["arc_easy"]
+limit = 8
+val_fraction = 0.1
+val_max_docs = 10
+"""
+
+
+def test_a_phased_recipe_trains_its_phases_in_order_beside_a_mixed_one(tmp_path):
+    config = tmp_path / "phased.toml"
+    config.write_text(PHASED_LADDER.format(web=SHARED / "web" / "jsonl",
+                                           books=SHARED / "textbooks" / "openstax.jsonl.gz"))
+    out = tmp_path / "out"
+    stdout, _ = _ablate(config, out).communicate(timeout=900)
+    assert (out / "report.md").exists(), stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert {r["run"] for r in plan["runs"]} == {"mixed/a/seed0", "mixed/b/seed0", "two_phase/a/seed0",
+                                                "two_phase/b/seed0"}
+    assert set(plan["data"]["recipes"]) == {"mixed", "two_phase.web", "two_phase.books"}
+    for run in plan["runs"]:
+        if run["recipe"] != "two_phase":
+            continue
+        records = [json.loads(line) for line in (out / "runs" / run["run"] / "metrics.jsonl").open()
+                   if '"loss"' in line]
+        phases = [r["phase"] for r in records]
+        web_steps = round(0.75 * run["steps"])
+        assert phases == ["web"] * web_steps + ["books"] * (run["steps"] - web_steps)
+    mixed = {r["tokens"] for r in plan["runs"] if r["recipe"] == "mixed"}
+    phased = {r["tokens"] for r in plan["runs"] if r["recipe"] == "two_phase"}
+    assert mixed == phased, "the same total tokens per model"
+    fits = json.loads((out / "fits.json").read_text())
+    assert set(fits["benchmark"]) == {"mixed", "two_phase"}

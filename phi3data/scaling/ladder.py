@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from phi3data.config import ConfigError, StrictModel, check_keys, read_toml, validate
 from phi3data.io.inputs import list_input_files
@@ -45,6 +45,7 @@ LADDER_MODEL_FIELDS = ("name", "vocab_size", "max_position_embeddings", "origina
 # Trainer settings the ladder sets from its own sections; a [train] table may set any other TrainConfig field.
 LADDER_TRAIN_FIELDS = {
     "model": "[sizes]", "model_overrides": "[sizes]", "data_path": "[recipes]", "data_dtype": "[recipes]",
+    "data_phases": "[recipes] phases",
     "val_path": "the shared validation set", "val_windows": "the shared validation set", "out_dir": "--output",
     "max_steps": "[ladder] tokens_per_param", "seed": "[ladder] seeds", "resume": "the ladder (it always resumes)",
     "device": "[ladder] device", "seq_len": "[ladder] seq_len", "micro_batch_size": "[ladder] micro_batch_size",
@@ -89,10 +90,39 @@ class SizeSection(StrictModel):
     options: dict[str, Any] = {}
 
 
+class PhaseSection(StrictModel):
+    """One phase of a phased recipe: its documents and its share of every run's tokens."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    sources: list[str] = Field(min_length=1)
+    fraction: float = Field(gt=0, le=1)
+
+
 class RecipeSection(StrictModel):
-    sources: list[str]
-    """Files or directories of documents (curated Parquet from ``phi3data run``, JSONL, ...)."""
+    sources: list[str] = []
+    """Files or directories of documents (curated Parquet from ``phi3data run``, JSONL, ...) ..."""
+    phases: list[PhaseSection] = []
+    """... or phases trained in order (phi-3's two sequential phases), each a share of the run's tokens."""
     description: str = ""
+
+    @model_validator(mode="after")
+    def _sources_or_phases(self) -> RecipeSection:
+        if bool(self.sources) == bool(self.phases):
+            raise ValueError("a recipe has either sources or phases")
+        if self.phases:
+            total = sum(p.fraction for p in self.phases)
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"the phases' fractions add up to {total:g}, not 1")
+            names = [p.name for p in self.phases]
+            if len(set(names)) != len(names):
+                raise ValueError(f"phase names must be unique: {names}")
+        return self
+
+    def units(self, name: str) -> dict[str, list[str]]:
+        """The recipe's data units (tokenized separately): itself, or ``<recipe>.<phase>`` per phase."""
+        if not self.phases:
+            return {name: self.sources}
+        return {f"{name}.{phase.name}": phase.sources for phase in self.phases}
 
 
 class EvalSection(StrictModel):
@@ -135,10 +165,15 @@ def load_ladder(path: Path, resolve_source: Callable[[str], str] | None = None) 
     path = Path(path)
     where = str(path)
     raw = read_toml(path, "ladder config")
+    def absolute(sources: list) -> list:
+        return [str(Path(resolve_source(s) if resolve_source else s).resolve()) for s in sources]
+
     for recipe in (raw.get("recipes") or {}).values():
         if isinstance(recipe, dict) and isinstance(recipe.get("sources"), list):
-            recipe["sources"] = [str(Path(resolve_source(s) if resolve_source else s).resolve())
-                                 for s in recipe["sources"]]
+            recipe["sources"] = absolute(recipe["sources"])
+        for phase in recipe.get("phases", []) if isinstance(recipe, dict) else []:
+            if isinstance(phase, dict) and isinstance(phase.get("sources"), list):
+                phase["sources"] = absolute(phase["sources"])
     sizes = raw.get("sizes")
     if isinstance(sizes, dict):
         raw["sizes"] = {name: _resolve_size(name, size, path) for name, size in sizes.items()}
@@ -264,14 +299,15 @@ def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
     (out / "data").mkdir(parents=True, exist_ok=True)
     held_out = _HeldOut(cfg.eval.val_max_docs)
     counts = {}
-    for name, recipe in cfg.recipes.items():
+    units = {unit: sources for name, recipe in cfg.recipes.items() for unit, sources in recipe.units(name).items()}
+    for name, sources in units.items():
         path = out / "data" / name / "train.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         rejects: Counter = Counter()
         documents = characters = validation = 0
         tmp = tmp_path_for(path)
         with open(tmp, "w", encoding="utf-8") as handle:
-            for key, text in _documents(recipe.sources, rejects):
+            for key, text in _documents(sources, rejects):
                 if _is_validation(key, cfg.eval.val_fraction):
                     validation += 1
                     held_out.add(key, text)
@@ -281,7 +317,7 @@ def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
                     characters += len(text)
         if documents + validation == 0:
             tmp.unlink()
-            raise ValueError(f"recipe {name}: no documents in {recipe.sources} "
+            raise ValueError(f"recipe {name}: no documents in {sources} "
                              f"(unreadable records: {dict(rejects) or 'none'})")
         commit(tmp, path)
         counts[name] = {"documents": documents, "characters": characters, "held_out": validation,
@@ -298,6 +334,11 @@ def prepare_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
     info = {"recipes": counts, "validation_documents": val_documents, "validation_characters": val_characters}
     write_json_atomic(marker, info)
     return info
+
+
+def data_units(cfg: LadderConfig) -> list[str]:
+    """Every tokenized data unit: each plain recipe, and each phase of a phased one (``<recipe>.<phase>``)."""
+    return [unit for name, recipe in cfg.recipes.items() for unit in recipe.units(name)]
 
 
 def _jsonl_line(key: str, text: str) -> str:
@@ -320,9 +361,11 @@ def prepare_tokenizer(cfg: LadderConfig, out: Path) -> str:
         return str(path)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    units = data_units(cfg)
+
     def sample():
-        budget = cfg.tokenizer.sample_chars // max(len(cfg.recipes), 1)
-        for name in cfg.recipes:
+        budget = cfg.tokenizer.sample_chars // max(len(units), 1)
+        for name in units:
             used = 0
             for text in _read_texts(out / "data" / name / "train.jsonl"):
                 if used >= budget:
@@ -349,7 +392,7 @@ def prepare_tokens(cfg: LadderConfig, out: Path, tokenizer: str) -> dict[str, Pa
 
     config = TokenizeConfig(tokenizer=tokenizer)
     dirs = {}
-    for name in [*cfg.recipes, "validation"]:
+    for name in [*data_units(cfg), "validation"]:
         source = out / "data" / ("validation.jsonl" if name == "validation" else f"{name}/train.jsonl")
         target = out / "tokens" / name
         tokenize([source], target, config, source=name, engine="local", workers=1)
@@ -406,12 +449,28 @@ def train_config(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: 
     lad = cfg.ladder
     defaults = {"eval_every": steps, "eval_batches": 4, "ckpt_every": max(10, steps // 4),
                 "log_every": max(1, steps // 4)}
-    ladder = {"model": run["model"], "data_path": str(token_dirs[run["recipe"]]),
+    recipe = cfg.recipes[run["recipe"]]
+    data: dict[str, Any] = {"data_path": str(token_dirs[run["recipe"]])} if not recipe.phases else \
+        {"data_phases": phase_budgets(recipe, run, token_dirs, tokens_per_step(cfg))}
+    ladder = {"model": run["model"], **data,
               "val_path": str(token_dirs["validation"]), "out_dir": str(out / "runs" / run["run"]),
               "seq_len": lad.seq_len, "micro_batch_size": lad.micro_batch_size, "max_steps": steps, "lr": lad.lr,
               "min_lr": lad.lr * lad.min_lr_ratio, "warmup_steps": max(1, int(lad.warmup_fraction * steps)),
               "weight_decay": lad.weight_decay, "seed": 1000 + run["seed"], "device": lad.device}
     return validate_train_config(defaults | cfg.train | ladder, f"ladder run {run['run']}")
+
+
+def phase_budgets(recipe: RecipeSection, run: dict[str, Any], token_dirs: dict[str, Path],
+                  step_tokens: int) -> list[dict[str, Any]]:
+    """A phased recipe's phases for one run: each phase's share of the run's steps (the last takes the rest, so
+    the phases add up to the run exactly), as token budgets; a phase smaller than its budget repeats its data, as
+    a plain recipe does."""
+    steps = run["steps"]
+    shares = [round(phase.fraction * steps) for phase in recipe.phases[:-1]]
+    shares.append(steps - sum(shares))
+    return [{"name": phase.name, "path": str(token_dirs[f"{run['recipe']}.{phase.name}"]),
+             "tokens": share * step_tokens, "allow_repeat": True}
+            for phase, share in zip(recipe.phases, shares)]
 
 
 def train_run(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: dict[str, Path]) -> Path:
@@ -470,8 +529,8 @@ def _run_ladder_locked(cfg: LadderConfig, out: Path, *, progress: bool) -> list[
 
     vocab_size = get_tokenizer(tokenizer).vocab_size
     plan = run_plan(cfg, vocab_size)
-    recipe_tokens = {name: json.loads((token_dirs[name] / "manifest.json").read_text())["tokens"]
-                     for name in cfg.recipes}
+    recipe_tokens = {name: sum(json.loads((token_dirs[unit] / "manifest.json").read_text())["tokens"]
+                               for unit in recipe.units(name)) for name, recipe in cfg.recipes.items()}
     for run in plan:
         run["epochs"] = round(run["tokens"] / max(recipe_tokens[run["recipe"]], 1), 2)
     write_json_atomic(out / "plan.json", {"tokenizer": tokenizer, "vocab_size": vocab_size, "data": info,

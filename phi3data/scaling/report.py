@@ -75,6 +75,13 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
         sizes_txt = ", ".join(f"{k} {v:,}" for k, v in plan["recipe_tokens"].items())
         lines += [f"- training tokens available per recipe: {sizes_txt}; a run that needs more repeats its data "
                   "(the epochs column) and is then data-limited, not only model-limited", ""]
+    phased = {name: r["phases"] for name, r in plan["config"]["recipes"].items() if r.get("phases")}
+    for name, phases in phased.items():
+        lines.append(f"- phased recipe {name}: " + ", then ".join(
+            f"{ph['name']} ({100 * ph['fraction']:.0f}% of each run's tokens)" for ph in phases)
+            + "; read in order, never mixed")
+    if phased:
+        lines.append("")
     lines += ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | epochs | train s | val loss | bits/byte | "
               "benchmark error | acc (mean) | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["recipe"], r["params"], r["seed"])):
@@ -111,10 +118,11 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
 def _rejects(data: dict[str, Any], recipes: list[str]) -> str:
     """Unreadable source records per recipe and reason, e.g. ``web: malformed_json 1; textbooks: none``."""
     parts = []
-    for name in recipes:
-        rejects = data["recipes"][name].get("rejects") or {}
-        reasons = ", ".join(f"{reason} {n:,}" for reason, n in rejects.items())
-        parts.append(f"{name}: {reasons or 'none'}")
+    for name in recipes:  # a phased recipe's data units are "<recipe>.<phase>"
+        for unit, counts in data["recipes"].items():
+            if unit == name or unit.startswith(f"{name}."):
+                reasons = ", ".join(f"{reason} {n:,}" for reason, n in (counts.get("rejects") or {}).items())
+                parts.append(f"{unit}: {reasons or 'none'}")
     return "; ".join(parts)
 
 

@@ -269,7 +269,8 @@ class Trainer:
         data = self.phases if self.phases is not None else \
             PackedDataset(cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed)
         if self.phases is not None:
-            self.train_data, self.val_data = data, None
+            self.train_data = data
+            self.val_data = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype) if cfg.val_path else None
         elif cfg.val_path:
             self.train_data = data
             self.val_data: PackedDataset | None = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype)
@@ -335,7 +336,7 @@ class Trainer:
             shards = open_shards(path) if path.is_dir() else []
             tokenizers[name] = {s.manifest.get("tokenizer_hash") for s in shards} or {None}
             data = PackedDataset(path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed + 1000 * i)
-            if cfg.val_windows > 0 and cfg.eval_every > 0:
+            if not cfg.val_path and cfg.val_windows > 0 and cfg.eval_every > 0:  # held out per phase
                 data, self.phase_val[name] = data.split(min(cfg.val_windows, len(data) // 10 or 1))
             samples = int(spec["tokens"]) // cfg.seq_len
             if samples < 1:
@@ -486,7 +487,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, val_data: PackedDataset | None = None) -> float | None:
-        if val_data is None and self.phases is not None:
+        if val_data is None and self.phases is not None and self.val_data is None:
             return self.evaluate(self.phase_val.get(self.phase_name(max(self.samples - 1, 0)))) \
                 if self.phase_val else None
         val_data = val_data or self.val_data
