@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from phi3data.cli import classify, curate, generate, model, tokens
+from phi3data.cli import classify, curate, generate, model, sandbox, tokens
 from phi3data.cli.errors import add_command
 
 
@@ -47,9 +47,11 @@ COMMANDS = [
     (app, "eval", model.eval_checkpoint),
     (app, "ablate", model.ablate),
     (app, "quickstart", curate.quickstart),
+    (sandbox.app, "run", sandbox.run),
 ]
 
 for _group_app, _name, _function in COMMANDS:
     add_command(_group_app, _name, _function)
 app.add_typer(classify_app, name="classify")
 app.add_typer(model_app, name="model")
+app.add_typer(sandbox.app, name="sandbox")
