@@ -22,7 +22,7 @@ COMMANDS = [
     ["run"], ["quickstart"],
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
     ["generate"], ["tokenize"], ["mix"],
-    ["model", "info"], ["train"], ["eval"], ["ablate"],
+    ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"],
 ]
 
 # Packages a core install (no extras) lacks.
@@ -78,6 +78,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
                      "no-such-tokenizer"),
         "mix": (["mix", str(mix), "--output", str(tmp / "m")], "max_epoch"),
         "model info": (["model", "info", "no-such-model"], "no-such-model"),
+        "sandbox run": (["sandbox", "run", str(tmp / "missing.py"), "--allow-code-execution"], "missing.py"),
         "train": (["train", str(ROOT / "model" / "train-tiny-cpu.toml"), "max_steps"], "max_steps"),
         "eval": (["eval", str(tmp / "no-checkpoint"), "--tokenizer", "phi3-mini"], "no-checkpoint"),
         "ablate": (["ablate", str(ladder), "--output", str(tmp / "l")], "tokens_per_parm"),
