@@ -201,17 +201,16 @@ def components_on_driver(edge_files: list[str]) -> pa.Table:
     if edges.num_rows == 0:
         return pa.table({"node": pa.array([], pa.string()), "cluster": pa.array([], pa.string()),
                          "size": pa.array([], pa.int64())})
-    names = np.array(pc.unique(pa.concat_arrays([edges.column("src").combine_chunks(),
-                                                 edges.column("dst").combine_chunks()])).to_pylist(), dtype=object)
-    names.sort()  # index order == string order, so the smallest index of a component is its smallest node
-    index = {name: i for i, name in enumerate(names)}
-    src = np.array([index[n] for n in edges.column("src").to_pylist()], dtype=np.int64)
-    dst = np.array([index[n] for n in edges.column("dst").to_pylist()], dtype=np.int64)
-    label = np.arange(len(names), dtype=np.int64)
-    while True:  # min-label propagation with pointer jumping; converges in a few rounds
+    names = pc.unique(pa.concat_arrays([edges.column("src").combine_chunks(), edges.column("dst").combine_chunks()]))
+    names = names.take(pc.sort_indices(names))  # index order == string order: a component's smallest index is
+    src = pc.index_in(edges.column("src"), value_set=names).to_numpy(zero_copy_only=False).astype(np.int64)
+    dst = pc.index_in(edges.column("dst"), value_set=names).to_numpy(zero_copy_only=False).astype(np.int64)
+    label = np.arange(len(names), dtype=np.int64)  # its smallest node
+    while True:  # hook each edge's larger root under the smaller, then jump pointers to the roots
         before = label.copy()
-        np.minimum.at(label, src, label[dst])
-        np.minimum.at(label, dst, label[src])
+        low = np.minimum(label[src], label[dst])
+        np.minimum.at(label, label[src], low)
+        np.minimum.at(label, label[dst], low)
         while True:
             jumped = label[label]
             if np.array_equal(jumped, label):
@@ -220,8 +219,7 @@ def components_on_driver(edge_files: list[str]) -> pa.Table:
         if np.array_equal(before, label):
             break
     sizes = np.bincount(label, minlength=len(names))
-    return pa.table({"node": pa.array(names.tolist(), pa.string()),
-                     "cluster": pa.array(names[label].tolist(), pa.string()),
+    return pa.table({"node": names, "cluster": names.take(pa.array(label)),
                      "size": pa.array(sizes[label], pa.int64())})
 
 

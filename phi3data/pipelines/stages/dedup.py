@@ -112,24 +112,27 @@ def permutations(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def minhash_signatures(texts: pa.Array | pa.ChunkedArray, ngram: int, num_perm: int, seed: int = 1,
-                       chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+                       chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """(signatures, has_shingles): a ``len(texts) x num_perm`` uint32 MinHash signature per text."""
     shingles, offsets = shingle_hashes(texts, ngram)
     docs = len(offsets) - 1
     a, b = permutations(num_perm, seed)
-    signatures = np.full((docs, num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
+    signatures = np.full((docs, num_perm), np.iinfo(np.uint32).max, dtype=np.uint64)
     doc_of = np.repeat(np.arange(docs), np.diff(offsets))
+    buffer = np.empty((chunk, num_perm), dtype=np.uint64)  # reused: the hashing is most of a dedup's time
+    shift = np.uint64(32)
     with np.errstate(over="ignore"):
         for start in range(0, shingles.shape[0], chunk):
             block = shingles[start:start + chunk]
-            values = ((block[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)).astype(np.uint32)
+            values = buffer[:block.shape[0]]
+            np.multiply(block[:, None], a[None, :], out=values)
+            values += b
+            values >>= shift
             owners = doc_of[start:start + chunk]
-            cuts = np.flatnonzero(np.diff(owners)) + 1
-            firsts = np.concatenate([[0], cuts])
-            mins = np.minimum.reduceat(values, firsts, axis=0)
+            firsts = np.concatenate([[0], np.flatnonzero(np.diff(owners)) + 1])
             rows = owners[firsts]
-            signatures[rows] = np.minimum(signatures[rows], mins)
-    return signatures, np.diff(offsets) > 0
+            signatures[rows] = np.minimum(signatures[rows], np.minimum.reduceat(values, firsts, axis=0))
+    return signatures.astype(np.uint32), np.diff(offsets) > 0
 
 
 def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -146,10 +149,22 @@ def band_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 def exact_jaccard(a: str, b: str, ngram: int) -> float:
     """Exact Jaccard similarity of two texts' shingle sets (the ground truth MinHash estimates)."""
-    sa, sb = (set(shingle_hashes(pa.array([t], pa.large_string()), ngram)[0].tolist()) for t in (a, b))
-    if not sa or not sb:
+    sa, sb = shingle_sets([a, b], ngram)
+    return jaccard(sa, sb)
+
+
+def shingle_sets(texts: list[str], ngram: int) -> list[np.ndarray]:
+    """Each text's distinct shingle hashes (sorted), shingled in one batch."""
+    shingles, offsets = shingle_hashes(pa.array(texts, pa.large_string()), ngram)
+    return [np.unique(shingles[offsets[i]:offsets[i + 1]]) for i in range(len(texts))]
+
+
+def jaccard(sa: np.ndarray, sb: np.ndarray) -> float:
+    """Jaccard similarity of two sorted arrays of distinct hashes (0 when either is empty)."""
+    if not len(sa) or not len(sb):
         return 0.0
-    return len(sa & sb) / len(sa | sb)
+    common = len(np.intersect1d(sa, sb, assume_unique=True))
+    return common / (len(sa) + len(sb) - common)
 
 
 def _text_hashes(texts: list[str]) -> np.ndarray:
@@ -367,7 +382,7 @@ class MinHashParams(DedupParams):
     bands: int = Field(14, gt=0)
     rows: int = Field(8, gt=0)
     """bands x rows hash functions; two documents become candidates when all rows of one band agree. The
-    default, datatrove's 14 x 8, makes documents with Jaccard 0.72 candidates half the time."""
+    default, datatrove's 14 x 8, makes documents with Jaccard 0.685 candidates half the time (0.72: 65%)."""
     seed: int = 1
     threshold: float = Field(0.7, gt=0, le=1)
     """The Jaccard similarity the audit measures against (what counts as a true near-duplicate)."""
@@ -421,8 +436,10 @@ class MinHashDedup(_DedupStage):
                 others.append((a, b))
         needed = {d for pair in candidate_pairs + others for d in pair}
         texts = _texts_of(job, needed)
-        cand = [exact_jaccard(texts[a], texts[b], p.ngram) for a, b in candidate_pairs if a in texts and b in texts]
-        non = [exact_jaccard(texts[a], texts[b], p.ngram) for a, b in others if a in texts and b in texts]
+        order = sorted(texts)
+        sets = dict(zip(order, shingle_sets([texts[d] for d in order], p.ngram)))
+        cand = [jaccard(sets[a], sets[b]) for a, b in candidate_pairs if a in sets and b in sets]
+        non = [jaccard(sets[a], sets[b]) for a, b in others if a in sets and b in sets]
         audit = {"threshold": p.threshold, "candidate_pairs": len(cand), "non_candidate_pairs": len(non)}
         if cand:
             audit["candidate_precision"] = round(sum(j >= p.threshold for j in cand) / len(cand), 4)
