@@ -248,3 +248,22 @@ def test_a_token_budget_stops_the_run_cleanly_and_a_rerun_finishes_it(proxy, tmp
     assert sent == capped.answered
     finished = generate(plan, out, client(proxy.url), plan_name="unit")
     assert finished.sent == capped.pending and len(proxy.bodies) == 8 and finished.pending == 0
+
+
+def test_vllm_in_process_without_vllm_says_how_to_install(tmp_path):
+    """vLLM is imported only when asked for; without it the command says which extra installs it."""
+    from typer.testing import CliRunner
+
+    from phi3data.cli import app
+
+    plan = Path(__file__).resolve().parents[1] / "generators" / "chat.toml"  # topic seeds: no files to read
+    result = CliRunner().invoke(app, ["generate", str(plan), "--output", str(tmp_path / "o"), "--vllm-model",
+                                      "HuggingFaceTB/SmolLM2-135M-Instruct"])
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert result.exit_code == 2, result.output
+        assert "pip install 'phi3data[vllm]'" in result.stderr
+        assert not (tmp_path / "o" / "ledger").exists()
+    else:
+        pytest.fail("this test is for a machine without vLLM; with it, run the vLLM check in docs/benchmarks.md")

@@ -35,7 +35,7 @@ EXTRAS = {
     "torch": "train", "safetensors": "train", "matplotlib": "train", "scipy": "train", "triton": "gpu",
     "pyspark": "spark", "ray": "ray", "datasets": "hf", "trafilatura": "trafilatura",
     "sentencepiece": "tokenize", "tokenizers": "tokenize", "tiktoken": "tokenize",
-    "sklearn": "classify", "onnxruntime": "classify", "onnx": "classify", "httpx": "classify",
+    "sklearn": "classify", "onnxruntime": "classify", "onnx": "classify", "httpx": "classify", "vllm": "vllm",
 }
 
 

@@ -37,6 +37,9 @@ def generate(
     allow_code_execution: Annotated[bool, typer.Option(
         help="Let a plan with [verify] run the generated programs (in the sandbox)")] = False,
     sandbox_workers: Annotated[int, typer.Option(help="Sandbox worker processes for verification")] = 2,
+    vllm_model: Annotated[str | None, typer.Option(
+        help="Generate with vLLM in this process (a model path or name; needs the vllm package) instead of a "
+             "server")] = None,
 ) -> None:
     """Generate a synthetic corpus from a plan (topics x audiences x styles over seeds), exactly once.
 
@@ -83,6 +86,18 @@ def generate(
 
         raise CodeExecutionRefused(f"verifying the replies of {plan}")
     urls = base_url or ["http://127.0.0.1:8000/v1"]
+    if vllm_model is not None:
+        if base_url:
+            raise ValueError("--vllm-model generates in this process; leave out --base-url")
+        from phi3data.generators.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(vllm_model)
+        summary = _run(expansion.requests, output, loaded.name, urls, vllm_model, api_key_env, concurrency, timeout,
+                       progress, {}, engine=engine)
+        console.print(_coverage_table(summary.coverage))
+        console.print(f"{summary.planned:,} requests, {summary.answered:,} answered and {summary.failed:,} failed "
+                      f"now by vLLM {engine.version} in process -> {output}")
+        return
     limits = {"rpm": rpm, "tpm": tpm, "max_total_tokens": max_tokens_total, "max_cost": max_cost,
               "price_in_per_m": price_in, "price_out_per_m": price_out}
     summary = _run(expansion.requests, output, loaded.name, urls, model or loaded.model, api_key_env, concurrency,
@@ -140,7 +155,7 @@ def _stepper(root: Path, plan_name: str, run_args: tuple, folder: str | None = N
 
 
 def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, api_key_env: str, concurrency: int,
-         timeout: float, progress: bool, limits: dict):
+         timeout: float, progress: bool, limits: dict, engine=None):
     from phi3data.generators.client import ClientConfig, LLMClient
     from phi3data.generators.runner import generate as run_generate
 
@@ -149,7 +164,7 @@ def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, ap
     replicas = urls if len(urls) > 1 else None
     if not progress:
         return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency,
-                            replicas=replicas)
+                            replicas=replicas, engine=engine)
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -166,7 +181,7 @@ def _run(requests, output: Path, plan_name: str, urls: list[str], model: str, ap
                             f"tok/s, {counts.get('failed', 0)} failed")
 
         return run_generate(requests, output, client, plan_name=plan_name, concurrency=concurrency, progress=update,
-                            replicas=replicas)
+                            replicas=replicas, engine=engine)
 
 
 def _coverage_table(coverage: dict):

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
@@ -32,6 +33,9 @@ from phi3data.generators.client import Completion, LLMClient, LLMError
 from phi3data.generators.ledger import LedgerWriter, read_ledger
 from phi3data.generators.requests import GenRequest
 from phi3data.io.writers import ShardWriter, output_lock, remove_stale_tmp, write_json_atomic
+
+if TYPE_CHECKING:
+    from phi3data.generators.vllm_engine import VLLMEngine
 
 ROWS_PER_SHARD = 10_000
 ENDPOINT = "chat/completions"
@@ -64,20 +68,22 @@ def payload_of(request: GenRequest, model: str) -> dict:
 
 def generate(requests: Sequence[GenRequest], output: Path, client: LLMClient, *, plan_name: str,
              concurrency: int | None = None, progress: Callable[[dict], None] | None = None,
-             handle_signals: bool = True, replicas: Sequence[str] | None = None) -> GenerateSummary:
+             handle_signals: bool = True, replicas: Sequence[str] | None = None,
+             engine: VLLMEngine | None = None) -> GenerateSummary:
     """Send every request of a plan that the ledger in ``output`` has not answered, then write the outputs.
 
     ``client`` says how to talk to the server (model, retries, limits). With ``replicas`` (base URLs of servers
     that serve the same model), Ray fans the requests out over them, one actor per replica; requests are then
     keyed by the replica group, so a rerun over the same group sends nothing twice whichever replica answered.
     ``progress`` is called with running counts after every reply (over replicas: the actors' summed counts,
-    polled while they work). The output directory is locked for the run.
+    polled while they work). With ``engine`` (vLLM in process) the requests go to it a batch at a time instead of
+    a server, keyed by the engine's identity. The output directory is locked for the run.
     """
     with output_lock(output):
         remove_stale_tmp(output)
         return _generate_locked(requests, output, client, plan_name=plan_name,
                                 concurrency=concurrency or client.config.max_concurrency, progress=progress,
-                                handle_signals=handle_signals, replicas=list(replicas or []))
+                                handle_signals=handle_signals, replicas=list(replicas or []), engine=engine)
 
 
 def server_identity(client: LLMClient, replicas: Sequence[str]) -> str:
@@ -91,16 +97,19 @@ def server_identity(client: LLMClient, replicas: Sequence[str]) -> str:
 
 def _generate_locked(requests: Sequence[GenRequest], output: Path, client: LLMClient, *, plan_name: str,
                      concurrency: int, progress: Callable[[dict], None] | None, handle_signals: bool,
-                     replicas: list[str]) -> GenerateSummary:
+                     replicas: list[str], engine: VLLMEngine | None = None) -> GenerateSummary:
     started = time.perf_counter()
-    server, model = server_identity(client, replicas), client.config.model
+    server = engine.identity if engine is not None else server_identity(client, replicas)
+    model = engine.model if engine is not None else client.config.model
     keys = [r.key(server, model) for r in requests]
     if len(set(keys)) != len(keys):
         raise ValueError("the plan expands to identical requests (same messages and parameters); give each its "
                          "own seed or fewer copies per cell")
     answered_before = read_ledger(output).answered()
     pending = [(r, k) for r, k in zip(requests, keys) if k not in answered_before]
-    if len(replicas) > 1:
+    if engine is not None:
+        counts, stopped = send_to_engine(pending, output, engine, progress), False
+    elif len(replicas) > 1:
         from phi3data.generators.fanout import fan_out
 
         counts, stopped = fan_out(pending, output, client, replicas, concurrency, progress)
@@ -133,22 +142,44 @@ def send_and_record(pending: list[tuple[GenRequest, str]], output: Path, client:
     with LedgerWriter(output) as ledger:
 
         def record(request: GenRequest, key: str, result: Completion | LLMError) -> None:
-            row = {"key": key, "index": request.index, "model": model, "server": client.config.base_url,
-                   "time": time.time()}
-            if isinstance(result, Completion):
-                row.update(status="ok", text=result.text, finish_reason=result.finish_reason,
-                           prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
-                counts["answered"] += 1
-            else:
-                row.update(status="failed", error=str(result)[:500], error_class=_error_class(result))
-                counts["failed"] += 1
-            ledger.append(row)
+            ledger.append(_ledger_row(request, key, model, client.config.base_url, result, counts))
             if progress is not None:
                 progress({"done": counts["answered"] + counts["failed"], "total": len(pending), **counts,
                           "completion_tokens": client.usage.completion_tokens})
 
         stopped = asyncio.run(_send(client, pending, record, concurrency, handle_signals))
     return counts, stopped
+
+
+def send_to_engine(pending: list[tuple[GenRequest, str]], output: Path, engine: VLLMEngine,
+                   progress: Callable[[dict], None] | None = None) -> Counter:
+    """Generate ``pending`` with an in-process engine, a batch at a time, recording each reply in the ledger."""
+    counts: Counter = Counter()
+    tokens = 0
+    with LedgerWriter(output) as ledger:
+        for start in range(0, len(pending), engine.batch_size):
+            batch = pending[start:start + engine.batch_size]
+            for (request, key), result in zip(batch, engine.generate([r for r, _ in batch])):
+                ledger.append(_ledger_row(request, key, engine.model, engine.identity, result, counts))
+                tokens += result.completion_tokens if isinstance(result, Completion) else 0
+            if progress is not None:
+                progress({"done": counts["answered"] + counts["failed"], "total": len(pending), **counts,
+                          "completion_tokens": tokens})
+    return counts
+
+
+def _ledger_row(request: GenRequest, key: str, model: str, server: str, result: Completion | LLMError,
+                counts: Counter) -> dict:
+    """A reply or final failure as a ledger row (and counted)."""
+    row = {"key": key, "index": request.index, "model": model, "server": server, "time": time.time()}
+    if isinstance(result, Completion):
+        row.update(status="ok", text=result.text, finish_reason=result.finish_reason,
+                   prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens)
+        counts["answered"] += 1
+    else:
+        row.update(status="failed", error=str(result)[:500], error_class=_error_class(result))
+        counts["failed"] += 1
+    return row
 
 
 async def _send(client: LLMClient, pending: list[tuple[GenRequest, str]],
@@ -210,7 +241,8 @@ def provenance(request: GenRequest, row: dict, *, plan_name: str, server: str, m
     """Everything that says where a generated document came from (the ``metadata`` column)."""
     return {"plan": plan_name, "cell": request.cell, "template_id": request.template_id,
             "template_hash": request.template_hash, "seed_id": request.seed_id, "seed_text": request.seed_text,
-            "backend": "openai-http", "server": server, "model": model, "params": request.params,
+            "backend": "vllm-in-process" if server.startswith("vllm:") else "openai-http",
+            "server": server, "model": model, "params": request.params,
             "request_key": key, "finish_reason": row.get("finish_reason"),
             "usage": {"prompt_tokens": row.get("prompt_tokens"), "completion_tokens": row.get("completion_tokens")},
             **({"extra": request.extra} if request.extra else {})}
