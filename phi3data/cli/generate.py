@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -40,6 +41,8 @@ def generate(
     vllm_model: Annotated[str | None, typer.Option(
         help="Generate with vLLM in this process (a model path or name; needs the vllm package) instead of a "
              "server")] = None,
+    vllm_arg: Annotated[list[str] | None, typer.Option(
+        help="An engine argument for vllm.LLM, KEY=VALUE (repeatable), e.g. gpu_memory_utilization=0.5")] = None,
 ) -> None:
     """Generate a synthetic corpus from a plan (topics x audiences x styles over seeds), exactly once.
 
@@ -91,7 +94,16 @@ def generate(
             raise ValueError("--vllm-model generates in this process; leave out --base-url")
         from phi3data.generators.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine(vllm_model)
+        engine_args = {}
+        for item in vllm_arg or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--vllm-arg takes KEY=VALUE, got {item!r}")
+            try:
+                engine_args[key] = json.loads(value)
+            except json.JSONDecodeError:
+                engine_args[key] = value
+        engine = VLLMEngine(vllm_model, **engine_args)
         summary = _run(expansion.requests, output, loaded.name, urls, vllm_model, api_key_env, concurrency, timeout,
                        progress, {}, engine=engine)
         console.print(_coverage_table(summary.coverage))

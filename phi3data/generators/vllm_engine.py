@@ -30,7 +30,17 @@ class VLLMEngine:
         self.batch_size = batch_size
         self.identity = f"vllm:{model}"
         self.version = getattr(vllm, "__version__", "unknown")
-        self.llm = vllm.LLM(model=model, **engine_args)
+        self.engine_args = engine_args
+        self._llm = None
+
+    @property
+    def llm(self):
+        """The engine, started on first use: a rerun with nothing left to generate never loads the model."""
+        if self._llm is None:
+            import vllm
+
+            self._llm = vllm.LLM(model=self.model, **self.engine_args)
+        return self._llm
 
     def sampling_params(self, request: GenRequest):
         """vLLM's SamplingParams for a request's own parameters (and structured output for its schema)."""
