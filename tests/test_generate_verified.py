@@ -171,3 +171,85 @@ def test_math_plan_runs_end_to_end_and_a_rerun_repeats_nothing(llama_server, tmp
         assert json.loads((out / "verification.json").read_text()) == summary
     finally:
         plan.unlink(missing_ok=True)
+
+
+KILL_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from phi3data.generators.plan import load_plan
+from phi3data.generators.requests import GenRequest
+from phi3data.generators.sandbox import Sandbox
+from phi3data.generators.verified import verify_plan
+from phi3data.generators.ledger import read_ledger
+
+out, plan_path = Path(sys.argv[1]), sys.argv[2]
+plan = load_plan(plan_path)
+requests = [GenRequest(index=i, messages=({"role": "user", "content": f"q {i}"},), params={},
+                       cell={"source": "gsm8k", "topic": "arithmetic", "audience": "grade_school", "style": "resolve"},
+                       template_id="math_resolve", template_hash="h", seed_id=f"seed-{i}", extra={"gold_final": str(i)})
+            for i in range(12)]
+keys = [f"key-{i:04d}" for i in range(12)]
+with Sandbox(workers=1, allow_code_execution=True, timeout=5) as box:
+    verify_plan(plan, requests, keys, out, lambda reqs: ([], {}), box.run_many, allow_code_execution=True)
+"""
+
+
+def test_verification_killed_midway_resumes_without_repeating_or_losing_a_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "math"
+    # twelve re-solves, each program taking a moment, so the kill lands among them
+    replies = [(_request(i, "resolve", str(i)), _program(f"    import time\n    time.sleep(0.4)\n    return {i}"))
+               for i in range(12)]
+    _write_replies(out, replies)
+    cmd = [sys.executable, "-c", KILL_SCRIPT, str(out), str(ROOT / "generators" / "math_programs.toml")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and _runs(out) < 3:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = _runs(out)
+    assert 3 <= before < 12, "the kill should land among the runs"
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=300).returncode == 0
+    keys = [json.loads(line)["key"] for p in sorted((out / RUNS_DIR).glob("*.jsonl"))
+            for line in p.read_text().splitlines() if line.strip().endswith("}")]
+    assert len(keys) == len(set(keys)) == 12, "every program ran exactly once over the two runs"
+    summary = json.loads((out / "verification.json").read_text())
+    assert summary["kept"] == 12 and summary["programs_run"] == 12
+
+
+def test_code_exercise_plan_runs_end_to_end_against_the_real_server(llama_server, tmp_path):
+    text = (ROOT / "generators" / "code_exercises.toml").read_text()
+    text = text.replace('topics = ["string manipulation", "list processing", "arithmetic", "dictionaries", "sorting", '
+                        '"recursion"]', 'topics = ["arithmetic", "string manipulation"]')
+    text = text.replace('audiences = ["beginners", "students"]', 'audiences = ["beginners"]')
+    text = text.replace("quota = 4 ", "quota = 1 ").replace("max_tokens = 320", "max_tokens = 160")
+    plan = ROOT / "generators" / f"_test_code_{tmp_path.name}.toml"
+    plan.write_text(text)
+    try:
+        out = tmp_path / "code"
+        args = ["generate", str(plan), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
+                "--allow-code-execution", "--no-progress"]
+        first = CliRunner().invoke(app, args, terminal_width=200)
+        assert first.exit_code == 0, first.output
+        summary = json.loads((out / "verification.json").read_text())
+        assert summary["replies"] == 2
+        rows = [r for folder in ("data", "rejected") if (out / "verified" / folder).exists()
+                for r in pq.read_table(out / "verified" / folder).to_pylist() if r.get("metadata")]
+        assert len(rows) == 2
+        for row in rows:
+            meta = json.loads(row["metadata"])
+            assert meta["verification"]["kind"] == "code_exercise" and meta["template_id"] == "code_exercise"
+            assert meta["verification"]["outcome"] in summary["failures"] or meta["verification"]["outcome"] == "ok"
+        ran = _runs(out)
+        again = CliRunner().invoke(app, args, terminal_width=200)
+        assert again.exit_code == 0, again.output
+        assert _runs(out) == ran and json.loads((out / "verification.json").read_text()) == summary
+    finally:
+        plan.unlink(missing_ok=True)
