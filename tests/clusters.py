@@ -228,7 +228,7 @@ def spark_task_executors(events: Path) -> dict[str, set[str]]:
 
 @contextmanager
 def spark_standalone(base: Path, *, workers: int = 2, cores: int = 1, memory: str = "1g",
-                     timeout: float = 120) -> Iterator[SparkCluster]:
+                     timeout: float = 300) -> Iterator[SparkCluster]:
     """A Spark standalone master and ``workers`` workers on 127.0.0.1 from the installed pyspark, each a
     ``spark-class`` subprocess (the JVM itself: spark-class execs it); stopped by pid on exit."""
     home = spark_home()
@@ -319,7 +319,7 @@ class RayCluster:
 
 
 @contextmanager
-def ray_nodes(log_dir: Path, *, nodes: int = 2, cpus: int = 1, timeout: float = 120) -> Iterator[RayCluster]:
+def ray_nodes(log_dir: Path, *, nodes: int = 2, cpus: int = 1, timeout: float = 300) -> Iterator[RayCluster]:
     """A Ray head and ``nodes - 1`` more nodes on this machine, each ``ray start --block`` (the venv's ``ray``) in a
     subprocess whose pid is ours; stopped by pid on exit (other nodes first, then the head).
 
