@@ -1,7 +1,10 @@
 """LLM annotation of educational value: sample documents, grade each with a rubric, parse the grade.
 
-The rubric (built in: ``phi3data/classifiers/rubrics/*.md``, shipped with the package; or any file) is an
-additive 0-5 scale plus an educational level (primary, secondary, undergraduate, expert). A reply is parsed
+The rubric (built in: ``phi3data/classifiers/rubrics/*.md``, shipped with the package; or any file) is a 0-5
+scale: ``edu_additive`` (the default) adds an educational level (primary, secondary, undergraduate, expert);
+``knowledge_level`` scores lasting knowledge against ephemeral, time-bound facts. A rubric may end with its own
+JSON-mode reply format (an HTML comment ``<!-- json {"instruction": ..., "schema": ...} -->``, never sent as part
+of the prompt); without one, JSON mode asks for the educational score and level. A reply is parsed
 strictly: the score must be stated as a whole number from 0 to 5 after "score"; a reply without one is recorded
 as ``unparsed`` with the raw reply, never guessed.
 
@@ -59,9 +62,18 @@ def parse_reply(reply: str) -> tuple[int | None, str | None]:
     return score, level
 
 
+_JSON_BLOCK = re.compile(r"\s*<!--\s*json\s*\n(?P<spec>.*?)-->\s*\Z", re.DOTALL)
+
+
 def load_rubric(path: str | Path | None = None) -> str:
     """A rubric template: text with one ``{text}`` placeholder for the document. ``path`` is a file, or the name
-    of a built-in rubric (``edu_additive``); the default is ``edu_additive``."""
+    of a built-in rubric (``edu_additive``, ``knowledge_level``); the default is ``edu_additive``."""
+    return read_rubric(path)[0]
+
+
+def read_rubric(path: str | Path | None = None) -> tuple[str, str, dict]:
+    """(template, JSON-mode instruction, JSON schema) of a rubric; the JSON reply format is the rubric's own
+    trailing ``<!-- json {...} -->`` block, or the educational score-and-level format without one."""
     rubric_path = Path(path) if path else DEFAULT_RUBRIC
     if not rubric_path.exists() and (RUBRICS_DIR / f"{rubric_path.name}.md").exists():
         rubric_path = RUBRICS_DIR / f"{rubric_path.name}.md"
@@ -69,14 +81,25 @@ def load_rubric(path: str | Path | None = None) -> str:
         built_in = ", ".join(sorted(p.stem for p in RUBRICS_DIR.glob("*.md")))
         raise FileNotFoundError(f"rubric not found: {rubric_path} (built-in rubrics: {built_in})")
     template = rubric_path.read_text(encoding="utf-8")
+    instruction, schema = JSON_INSTRUCTION, JSON_SCHEMA
+    block = _JSON_BLOCK.search(template)
+    if block:
+        try:
+            spec = json.loads(block.group("spec"))
+            instruction, schema = "\n" + spec["instruction"].strip(), spec["schema"]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"rubric {rubric_path}: its <!-- json --> block needs a JSON object with "
+                             f"\"instruction\" and \"schema\" ({exc})") from exc
+        template = template[:block.start()] + "\n"
     if "{text}" not in template:
         raise ValueError(f"rubric {rubric_path} has no {{text}} placeholder for the document")
-    return template
+    return template, instruction, schema
 
 
-def build_prompt(template: str, text: str, max_doc_chars: int, json_mode: bool = False) -> str:
+def build_prompt(template: str, text: str, max_doc_chars: int, json_mode: bool = False,
+                 instruction: str = JSON_INSTRUCTION) -> str:
     prompt = template.replace("{text}", text[:max_doc_chars].strip())
-    return prompt + JSON_INSTRUCTION if json_mode else prompt
+    return prompt + instruction if json_mode else prompt
 
 
 @dataclass
@@ -109,6 +132,8 @@ class AnnotationPlan:
     prompts: list[str]
     already_done: int
     estimate: CostEstimate
+    json_schema: dict = field(default_factory=lambda: JSON_SCHEMA)
+    """The schema a JSON-mode reply is constrained by (the rubric's own, or the educational one)."""
 
 
 @dataclass
@@ -136,15 +161,15 @@ def plan_annotation(inputs: list[str | Path], output: Path, *, n: int, seed: int
                     text_key: str = "text", id_key: str = "id", price_in_per_m: float = 0.0,
                     price_out_per_m: float = 0.0) -> AnnotationPlan:
     """Sample ``n`` documents (deterministic for a seed), drop those already graded, and build the prompts."""
-    template = load_rubric(rubric)
+    template, instruction, schema = read_rubric(rubric)
     docs = (d for path in inputs for d in read_documents(path, text_key=text_key, id_key=id_key)
             if len(d.get("text") or "") >= min_chars)  # streamed: the sample keeps only n documents
     chosen = sample(docs, n, seed=seed, key=lambda d: str(d["id"]))
     finished = done_ids(output)
     todo = [d for d in chosen if str(d["id"]) not in finished]
-    prompts = [build_prompt(template, d["text"], max_doc_chars, json_mode) for d in todo]
+    prompts = [build_prompt(template, d["text"], max_doc_chars, json_mode, instruction) for d in todo]
     return AnnotationPlan(todo, prompts, len(chosen) - len(todo),
-                          estimate_cost(prompts, max_tokens, price_in_per_m, price_out_per_m))
+                          estimate_cost(prompts, max_tokens, price_in_per_m, price_out_per_m), schema)
 
 
 def run_annotation(plan: AnnotationPlan, client: LLMClient, output: Path, *, max_tokens: int = 128,
@@ -154,7 +179,7 @@ def run_annotation(plan: AnnotationPlan, client: LLMClient, output: Path, *, max
     result = AnnotationResult(output)
     params: dict = {"max_tokens": max_tokens, "temperature": temperature}
     if json_mode:
-        params["response_format"] = {"type": "json_object", "schema": JSON_SCHEMA}
+        params["response_format"] = {"type": "json_object", "schema": plan.json_schema}
     conversations = [[{"role": "user", "content": prompt}] for prompt in plan.prompts]
     with open(output, "a", encoding="utf-8") as handle:
 

@@ -20,7 +20,8 @@ def annotate(
     api_key_env: Annotated[str, typer.Option(help="Environment variable holding the API key")] = "OPENAI_API_KEY",
     sample: Annotated[int, typer.Option("--sample", "-n", help="Documents to annotate")] = 100,
     seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
-    rubric: Annotated[Path | None, typer.Option(help="Rubric template with a {text} placeholder")] = None,
+    rubric: Annotated[Path | None, typer.Option(help="Rubric template with a {text} placeholder, or a built-in: "
+                                                     "edu_additive (default), knowledge_level")] = None,
     max_doc_chars: Annotated[int, typer.Option(help="Characters of each document shown to the LLM")] = 4000,
     max_tokens: Annotated[int, typer.Option(help="Completion tokens per reply")] = 128,
     json_mode: Annotated[bool, typer.Option(help="Ask for a JSON reply constrained by a schema")] = False,
@@ -32,7 +33,8 @@ def annotate(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Start without asking after the estimate")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the estimate and stop")] = False,
 ) -> None:
-    """Grade a sample of documents 0-5 with the educational rubric, plus a level (primary ... expert).
+    """Grade a sample of documents 0-5 with the educational rubric, plus a level (primary ... expert); with
+    --rubric knowledge_level, 0-5 for lasting knowledge against ephemeral, time-bound facts.
 
     Example: phi3data classify annotate ../shared/data/quality/dclm_majority_labeled.jsonl -o out/annotations.jsonl
     --base-url http://127.0.0.1:8080/v1 --sample 200 --yes

@@ -1,3 +1,14 @@
 """Built-in stages. Importing this package registers them for recipes."""
 
-from phi3data.pipelines.stages import decontaminate, dedup, edu, extract, heuristics, language, length, synthetic, urls  # noqa: F401
+from phi3data.pipelines.stages import (  # noqa: F401
+    decontaminate,
+    dedup,
+    edu,
+    extract,
+    heuristics,
+    knowledge,
+    language,
+    length,
+    synthetic,
+    urls,
+)
