@@ -49,10 +49,10 @@ def run_quickstart(output: Path, data: Path | None = None, engine: str = "local"
                            engine=engine)
     console.print(stats_table(curated.stats))
 
-    step("2/4 classify: a fastText edu classifier, OpenStax textbooks vs web pages")
-    classifier_dir = output / "classifiers" / "edu_fasttext_textbooks"
+    step("2/4 classify: the default edu classifier (fastText, DCLM human labels + OpenStax textbooks)")
+    classifier_dir = output / "classifiers" / "edu_default"
     if not (classifier_dir / "manifest.json").exists():
-        config = load_config(REPO_ROOT / "classifiers" / "edu_fasttext_textbooks.toml")
+        config = load_config(REPO_ROOT / "classifiers" / "edu_default.toml")
         for source in [*config.source, *(e.source for e in config.eval)]:
             source.path = _resolve_source(source.path, output, data)
         trained = train_from_config(config, base=REPO_ROOT, output=classifier_dir)

@@ -42,6 +42,9 @@ class SourceConfig(StrictModel):
     min_chars: int = 0
     limit: int | None = None
     """Keep at most this many documents (a deterministic hash sample, see ``sample``)."""
+    report: str | None = None
+    """Training sources: also measure on this source's own documents in the held-out split, reported under this
+    name (e.g. "dclm": the human labels a recipe that mixes label sources never trained on)."""
 
 
 def read_documents(path: str | Path, *, text_key: str = "text", id_key: str = "id",

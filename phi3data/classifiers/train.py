@@ -85,12 +85,19 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     section = config.classifier
     skipped: dict[str, dict[str, int]] = {}
     loaded = []
+    reported: dict[str, set[Example]] = {}
     for loaded_sources, source in enumerate(config.source, start=1):
         counts: Counter = Counter()
-        loaded += load_source(source, base, counts)
+        examples = load_source(source, base, counts)
+        loaded += examples
+        if source.report is not None:
+            reported.setdefault(source.report, set()).update(examples)
         if counts:
             key = source.path if source.path not in skipped else f"{source.path} (source #{len(loaded_sources)})"
             skipped[key] = dict(sorted(counts.items()))
+    clashes = set(reported) & ({"test"} | {e.name for e in config.eval})
+    if clashes:
+        raise ValueError(f"{section.name}: a source's report name is already an evaluation's: {sorted(clashes)}")
     examples = dedupe(loaded)
     if not examples:
         raise ValueError(f"{section.name}: the sources gave no labelled documents")
@@ -105,6 +112,13 @@ def train_from_config(config: TrainConfig, base: Path | None = None, output: Pat
     threshold = best_f1_threshold(binary, test_scores) if section.threshold == "best_f1" else section.threshold
     reports = {"test": evaluate_scores(test_scores, test_labels, [e.text for e in test], task=section.task,
                                        threshold=threshold, positive_from=section.positive_from)}
+    for name, members in reported.items():
+        held = [e for e in test if e in members]
+        if not held:
+            raise ValueError(f"{section.name}: no document of the source reported as {name!r} is in the held-out split")
+        reports[name] = evaluate_scores(classifier.predict([e.text for e in held]), np.array([e.label for e in held]),
+                                        [e.text for e in held], task=section.task, threshold=threshold,
+                                        positive_from=section.positive_from)
     for eval_set in config.eval:
         counts = Counter()
         held = load_source(eval_set.source, base, counts)

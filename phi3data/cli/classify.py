@@ -63,7 +63,7 @@ def train(
 ) -> None:
     """Train a fastText or embedding classifier from a recipe, measure it, and save it with a manifest.
 
-    Example: phi3data classify train classifiers/edu_fasttext_textbooks.toml
+    Example: phi3data classify train classifiers/edu_default.toml
     """
     from phi3data.classifiers.train import load_config, train_from_config
 
@@ -85,7 +85,7 @@ def evaluate(
 ) -> None:
     """Measure a saved classifier on labelled data: P/R/F1, ROC-AUC, confusion matrix, threshold sweep.
 
-    Example: phi3data classify evaluate out/classifiers/edu_fasttext_textbooks
+    Example: phi3data classify evaluate out/classifiers/edu_default
     ../shared/data/quality/dclm_majority_labeled.jsonl -o out/eval_dclm
     """
     from collections import Counter
