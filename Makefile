@@ -11,6 +11,8 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX
 .PHONY: install quickstart test test-fast lint bench
 
 $(STAMP): pyproject.toml constraints.txt
+	# headless Chromium for the HTML report tests (tests/test_report.py drives /usr/bin/chromium with Playwright)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y --no-install-recommends chromium)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# llama-cpp-python (the test LLM server) builds from source, about 6 minutes, as a portable AVX2 build: a native
