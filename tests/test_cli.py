@@ -22,7 +22,7 @@ COMMANDS = [
     ["run"], ["quickstart"],
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
     ["generate"], ["tokenize"], ["mix"],
-    ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"],
+    ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"], ["report"],
 ]
 
 # Packages a core install (no extras) lacks.
@@ -82,6 +82,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "train": (["train", str(ROOT / "model" / "train-tiny-cpu.toml"), "max_steps"], "max_steps"),
         "eval": (["eval", str(tmp / "no-checkpoint"), "--tokenizer", "phi3-mini"], "no-checkpoint"),
         "ablate": (["ablate", str(ladder), "--output", str(tmp / "l")], "tokens_per_parm"),
+        "report": (["report", str(tmp / "no-run")], "no-run"),
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from phi3data.cli import classify, curate, generate, model, sandbox, tokens
+from phi3data.cli import classify, curate, generate, model, report, sandbox, tokens
 from phi3data.cli.errors import add_command
 
 
@@ -46,6 +46,7 @@ COMMANDS = [
     (app, "train", model.train),
     (app, "eval", model.eval_checkpoint),
     (app, "ablate", model.ablate),
+    (app, "report", report.report),
     (app, "quickstart", curate.quickstart),
     (sandbox.app, "run", sandbox.run),
 ]
