@@ -21,6 +21,7 @@ def run(
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster")] = None,
     spark_master: Annotated[str | None, typer.Option(help="Spark master URL, e.g. spark://host:7077")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    report: Annotated[bool, typer.Option(help="Write DIR/report.html at the end (phi3data report)")] = True,
 ) -> None:
     """Run a curation pipeline recipe over input shards (WARC/WET, JSONL, Parquet, HF Arrow).
 
@@ -46,6 +47,10 @@ def run(
     skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
     console.print(f"{summary.shards_total} shards{skipped} in {summary.seconds:.1f}s -> {output} "
                   f"(data/, rejects/, stats.json, manifest.json)")
+    if report:
+        from phi3data.cli.report import write_and_print
+
+        write_and_print(output, console.print, input=input)
 
 
 def quickstart(
@@ -60,4 +65,12 @@ def quickstart(
     """
     from phi3data.quickstart import run_quickstart
 
-    run_quickstart(output, data, engine=engine, console=console)
+    results = run_quickstart(output, data, engine=engine, console=console)
+    from phi3data.cli.report import write_and_print
+    from phi3data.paths import shared_data
+
+    warc = Path(data or shared_data()).resolve() / "web" / "warc"
+    curated, edu = Path(results["curated"]).parent, Path(results["edu"]).parent
+    write_and_print(curated, console.print, input=warc)
+    write_and_print(edu, console.print, input=warc, compare_with=curated)
+    write_and_print(Path(results["report"]).parent, console.print)

@@ -146,6 +146,9 @@ def generate(
         console.print(f"verified: {done['kept']:,} of {done['replies']:,} replies kept (pass rate "
                       f"{done['pass_rate']:.0%}); failures {done['failures']}; {done['preference_pairs']} preference "
                       f"pairs; isolation {done['isolation']} -> {output / 'verified'}, {output / 'verification.json'}")
+    from phi3data.cli.report import write_and_print
+
+    write_and_print(output, console.print)
 
 
 def _rows(folder: Path) -> dict[str, dict]:

@@ -145,3 +145,6 @@ def ablate(
     console.print(f"report: {report}")
     for png in sorted(output.glob("scaling_*.png")):
         console.print(f"plot:   {png}")
+    from phi3data.cli.report import write_and_print
+
+    write_and_print(output, console.print)

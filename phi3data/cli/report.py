@@ -40,3 +40,16 @@ def report(
         import webbrowser
 
         webbrowser.open(path.resolve().as_uri())
+
+
+def write_and_print(directory: Path, echo, *, input: Path | None = None, compare_with: Path | None = None) -> None:
+    """What a long command does at its end: write the directory's HTML report (and a comparison page) and print
+    where. The run's outputs are already complete, so a report that fails is a warning, not a failed command."""
+    from phi3data.report import write_compare, write_report
+
+    try:
+        echo(f"report: {write_report(directory, input_path=input)}")
+        if compare_with is not None:
+            echo(f"report: {write_compare([compare_with, directory], output=directory.parent / 'report-compare.html')}")
+    except Exception as exc:  # noqa: BLE001 - the run succeeded; say why its report did not
+        echo(f"warning: no HTML report for {directory}: {type(exc).__name__}: {exc}")

@@ -72,6 +72,9 @@ def tokenize(
         info = write_llmc(output, export_llmc)
         console.print(f"llm.c file {info['path']}: {info['tokens']:,} tokens (magic {info['magic']}, "
                       f"version {info['version']})")
+    from phi3data.cli.report import write_and_print
+
+    write_and_print(output, console.print)
 
 
 def mix(
@@ -101,3 +104,6 @@ def mix(
         console.print(f"[yellow]warning:[/yellow] {w.message}")
     if not dry_run:
         console.print(f"{len(reports)} phases -> {output}")
+        from phi3data.cli.report import write_and_print
+
+        write_and_print(output, console.print)

@@ -27,9 +27,14 @@ def _json(path: Path) -> dict:
 
 
 def _files(directory: Path, manifest: dict, key: str, folder: str) -> list[Path]:
-    names = [entry.get(key) for entry in manifest.get("shards", []) if entry.get(key)]
-    paths = [directory / folder / name for name in names]
-    return [p for p in paths if p.is_file()] or sorted((directory / folder).glob("*.parquet"))
+    """The run's files in ``folder``: the manifest names each data shard; rejects and findings (one file per shard
+    and pass, ``*.s<k>.parquet`` for earlier passes) are every Parquet file there (a directory holds one recipe)."""
+    if key == "data":
+        names = [entry.get(key) for entry in manifest.get("shards", []) if isinstance(entry.get(key), str)]
+        paths = [p for p in (directory / folder / name for name in names) if p.is_file()]
+        if paths:
+            return paths
+    return sorted((directory / folder).glob("*.parquet")) + sorted((directory / folder).glob("*.jsonl"))
 
 
 def thresholds(manifest: dict, stats: dict) -> dict[str, list[tuple[float, str]]]:
@@ -141,15 +146,33 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
     for drop in smallest(replay["drops"], len(replay["drops"])) if replay else []:
         if len(examples[drop["reason"]]) < EXAMPLES_PER_REASON:
             examples[drop["reason"]].append({"dropped": drop, "kept": scan.kept_beside(drop["url"], drop["source"])})
-    findings_paths = [p for p in _files(directory, manifest, "findings", "findings")
-                      if p.is_file()] + sorted((directory / "findings").glob("*.s*.parquet"))
-    findings = _findings(sorted(set(findings_paths)))
-    for f in findings:
-        if f["kind"] not in ("duplicate", "benchmark_match") and len(examples[f"{f['stage']}:{f['kind']}"]) < \
-                EXAMPLES_PER_REASON and "excerpt" in f["detail"]:
-            examples[f"{f['stage']}:{f['kind']}"].append(
-                {"dropped": {"id": f["id"], "text": excerpt(f["detail"].get("excerpt")), "url": f["detail"].get("url"),
-                             "stage": f["stage"]}, "kept": None})
+    findings = _findings(_files(directory, manifest, "findings", "findings"))
+    reasons_of = {s["name"]: list(s["drops"]) for s in stats["stages"]}
+    for f in smallest(findings, len(findings)):
+        if f["kind"] in ("duplicate", "benchmark_match") or "excerpt" not in f["detail"]:
+            continue
+        own = reasons_of.get(f["stage"], [])
+        reason = own[0] if len(own) == 1 else f"{f['stage']}:{f['kind']}"
+        if len(examples[reason]) < EXAMPLES_PER_REASON:
+            examples[reason].append({"dropped": {"id": f["id"], "text": excerpt(f["detail"].get("excerpt")),
+                                                 "url": f["detail"].get("url"), "stage": f["stage"]},
+                                     "kept": scan.kept_beside(f["detail"].get("url"), None)})
+    # dedup and contamination drops: the dropped member beside the kept one, the document beside the item
+    inputs = _input_files(input_path)
+    clusters = _clusters(findings, data_paths, inputs)
+    contamination = _contamination(directory, findings, data_paths, inputs)
+    for c in clusters:
+        reason = f"{c['stage']}:duplicate"
+        for member in c["dropped"]:
+            if len(examples[reason]) < EXAMPLES_PER_REASON:
+                examples[reason].append({"dropped": member,
+                                         "kept": {**c["kept"], "match": "kept member of its cluster"}})
+    for hit in (contamination or {}).get("hits", []):
+        reason = f"{hit['stage']}:contaminated"
+        if len(examples[reason]) < EXAMPLES_PER_REASON:
+            examples[reason].append({"dropped": {"id": hit["id"], "text": hit["document"]},
+                                     "kept": {"id": f"{hit['benchmark']} #{hit['item']}", "text": hit["matched"],
+                                              "match": "the benchmark item it reproduces"}})
     drops = []
     for s in stats["stages"]:
         for reason, count in sorted(s["drops"].items(), key=lambda kv: -kv[1]):
@@ -174,13 +197,8 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
         lengths = svg.histogram([("chars", counts)], edges, xlabel="log10(characters per kept document)")
 
     # rejects (bad input) by reason
-    rejects = _rejects(_files(directory, manifest, "rejects", "rejects") + sorted((directory / "rejects")
-                                                                                   .glob("*.s*.parquet")))
+    rejects = _rejects(_files(directory, manifest, "rejects", "rejects"))
 
-    # dedup clusters and contamination hits
-    inputs = _input_files(input_path)
-    clusters = _clusters(findings, data_paths, inputs)
-    contamination = _contamination(directory, findings, data_paths, inputs)
     return {
         "kind": "curation", "directory": str(directory), "manifest": manifest, "stats": stats,
         "pipeline": manifest.get("pipeline"), "funnel": funnel, "funnel_svg": svg.hbars(bars, title="documents"),
@@ -189,7 +207,8 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
         "histograms": histograms, "lengths": lengths,
         "languages": svg.hbars(scan.languages.most_common(15)) if scan.languages else None,
         "language_counts": scan.languages.most_common(15),
-        "domains": svg.hbars(scan.domains.most_common(TOP_DOMAINS)), "domain_counts": scan.domains.most_common(TOP_DOMAINS),
+        "domains": svg.hbars(scan.domains.most_common(TOP_DOMAINS)),
+        "domain_counts": scan.domains.most_common(TOP_DOMAINS),
         "rejects": rejects, "clusters": clusters, "contamination": contamination,
         "reports": stats.get("reports", {}),
     }
@@ -218,7 +237,8 @@ def _rejects(paths: list[Path]) -> list[dict]:
     for reason, count in counts.most_common():
         chosen = smallest(rows[reason], EXAMPLES_PER_REASON)
         out.append({"reason": reason, "count": count, "examples": [
-            {"id": r.get("id"), "source": r.get("source"), "stage": r.get("stage"), "detail": excerpt(r.get("detail"), 300),
+            {"id": r.get("id"), "source": r.get("source"), "stage": r.get("stage"),
+             "detail": excerpt(r.get("detail"), 300),
              "offset": r.get("offset"), "excerpt": excerpt(r.get("excerpt"), 400)} for r in chosen]})
     return out
 

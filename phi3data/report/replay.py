@@ -18,7 +18,9 @@ REPLAY_LIMIT = 240
 
 
 def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REPLAY_LIMIT) -> dict:
-    """``{"sampled": n, "drops": [{"stage", "reason", "id", "url", "source", "text", "language"...}], "kept": n}``."""
+    """``{"sampled": n, "drops": [{"stage", "reason", "id", "url", "source", "text", "language"...}], "kept": n,
+    "stopped_at": name}``: ``kept`` counts the documents that passed every replayed stage; with ``stopped_at`` (a
+    keyed global stage the replay cannot run) they only reached that stage."""
     from phi3data.documents import make_batch
     from phi3data.io.inputs import plan_shards
     from phi3data.io.readers import detect_format, read_records
@@ -52,11 +54,12 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
                 continue
             sample.offer(shard.relpath, record.get("id"), lambda r=record: r)
 
-    stages = []
+    stages, stopped_at = [], None
     decisions = stats.get("decisions", {})
     for seg in pipeline.segments:
         if seg.opening is not None:
             if isinstance(seg.opening, KeyedStage) or seg.opening.name not in decisions:
+                stopped_at = seg.opening.name
                 break
             stages.append(_Decided(seg.opening, decisions[seg.opening.name]))
         stages.extend(s for s in seg.stages if not isinstance(s, GlobalStage))
@@ -79,8 +82,10 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
                         text = "(no text extracted; raw HTML) " + excerpt(before.column("html")[0].as_py(), 300)
                     drops.append({"stage": stage.name, "reason": reason, "id": row.get("id"), "url": row.get("url"),
                                   "source": row.get("source"), "text": excerpt(text),
-                                  "language": row.get("language"), "language_score": row.get("language_score")})
+                                  "language": row.get("language"),
+                                  "scores": {k: round(v, 4) for k, v in row.items()
+                                             if k.endswith("_score") and isinstance(v, float)}})
                     break
             else:
                 kept += 1
-    return {"sampled": sampled, "kept": kept, "drops": drops}
+    return {"sampled": sampled, "kept": kept, "drops": drops, "stopped_at": stopped_at}

@@ -66,7 +66,8 @@ def histogram(series: Sequence[tuple[str, Sequence[float]]], edges: Sequence[flo
              f'xmlns="http://www.w3.org/2000/svg" {FONT}>',
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>',
-             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{escape(_num(peak if not density else round(peak, 3)))}</text>',
+             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">'
+             f'{escape(_num(peak if not density else round(peak, 3)))}</text>',
              f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">0</text>']
     for k, (name, counts) in enumerate(scaled):
         color = COLORS[k % len(COLORS)]
@@ -120,7 +121,8 @@ def heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequen
             shade = 0.12 + 0.88 * float(value) / peak
             parts.append(f'<rect x="{x}" y="{y}" width="{cell - 2}" height="22" fill="{COLORS[0]}" '
                          f'fill-opacity="{shade:.2f}"/><text x="{x + cell / 2 - 1}" y="{y + 15}" '
-                         f'text-anchor="middle" fill="{"#fff" if shade > 0.55 else "#000"}">{escape(_num(value))}</text>')
+                         f'text-anchor="middle" fill="{"#fff" if shade > 0.55 else "#000"}">'
+                         f'{escape(_num(value))}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))
 
