@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from phi3data.cli import classify, curate, generate, model, report, sandbox, tokens
+from phi3data.cli import classify, curate, export, generate, model, report, sandbox, tokens
 from phi3data.cli.errors import add_command
 
 
@@ -21,6 +21,7 @@ app = _group("phi3data: curate web data, tokenize it, and train compact phi-3 mo
              "Each subcommand has its own --help with examples.")
 classify_app = _group("Educational-value classifiers: annotate with an LLM, train, evaluate.")
 model_app = _group("phi-3 model sizes and checkpoints.")
+export_app = _group("Export checkpoints to other runtimes (GGUF for llama.cpp).")
 
 
 @app.callback()
@@ -31,6 +32,11 @@ def main() -> None:
 @model_app.callback()
 def _model_group() -> None:
     """phi-3 model sizes and checkpoints."""
+
+
+@export_app.callback()
+def _export_group() -> None:
+    """Export checkpoints to other runtimes (GGUF for llama.cpp)."""
 
 
 # Every command, in the order `phi3data --help` lists them: (group, name, function).
@@ -46,6 +52,7 @@ COMMANDS = [
     (app, "train", model.train),
     (app, "eval", model.eval_checkpoint),
     (app, "ablate", model.ablate),
+    (export_app, "gguf", export.gguf),
     (app, "report", report.report),
     (app, "quickstart", curate.quickstart),
     (sandbox.app, "run", sandbox.run),
@@ -55,4 +62,5 @@ for _group_app, _name, _function in COMMANDS:
     add_command(_group_app, _name, _function)
 app.add_typer(classify_app, name="classify")
 app.add_typer(model_app, name="model")
+app.add_typer(export_app, name="export")
 app.add_typer(sandbox.app, name="sandbox")

@@ -28,11 +28,12 @@ DOMAIN_ERRORS = (
     ("phi3data.generators.client", "LLMError"),
     ("phi3data.io.writers", "OutputLocked"),
     ("phi3data.generators.sandbox", "CodeExecutionRefused"),
+    ("phi3data.export.quantize", "QuantizeError"),
 )
 
 # Optional packages and the extra that installs them, for a clear message when a command needs one.
 EXTRAS = {
-    "torch": "train", "safetensors": "train", "matplotlib": "train", "scipy": "train", "triton": "gpu",
+    "torch": "train", "safetensors": "train", "gguf": "train", "matplotlib": "train", "scipy": "train", "triton": "gpu",
     "pyspark": "spark", "ray": "ray", "datasets": "hf", "trafilatura": "trafilatura",
     "sentencepiece": "tokenize", "tokenizers": "tokenize", "tiktoken": "tokenize",
     "sklearn": "classify", "onnxruntime": "classify", "onnx": "classify", "httpx": "classify", "vllm": "vllm",
