@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -275,8 +276,13 @@ def test_generation_report(llama_server, browser, tmp_path):
                     'topic_field = "metadata.source"\nstyles = ["lesson"]\naudiences = ["kids", "adults"]\n',
                     encoding="utf-8")
     out = tmp_path / "gen"
-    printed = _cli("generate", str(plan), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
-                   "--concurrency", "1", "--no-progress")
+    # in a process of its own: the runner's asyncio loop cannot run inside Playwright's (the browser is open)
+    proc = subprocess.run([sys.executable, "-m", "phi3data.cli", "generate", str(plan), "--output", str(out),
+                           "--base-url", llama_server, "--model", MODEL, "--concurrency", "1", "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    printed = proc.stdout
     assert f"report: {out / 'report.html'}" in printed.replace("\n", "")
     coverage = json.loads((out / "coverage.json").read_text())
     manifest = json.loads((out / "manifest.json").read_text())

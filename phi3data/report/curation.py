@@ -201,7 +201,8 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
 
     return {
         "kind": "curation", "directory": str(directory), "manifest": manifest, "stats": stats,
-        "pipeline": manifest.get("pipeline"), "funnel": funnel, "funnel_svg": svg.hbars(bars, title="documents"),
+        "pipeline": manifest.get("pipeline"), "funnel": funnel,
+        "has_tokens": any(s["tokens_in"] is not None for s in funnel), "funnel_svg": svg.hbars(bars, title="documents"),
         "words_out": scan.words, "chars_out": sum(scan.chars),
         "drops": drops, "replay": replay, "replay_error": replay_error,
         "histograms": histograms, "lengths": lengths,

@@ -2,7 +2,8 @@
 
 A run keeps only what it keeps: ``stats.json`` counts each drop by reason, but the dropped documents are gone. Given
 the run's input (``phi3data report DIR --input PATH``; ``phi3data run`` passes its own), the report reads the
-input shards the manifest lists, takes the documents with the smallest id hashes (``limit`` in all), and pushes
+input shards the manifest lists (at most REPLAY_SHARDS of them, the first SCAN_RECORDS records of each), takes the
+documents with the smallest id hashes among them (``limit`` in all), and pushes
 each one alone through the recipe's stages, so the stage and reason that drop it are known exactly. Global stages
 apply the run's saved decision; a keyed global stage (dedup) ends the replay (its drops are findings already).
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from phi3data.report.sample import Reservoir, excerpt
+from phi3data.report.sample import Reservoir, excerpt, id_hash
 
 REPLAY_LIMIT = 240
+REPLAY_SHARDS = 16
+"""Input shards replayed at most (those with the smallest hash of their name): a large run's report reads a bounded
+part of its input."""
+SCAN_RECORDS = 2_000
+"""Records read per replayed shard; the sample is drawn from them."""
 
 
 def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REPLAY_LIMIT) -> dict:
@@ -35,6 +41,7 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
                                                for s in canonical["stages"]]}))
     wanted = {entry["input"] for entry in manifest.get("shards", [])}
     shards = [s for s in plan_shards(Path(input_path)) if s.relpath in wanted]
+    shards = sorted(sorted(shards, key=lambda s: id_hash(s.relpath))[:REPLAY_SHARDS], key=lambda s: s.relpath)
     if not shards:
         raise ValueError(f"{input_path} holds none of the input shards this run read "
                          f"({', '.join(sorted(wanted)[:3])} ...): pass the run's --input")
@@ -49,7 +56,9 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
                                id_prefix=f"{cfg_in.source}:{shard.relpath}" if cfg_in.source else None,
                                max_document_bytes=cfg_in.max_document_bytes, text_key=cfg_in.text_key,
                                id_key=cfg_in.id_key, url_key=cfg_in.url_key)
-        for record in records:
+        for number, record in enumerate(records):
+            if number >= SCAN_RECORDS:
+                break
             if record.get("reject"):
                 continue
             sample.offer(shard.relpath, record.get("id"), lambda r=record: r)

@@ -102,8 +102,9 @@ def histogram(series: Sequence[tuple[str, Sequence[float]]], edges: Sequence[flo
 def heatmap(rows: Sequence[str], columns: Sequence[str], values: Sequence[Sequence[float | None]], *,
             cell: int = 54, label_width: int = 200) -> Markup:
     """A grid of cells shaded by value (None: no cell planned), the value written in each."""
-    top = 70
-    width, height = label_width + cell * len(columns) + 10, top + 24 * len(rows) + 6
+    longest = max((min(len(str(c)), 28) for c in columns), default=0)
+    top = 20 + 4 * longest
+    width, height = label_width + cell * len(columns) + 10 + 5 * longest, top + 24 * len(rows) + 6
     peak = max((v for row in values for v in row if v is not None), default=0) or 1
     parts = [f'<svg class="chart heatmap" role="img" width="{width}" height="{height}" '
              f'xmlns="http://www.w3.org/2000/svg" {FONT}>']
