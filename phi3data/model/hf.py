@@ -130,15 +130,35 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+def resolve_weights(path: str | Path) -> Path:
+    """The directory holding the weights: ``path`` itself when it has ``model*.safetensors``, else, for a training
+    run's ``out_dir``, its newest complete checkpoint."""
+    from phi3data.training.checkpoint import latest_checkpoint
+
+    path = Path(path)
+    if any(path.glob("model*.safetensors")):
+        return path
+    last = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
+    if last is None:
+        raise FileNotFoundError(f"{path}: no model*.safetensors here and no finished checkpoint under "
+                                f"{path / 'checkpoints'}")
+    return last
+
+
+def load_config(path: str | Path) -> Phi3Config:
+    """The model config of a checkpoint or Hugging Face phi3 directory."""
+    path = Path(path)
+    if (path / "phi3data_config.json").exists():  # a checkpoint of this or an older version: lenient
+        return Phi3Config.from_checkpoint_dict(json.loads((path / "phi3data_config.json").read_text()))
+    if (path / "config.json").exists():
+        return config_from_hf(json.loads((path / "config.json").read_text()))
+    raise FileNotFoundError(f"{path} has neither config.json nor phi3data_config.json")
+
+
 def load_hf(path: str | Path, **overrides: Any) -> Phi3:
     """Load a Hugging Face phi3 directory (or one written by :func:`save_native`) into our model."""
     path = Path(path)
-    if (path / "phi3data_config.json").exists():  # a checkpoint of this or an older version: lenient
-        cfg = Phi3Config.from_checkpoint_dict(json.loads((path / "phi3data_config.json").read_text()))
-    elif (path / "config.json").exists():
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-    else:
-        raise FileNotFoundError(f"{path} has neither config.json nor phi3data_config.json")
+    cfg = load_config(path)
     check_keys(overrides, Phi3Config.field_names(), "load_hf overrides")
     for k, v in overrides.items():
         setattr(cfg, k, v)

@@ -309,7 +309,8 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -318,7 +319,11 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         cfg = self.cfg
-        if self.blocksparse:
+        if mask is not None:  # packed documents: (B, 1, T, T), causal and inside each document
+            if self.blocksparse:
+                raise ValueError("packed-document attention is not supported on blocksparse layers")
+            y = sdpa_attention(q, k, v, self.scale, mask=mask)
+        elif self.blocksparse:
             y = blocksparse_attention(
                 q,
                 k,
@@ -368,8 +373,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -427,15 +433,22 @@ class Phi3(nn.Module):
         self.rotary.reset_buffers()
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
+        documents: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``documents`` (B, T): the document number of each position (packed SFT data); attention then stays
+        inside each document."""
         t = idx.shape[1]
+        mask = None
+        if documents is not None:
+            mask = causal_mask(t, self.cfg.sliding_window, device=idx.device)[None, None] & (
+                documents[:, None, :, None] == documents[:, None, None, :])
         x = self.model.embed_tokens(idx)
         if self.cfg.mup_embedding_multiplier != 1.0:
             x = x * self.cfg.mup_embedding_multiplier
         cos, sin = self.rotary(t, x.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, mask)
         x = self.model.norm(x)
         if targets is not None and self.fused_loss:
             # training: loss without materializing logits (logits are returned as None)

@@ -9,6 +9,11 @@ start every ``seq_len`` tokens of a file, so consecutive windows share one token
 file's last ``< seq_len`` tokens are not read). Each epoch visits the samples in a permutation drawn from
 ``(seed, epoch)``; the position in this endless stream is one integer, the number of samples consumed, so a
 checkpoint stores it and a resumed run sees exactly the samples the uninterrupted run would have seen.
+
+``pack="documents"`` (SFT on chat shards) packs whole documents instead: consecutive documents of a file fill a
+window of at most ``seq_len + 1`` tokens and the rest is padding (never trained on); a document longer than that
+is left out and counted (``dropped_documents``). Each batch then carries the document id of every position, so
+attention stays inside a conversation and no target is predicted across a boundary.
 """
 
 from __future__ import annotations
@@ -44,44 +49,75 @@ def _vocab_size(shard: TokenShard) -> int | None:
     return (shard.manifest.get("tokenizer") or {}).get("vocab_size")
 
 
-def _sources(path: Path, dtype: str | None) -> list[tuple[str, np.ndarray, np.ndarray | None, int | None]]:
-    """``(name, tokens, mask or None, tokenizer vocab size or None)`` for every token file under one input path,
-    in file order."""
+Source = tuple[str, np.ndarray, np.ndarray | None, int | None, np.ndarray | None]
+
+
+def _sources(path: Path, dtype: str | None) -> list[Source]:
+    """``(name, tokens, mask or None, tokenizer vocab size or None, document ends or None)`` for every token file
+    under one input path, in file order."""
     if path.is_dir():
         shards = open_shards(path)
         if shards:  # a shard directory: finished shards only (each has its S.json)
-            return [(str(s.stem), s.tokens, s.mask, _vocab_size(s)) for s in shards]
+            return [(str(s.stem), s.tokens, s.mask, _vocab_size(s), s.ends) for s in shards]
         files = sorted(path.glob("*.bin"))
         if not files:
             raise FileNotFoundError(f"no token shards or *.bin token files in {path}")
         dtype = dtype or _manifest_dtype(path / "manifest.json")
         if dtype is None:
             raise ValueError(f"{path} has no manifest.json; pass the token dtype (uint16/uint32)")
-        return [(str(f), memmap_tokens(f, dtype), None, None) for f in files]
+        return [(str(f), memmap_tokens(f, dtype), None, None, None) for f in files]
     if _is_shard(path):
         s = TokenShard.open(path)
-        return [(str(s.stem), s.tokens, s.mask, _vocab_size(s))]
+        return [(str(s.stem), s.tokens, s.mask, _vocab_size(s), s.ends)]
     if not path.exists():
         raise FileNotFoundError(f"token file {path} does not exist")
     dtype = dtype or _manifest_dtype(path.with_name("manifest.json"))
     if dtype is None:
         raise ValueError(f"token dtype for {path} is unknown: pass dtype='uint16' or 'uint32'")
-    return [(str(path), memmap_tokens(path, dtype), None, None)]
+    return [(str(path), memmap_tokens(path, dtype), None, None, None)]
+
+
+def _document_windows(ends: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Greedy packing of consecutive whole documents into spans of at most ``capacity`` tokens: (starts, stops,
+    documents left out because they alone exceed ``capacity``)."""
+    starts, stops, dropped = [], [], 0
+    span_start = span_stop = 0
+    prev = 0
+    for end in np.asarray(ends, dtype=np.int64).tolist():
+        if end - prev > capacity:  # too long to fit any window: close the open span, skip this document
+            if span_stop > span_start:
+                starts.append(span_start)
+                stops.append(span_stop)
+            dropped += 1
+            span_start = span_stop = end
+        elif end - span_start > capacity:
+            starts.append(span_start)
+            stops.append(span_stop)
+            span_start, span_stop = prev, end
+        else:
+            span_stop = end
+        prev = end
+    if span_stop > span_start:
+        starts.append(span_start)
+        stops.append(span_stop)
+    return np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64), dropped
 
 
 class PackedDataset:
     """Windows of ``seq_len + 1`` tokens over memory-mapped token files, with the loss mask when there is one."""
 
     def __init__(self, paths: Path | str | list, seq_len: int, *, dtype: str | None = None, seed: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, pack: str = "stream") -> None:
         paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
         if not paths:
             raise ValueError("no token paths given")
         if seq_len < 1:
             raise ValueError(f"seq_len must be positive, not {seq_len}")
+        if pack not in ("stream", "documents"):
+            raise ValueError(f"pack must be 'stream' or 'documents', not {pack!r}")
         sources = [src for p in paths for src in _sources(Path(p), dtype)]
         names = ", ".join(map(str, paths))
-        dtypes = {a.dtype for _, a, _, _ in sources}
+        dtypes = {src[1].dtype for src in sources}
         if len(dtypes) != 1:
             raise ValueError(f"{names}: token files mix dtypes {sorted(d.name for d in dtypes)}")
         self.dtype = dtypes.pop()
@@ -90,26 +126,40 @@ class PackedDataset:
         sources = [src for src in sources if len(src[1])]
         if not sources:
             raise ValueError(f"no tokens in {names}")
-        masked = [m is not None for _, _, m, _ in sources]
+        masked = [src[2] is not None for src in sources]
         if any(masked) and not all(masked):
-            bare = [n for (n, _, m, _) in sources if m is None]
+            bare = [src[0] for src in sources if src[2] is None]
             raise ValueError(f"{names}: some token files have a loss mask and some do not ({len(bare)} without, e.g. "
                              f"{bare[0]}); train on them separately or give every file a mask")
-        self.files = [n for n, _, _, _ in sources]
-        self.arrays = [a for _, a, _, _ in sources]
-        self.masks = [m for _, _, m, _ in sources if m is not None] if all(masked) else None
-        declared = [v for _, _, _, v in sources if v is not None]
+        self.files = [src[0] for src in sources]
+        self.arrays = [src[1] for src in sources]
+        self.masks = [src[2] for src in sources] if all(masked) else None
+        declared = [src[3] for src in sources if src[3] is not None]
         self.tokenizer_vocab_size = max(declared) if declared else None  # from the shards' manifests
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        file_ids, offsets = [], []
+        self.pack = pack
+        self.ends = [src[4] for src in sources]
+        self.dropped_documents = 0
+        file_ids, offsets, stops = [], [], []
         for i, arr in enumerate(self.arrays):
+            if pack == "documents":
+                if self.ends[i] is None:
+                    raise ValueError(f"{self.files[i]}: pack='documents' needs token shards (with document offsets)")
+                starts, ends, dropped = _document_windows(self.ends[i], seq_len + 1)
+                self.dropped_documents += dropped
+                file_ids.append(np.full(len(starts), i, dtype=np.int32))
+                offsets.append(starts)
+                stops.append(ends)
+                continue
             n = max(len(arr) - 1, 0) // seq_len  # windows overlap by one token (the last target)
             file_ids.append(np.full(n, i, dtype=np.int32))
             offsets.append(np.arange(n, dtype=np.int64) * seq_len)
+            stops.append(np.arange(n, dtype=np.int64) * seq_len + seq_len + 1)
         self.file_ids = np.concatenate(file_ids)
         self.offsets = np.concatenate(offsets)
+        self.stops = np.concatenate(stops)
         if len(self.offsets) == 0:
             raise ValueError(f"{names}: no token file has {seq_len + 1} tokens, so no window of seq_len + 1 fits")
         self.samples = 0  # position of the iterator (__iter__), in samples consumed
@@ -140,16 +190,32 @@ class PackedDataset:
 
     # ---- windows --------------------------------------------------------------------------------------------
     def window(self, i: int) -> np.ndarray:
-        """The tokens (int64, ``seq_len + 1``) of window ``i`` in file order."""
-        o = self.offsets[i]
-        return np.asarray(self.arrays[self.file_ids[i]][o : o + self.seq_len + 1], dtype=np.int64)
+        """The tokens (int64, ``seq_len + 1``) of window ``i`` in file order (zero-padded when packing documents)."""
+        out = np.zeros(self.seq_len + 1, dtype=np.int64)
+        span = self.arrays[self.file_ids[i]][self.offsets[i] : self.stops[i]]
+        out[: len(span)] = span
+        return out
 
     def window_mask(self, i: int) -> np.ndarray:
         """The loss mask (uint8, 1 = train on the token) of window ``i``; only when the files have one."""
         if self.masks is None:
             raise ValueError("these token files have no loss mask")
-        o = self.offsets[i]
-        return np.asarray(self.masks[self.file_ids[i]][o : o + self.seq_len + 1])
+        out = np.zeros(self.seq_len + 1, dtype=np.uint8)
+        span = self.masks[self.file_ids[i]][self.offsets[i] : self.stops[i]]
+        out[: len(span)] = span
+        return out
+
+    def window_documents(self, i: int) -> np.ndarray:
+        """Packed documents: the document number (0, 1, ...) of each of window ``i``'s ``seq_len + 1`` positions;
+        padding is one more number after the last document's."""
+        ends = self.ends[self.file_ids[i]]
+        start, stop = int(self.offsets[i]), int(self.stops[i])
+        first = int(np.searchsorted(ends, start, side="right"))
+        last = int(np.searchsorted(ends, stop, side="left"))  # the document ending at ``stop``
+        bounds = np.asarray(ends[first:last], dtype=np.int64) - start  # ends inside the span (exclusive of stop)
+        doc = np.full(self.seq_len + 1, len(bounds) + 1, dtype=np.int64)
+        doc[: stop - start] = np.searchsorted(bounds, np.arange(stop - start), side="right")
+        return doc
 
     def sample(self, i: int) -> dict[str, np.ndarray]:
         """Window ``i`` in file order: ``tokens`` (int64, ``seq_len + 1``) and ``mask`` when the files have one."""
@@ -172,7 +238,7 @@ class PackedDataset:
         return int(self.order(epoch)[j])
 
     # ---- batches for the trainer ----------------------------------------------------------------------------
-    def _pairs(self, windows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pairs(self, windows: list[int]) -> tuple[torch.Tensor, ...]:
         xy = torch.from_numpy(np.stack([self.window(i) for i in windows]))
         # clone, not contiguous(): with one row both slices are already "contiguous" views of xy, and masking y
         # in place would then write into x
@@ -180,16 +246,24 @@ class PackedDataset:
         if self.masks is not None:  # the mask of a target position decides whether it is trained on
             keep = torch.from_numpy(np.stack([self.window_mask(i)[1:] for i in windows]))
             y.masked_fill_(keep == 0, IGNORE_INDEX)
-        return x, y
+        if self.pack != "documents":
+            return x, y
+        docs = torch.from_numpy(np.stack([self.window_documents(i) for i in windows]))
+        # a target in another document than its input (a boundary, or padding) is never trained on
+        y.masked_fill_(docs[:, 1:] != docs[:, :-1], IGNORE_INDEX)
+        lengths = torch.as_tensor(np.asarray([self.stops[i] - self.offsets[i] for i in windows]))
+        y.masked_fill_(torch.arange(1, self.seq_len + 1)[None, :] >= lengths[:, None], IGNORE_INDEX)  # padding
+        return x, y, docs[:, :-1].contiguous()
 
-    def batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples ``start .. start+size-1`` of the stream as (inputs, targets), int64 ``[size, seq_len]``.
+    def batch(self, start: int, size: int) -> tuple[torch.Tensor, ...]:
+        """Samples ``start .. start+size-1`` of the stream as (inputs, targets), int64 ``[size, seq_len]``, and the
+        positions' document numbers when packing documents.
 
         Targets are ``-100`` (ignored by the loss) where the loss mask is 0.
         """
         return self._pairs([self.index(s) for s in range(start, start + size)])
 
-    def fixed_batches(self, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def fixed_batches(self, n_batches: int, batch_size: int) -> list[tuple[torch.Tensor, ...]]:
         """The first windows in file order (no shuffle), as (inputs, targets) batches, for evaluation."""
         return [self._pairs([(b * batch_size + r) % len(self) for r in range(batch_size)]) for b in range(n_batches)]
 
@@ -201,7 +275,7 @@ class PackedDataset:
         for sl in (slice(0, len(self) - n_val), slice(len(self) - n_val, None)):
             part = object.__new__(PackedDataset)
             part.__dict__.update(self.__dict__)
-            part.file_ids, part.offsets = self.file_ids[sl], self.offsets[sl]
+            part.file_ids, part.offsets, part.stops = self.file_ids[sl], self.offsets[sl], self.stops[sl]
             part.samples, part._order_epoch, part._order = 0, -1, np.arange(0)
             parts.append(part)
         return parts[0], parts[1]
@@ -278,3 +352,108 @@ class PhasedDataset:
             ys.append(y)
             position = end
         return torch.cat(xs), torch.cat(ys)
+
+
+# --- preference pairs (DPO) ------------------------------------------------------------------------------------
+
+class PreferencePairs:
+    """The pairs of a ``phi3data tokenize --preferences`` output: ``chosen/`` and ``rejected/`` masked chat shards
+    holding the same pairs in the same order. Pair ``i`` is document ``i`` of each side; a pair whose longer side
+    exceeds ``seq_len + 1`` tokens is left out and counted (``dropped_pairs``). Positions in the endless stream
+    map to pairs through a seeded permutation per epoch, as for :class:`PackedDataset`."""
+
+    def __init__(self, path: Path | str, seq_len: int, *, seed: int = 0) -> None:
+        self.path = Path(path)
+        sides = {}
+        for side in ("chosen", "rejected"):
+            if not (self.path / side).is_dir():
+                raise FileNotFoundError(f"{self.path} has no {side}/ folder: give the output of "
+                                        "`phi3data tokenize --preferences`")
+            shards = open_shards(self.path / side)
+            if not shards or any(s.mask is None for s in shards):
+                raise ValueError(f"{self.path / side}: needs masked chat shards (tokenize --preferences writes them)")
+            sides[side] = shards
+        self.tokens = {side: np.concatenate([np.asarray(s.tokens) for s in shards]) for side, shards in sides.items()}
+        self.masks = {side: np.concatenate([np.asarray(s.mask) for s in shards]) for side, shards in sides.items()}
+        self.starts, self.ends = {}, {}
+        for side, shards in sides.items():
+            base = np.cumsum([0] + [len(s.tokens) for s in shards[:-1]])
+            ends = np.concatenate([np.asarray(s.ends, dtype=np.int64) + b for s, b in zip(shards, base, strict=True)])
+            self.ends[side] = ends
+            self.starts[side] = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        if len(self.ends["chosen"]) != len(self.ends["rejected"]):
+            raise ValueError(f"{self.path}: chosen/ has {len(self.ends['chosen'])} documents and rejected/ "
+                             f"{len(self.ends['rejected'])}; they must hold the same pairs")
+        vocab = {_vocab_size(s) for shards in sides.values() for s in shards} - {None}
+        self.tokenizer_vocab_size = max(vocab) if vocab else None
+        self.seq_len = seq_len
+        self.seed = seed
+        longest = np.maximum(*(self.ends[side] - self.starts[side] for side in ("chosen", "rejected")))
+        self.usable = np.flatnonzero(longest <= seq_len + 1)  # pair numbers (document index on each side)
+        self.pairs = self.usable  # this part's pairs (a split keeps ``usable`` whole)
+        self.total_pairs = len(longest)
+        self.dropped_pairs = int(self.total_pairs - len(self.pairs))
+        if len(self.pairs) == 0:
+            raise ValueError(f"{self.path}: no pair fits seq_len + 1 = {seq_len + 1} tokens")
+        self.has_mask = True
+        self._order_epoch, self._order = -1, np.arange(0)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if self.tokenizer_vocab_size is not None and self.tokenizer_vocab_size > vocab_size:
+            raise ValueError(f"these pairs come from a tokenizer with {self.tokenizer_vocab_size} ids, more than the "
+                             f"model's vocab_size {vocab_size}")
+        for side, tokens in self.tokens.items():
+            if len(tokens) and int(tokens.max()) >= vocab_size:
+                raise ValueError(f"{self.path / side}: token id {int(tokens.max())} is outside the model vocab "
+                                 f"({vocab_size})")
+
+    def sequence(self, side: str, pair: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and loss mask of pair number ``pair``'s ``side``."""
+        a, b = self.starts[side][pair], self.ends[side][pair]
+        return self.tokens[side][a:b].astype(np.int64), self.masks[side][a:b]
+
+    def index(self, position: int) -> int:
+        epoch, j = divmod(position, len(self))
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+            self._order_epoch = epoch
+        return int(self.pairs[self._order[j]])
+
+    def collate(self, pairs: list[int]) -> dict[str, torch.Tensor]:
+        """Chosen sides then rejected sides as one right-padded batch: ``inputs``, ``targets`` (-100 off the
+        assistant's tokens and on padding), int64 ``[2 * len(pairs), L]``, and ``pairs`` (the pair numbers)."""
+        seqs = [self.sequence(side, p) for side in ("chosen", "rejected") for p in pairs]
+        width = max(len(ids) for ids, _ in seqs) - 1
+        inputs = torch.zeros(len(seqs), width, dtype=torch.int64)
+        targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.int64)
+        for row, (ids, mask) in enumerate(seqs):
+            n = len(ids) - 1
+            inputs[row, :n] = torch.from_numpy(ids[:-1])
+            targets[row, :n] = torch.from_numpy(np.where(mask[1:] == 1, ids[1:], IGNORE_INDEX))
+        return {"inputs": inputs, "targets": targets, "pairs": torch.as_tensor(pairs, dtype=torch.int64)}
+
+    def batch(self, start: int, size: int) -> dict[str, torch.Tensor]:
+        """Positions ``start .. start+size-1`` of the stream, collated."""
+        return self.collate([self.index(s) for s in range(start, start + size)])
+
+    def split(self, n_val: int) -> tuple[PreferencePairs, PreferencePairs]:
+        """Hold out the last ``n_val`` usable pairs for validation."""
+        if not 0 < n_val < len(self):
+            raise ValueError(f"cannot hold out {n_val} of {len(self)} pairs for validation")
+        parts = []
+        for sl in (slice(0, len(self) - n_val), slice(len(self) - n_val, None)):
+            part = object.__new__(PreferencePairs)
+            part.__dict__.update(self.__dict__)
+            part.pairs, part._order_epoch, part._order = self.pairs[sl], -1, np.arange(0)
+            parts.append(part)
+        return parts[0], parts[1]
+
+    def fixed_batches(self, n_batches: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        """Pairs in order (no shuffle) for evaluation; ``n_batches`` 0 or fewer: all of them."""
+        order = self.pairs.tolist()
+        if n_batches > 0:
+            order = [order[i % len(order)] for i in range(n_batches * batch_size)]
+        return [self.collate(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]

@@ -201,6 +201,18 @@ def _encoded(tok, chunk: list[tuple[Any, str]]) -> list[tuple[Any, int, np.ndarr
     return [(doc_id, len(text), ids) for (doc_id, text), ids in zip(chunk, arrays, strict=True)]
 
 
+def _unusable_pair(obj: dict) -> tuple[str, str] | None:
+    """Why a preference record cannot train (reason, detail), or None: an empty side, or two identical answers."""
+    for key in ("prompt", "chosen", "rejected"):
+        value = obj.get(key)
+        if isinstance(value, str) and not value.strip():
+            return "empty_side", f"{key} is empty"
+    chosen, rejected = obj.get("chosen"), obj.get("rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() == rejected.strip():
+        return "identical_sides", "chosen and rejected are the same text"
+    return None
+
+
 def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
                    rejects: list[dict], counts: Counter) -> None:
     for record in read_objects(path, source=source, max_record_bytes=config.max_document_chars):
@@ -212,6 +224,10 @@ def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer:
         try:
             doc_id = str(obj.get(config.id_key) or doc_id)
             if config.pair_side is not None:
+                reason = _unusable_pair(obj)
+                if reason is not None:
+                    rejects.append({"id": doc_id, "reason": reason[0], "detail": f"{record.fallback_id}: {reason[1]}"})
+                    continue
                 sides = {side: [{"role": "user", "content": obj["prompt"]},
                                 {"role": "assistant", "content": obj[side]}] for side in ("chosen", "rejected")}
                 other = "rejected" if config.pair_side == "chosen" else "chosen"
@@ -219,7 +235,9 @@ def _tokenize_chat(config: TokenizeConfig, tok, path: Path, source: str, writer:
                     m["content"], _ = sanitize(m["content"]) if isinstance(m["content"], str) else (m["content"], 0)
                 other_ids, _ = encode_chat(sides[other], tok)
                 if config.max_document_tokens is not None and len(other_ids) > config.max_document_tokens:
-                    raise ChatFormatError(f"the {other} side has {len(other_ids)} tokens, over the limit")
+                    rejects.append({"id": doc_id, "reason": "too_many_tokens",
+                                    "detail": f"the {other} side has {len(other_ids)} tokens"})
+                    continue
                 messages = sides[config.pair_side]
             else:
                 messages = obj[config.messages_key]

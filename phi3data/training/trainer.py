@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import xxhash
@@ -59,10 +60,12 @@ from pydantic import TypeAdapter, ValidationError
 
 from phi3data.config import ConfigError, check_keys, format_validation_error, read_toml
 from phi3data.io.writers import output_lock
+from phi3data.model.hf import load_config, load_hf, resolve_weights
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
-from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset, Phase, PhasedDataset
+from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset, Phase, PhasedDataset, PreferencePairs
 from phi3data.tokenization.shards import open_shards
+from phi3data.training import dpo
 from phi3data.training.checkpoint import (
     OPTIMIZER_DIR,
     finish_checkpoint,
@@ -88,6 +91,9 @@ class TrainConfig:
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data_path: str = ""
     data_dtype: str | None = None
+    data_pack: Literal["stream", "documents"] = "stream"
+    """``documents``: whole documents (conversations) fill each window, attention stays inside each and no target
+    crosses a boundary; longer documents are left out and counted (SFT on chat shards)."""
     data_phases: list[dict[str, Any]] | None = None
     """Phased training: ``[[data.phases]]`` tables (``name``, ``path``, ``tokens``, optional ``allow_repeat``),
     consumed in order and never mixed; then ``max_steps`` comes from their token budgets unless given."""
@@ -123,6 +129,21 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; guessed from the GPU name when unset
     resume: bool = True
     tensorboard: bool = False
+    init_from: str | None = None
+    """Start from these weights (SFT, DPO, long-context stages): a checkpoint directory (the trainer's or
+    ``save_hf``'s), a Hugging Face phi3 directory, or a run's ``out_dir`` (its latest checkpoint). The model's
+    config then comes from there (do not also give ``model``); a resumed run continues from its own checkpoints."""
+    objective: Literal["lm", "dpo"] = "lm"
+    """``lm``: next-token loss (on the loss-masked tokens when the shards carry a mask: SFT). ``dpo``: preference
+    pairs from ``phi3data tokenize --preferences`` with the ``[dpo]`` settings."""
+    dpo_beta: float = 0.1
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    dpo_label_smoothing: float = 0.0
+    dpo_reference: Literal["precomputed", "on_the_fly"] = "precomputed"
+    """``precomputed``: the reference log-probabilities are computed once and stored beside the pairs;
+    ``on_the_fly``: a frozen copy of the reference model scores each batch."""
+    dpo_reference_from: str | None = None
+    """The reference model's weights (default: ``init_from``)."""
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -134,7 +155,7 @@ class TrainConfig:
         path = Path(path)
         where = str(path)
         raw = read_toml(path, "training config")
-        check_keys(raw, ("model", "data", "train"), where)
+        check_keys(raw, ("model", "data", "train", "dpo"), where)
         names = [f.name for f in fields(cls)]
         kw: dict[str, Any] = {}
         origin: dict[str, str] = {}  # field -> where it was set, for error messages
@@ -146,14 +167,25 @@ class TrainConfig:
             kw["model"] = load_model_dict(base, path.parent) | model if base else model
         elif model is not None:
             kw["model"] = load_model_dict(str(model), path.parent)
-        for section, table in (("data", raw.get("data", {})), ("train", raw.get("train", {}))):
+        for section in ("data", "train", "dpo"):
+            table = raw.get(section, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [{section}] must be a table")
             for k, v in table.items():
-                name = k if section == "train" or k.startswith("val_") else f"data_{k}"
+                plain_key = section == "train" or (section == "data" and k.startswith("val_"))
+                name = k if plain_key else f"{section}_{k}"
                 kw[name], origin[name] = v, f"{section}.{k}"
         data_keys = [f"data.{n.removeprefix('data_')}" for n in names if n.startswith(("data_", "val_"))]
         check_keys([origin[n] for n in origin if origin[n].startswith("data.")], data_keys, where)
+        dpo_keys = [f"dpo.{n.removeprefix('dpo_')}" for n in names if n.startswith("dpo_")]
+        check_keys([origin[n] for n in origin if origin[n].startswith("dpo.")], dpo_keys, where)
+        if "model" in raw and (kw.get("init_from") or (overrides or {}).get("init_from")):
+            # the checkpoint's config is the model's; a [model] table changes fields of it (e.g. LongRoPE for a
+            # long-context stage), a recipe reference would contradict it
+            if not isinstance(raw["model"], dict) or "base" in raw["model"]:
+                raise ConfigError(f"{where}: with train.init_from the model's config comes from the checkpoint; "
+                                  "a [model] table may only change fields of it (no recipe reference or base)")
+            kw["model_overrides"] = kw.pop("model")
         check_keys([origin[n] for n in origin if origin[n].startswith("train.")], [f"train.{n}" for n in names], where)
         if "data_phases" in kw and "max_steps" not in kw and "max_steps" not in (overrides or {}):
             kw["max_steps"] = 0  # the phases' token budgets decide the run's length
@@ -175,7 +207,10 @@ class TrainConfig:
 
     def model_config(self, where: str = "training config") -> Phi3Config:
         """The model's config: the recipe (or inline table) with ``model_overrides`` applied, strictly checked."""
-        d = load_model_dict(self.model) if isinstance(self.model, str) else dict(self.model)
+        if self.init_from:
+            d = load_config(resolve_weights(self.init_from)).to_dict()
+        else:
+            d = load_model_dict(self.model) if isinstance(self.model, str) else dict(self.model)
         d.update(self.model_overrides)
         return Phi3Config.from_dict(d, where, "model.")
 
@@ -262,18 +297,30 @@ class Trainer:
         self.phases: PhasedDataset | None = None
         self.phase_val: dict[str, PackedDataset] = {}
         self.decay: tuple[int, int] | None = None
+        if cfg.objective == "dpo" and (cfg.data_phases or cfg.data_pack != "stream"):
+            raise ConfigError("objective = 'dpo' reads preference pairs from data.path; data.phases and data.pack "
+                              "do not apply")
         if cfg.data_phases:
+            if cfg.data_pack != "stream":
+                raise ConfigError("data.pack = 'documents' is not supported with data.phases")
             self._build_phases()
         elif cfg.max_steps < 1:
             raise ConfigError("max_steps must be at least 1 (0, from the token budgets, needs [[data.phases]])")
-        data = self.phases if self.phases is not None else \
-            PackedDataset(cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed)
+        if cfg.objective == "dpo":
+            data = PreferencePairs(cfg.data_path, cfg.seq_len, seed=cfg.seed)
+            self._say(f"{len(data)} preference pairs ({data.dropped_pairs} left out: longer than seq_len + 1)")
+        else:
+            data = self.phases if self.phases is not None else PackedDataset(
+                cfg.data_path, cfg.seq_len, dtype=cfg.data_dtype, seed=cfg.seed, pack=cfg.data_pack)
+            if getattr(data, "dropped_documents", 0):
+                self._say(f"{data.dropped_documents} documents left out: longer than seq_len + 1")
         if self.phases is not None:
             self.train_data = data
             self.val_data = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype) if cfg.val_path else None
         elif cfg.val_path:
             self.train_data = data
-            self.val_data: PackedDataset | None = PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype)
+            self.val_data = PreferencePairs(cfg.val_path, cfg.seq_len) if cfg.objective == "dpo" else \
+                PackedDataset(cfg.val_path, cfg.seq_len, dtype=cfg.data_dtype, pack=cfg.data_pack)
         elif cfg.val_windows > 0 and cfg.eval_every > 0:
             self.train_data, self.val_data = data.split(min(cfg.val_windows, len(data) // 10 or 1))
         else:
@@ -303,8 +350,16 @@ class Trainer:
         self.tokens = 0
         self.resumed_from: Path | None = None
         last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
+        self.init_dir = resolve_weights(cfg.init_from) if cfg.init_from else None
         if last is not None:
             self._restore(last)
+        elif self.init_dir is not None:
+            self._load_initial_weights(self.init_dir)
+        self.reference: dict[Path, np.ndarray] = {}  # DPO: stored reference log-probabilities per pairs folder
+        self.reference_model: Phi3 | None = None
+        self.eval_extra: dict[str, float] = {}
+        if cfg.objective == "dpo":
+            self._prepare_reference()
         self.train_model: torch.nn.Module = self.model
         if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -394,6 +449,70 @@ class Trainer:
         model.to_empty(device=self.device)
         model.init_weights()
         return model
+
+    def _load_initial_weights(self, path: Path) -> None:
+        """``init_from``: the starting weights (the config already came from there)."""
+        source = load_hf(path)
+        sd = source.state_dict()
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, sd, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.model.load_state_dict(sd)
+        self._say(f"initialised from {path}")
+
+    def _prepare_reference(self) -> None:
+        """DPO's reference: log-probabilities stored beside the pairs (computed once, by rank 0), or a frozen model."""
+        cfg = self.cfg
+        source = cfg.dpo_reference_from or cfg.init_from
+        if not source:
+            raise ConfigError("objective = 'dpo' needs train.init_from (the SFT model) or dpo.reference_from")
+        ref_dir = resolve_weights(source)
+        if load_config(ref_dir).to_dict() != self.model_cfg.to_dict():
+            raise ConfigError(f"the DPO reference {ref_dir} has another architecture than the policy")
+        if cfg.dpo_reference == "on_the_fly":
+            self.reference_model = load_hf(ref_dir).to(self.device).eval()
+            self.reference_model.requires_grad_(False)
+            return
+        datasets = {d.path: d for d in (self.train_data, self.val_data) if d is not None}
+        keys = {path: dpo.reference_key(ref_dir, data) for path, data in datasets.items()}
+        if self.is_main:
+            ref_model = load_hf(ref_dir).to(self.device)
+            for path, data in datasets.items():
+                with self.autocast:
+                    _, stored, computed = dpo.load_or_compute_reference(
+                        ref_model, data, keys[path], self.device, 2 * cfg.micro_batch_size, self._say)
+                self._say(f"reference log-probabilities {'written to' if computed else 'read from'} {stored}")
+            del ref_model
+        if self.world > 1:
+            dist.barrier()
+        self.reference = {path: np.load(path / dpo.REFERENCE_DIR / f"{key}.npy") for path, key in keys.items()}
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor], data: PreferencePairs) -> tuple[torch.Tensor, ...]:
+        """The reference model's (sums, counts) for a collated pair batch: stored, or scored now."""
+        if self.reference_model is not None:
+            with torch.no_grad():
+                return dpo.pair_logps(self.reference_model, batch, self.device)
+        rows = torch.from_numpy(self.reference[data.path][batch["pairs"].numpy()]).to(self.device, torch.float32)
+        return torch.cat([rows[:, 0], rows[:, 1]]), torch.cat([rows[:, 2], rows[:, 3]])
+
+    def _dpo_loss(self, batch: dict[str, torch.Tensor], data: PreferencePairs,
+                  model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean DPO/IPO loss of a pair batch and its reward metrics (and the policy's own ranking)."""
+        cfg, n = self.cfg, len(batch["pairs"])
+        with self.autocast:
+            sums, counts = dpo.pair_logps(model or self.train_model, batch, self.device)
+            ref_sums, ref_counts = self._reference_logps(batch, data)
+        policy, ref = sums, ref_sums
+        if cfg.dpo_loss == "ipo":  # IPO compares per-token means
+            policy, ref = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)
+        losses, chosen, rejected = dpo.dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.dpo_beta,
+                                                cfg.dpo_loss, cfg.dpo_label_smoothing)
+        metrics = {"reward_chosen": chosen.mean(), "reward_rejected": rejected.mean(),
+                   "reward_accuracy": (chosen > rejected).float().mean(), "reward_margin": (chosen - rejected).mean(),
+                   "policy_ranking": (sums[:n] > sums[n:]).float().mean().detach()}
+        return losses.mean(), metrics
 
     def _restore(self, path: Path) -> None:
         """Load weights, optimizer state and the data position from checkpoint ``path``."""
@@ -486,6 +605,21 @@ class Trainer:
         return x
 
     @torch.no_grad()
+    def _evaluate_dpo(self, val_data: PreferencePairs) -> float:
+        """Held-out pairs: the mean DPO loss; reward accuracy, margin and the policy's ranking go to ``eval_extra``."""
+        self.train_model.eval()
+        totals: dict[str, float] = {}
+        batches = val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size)
+        for batch in batches:
+            loss, metrics = self._dpo_loss(batch, val_data)
+            for k, v in {"loss": loss, **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        self.train_model.train()
+        means = {k: float(self._all_mean(torch.tensor(v, device=self.device))) for k, v in totals.items()}
+        self.eval_extra = {f"val_{k}": v for k, v in means.items() if k != "loss"}
+        return means["loss"]
+
+    @torch.no_grad()
     def evaluate(self, val_data: PackedDataset | None = None) -> float | None:
         if val_data is None and self.phases is not None and self.val_data is None:
             return self.evaluate(self.phase_val.get(self.phase_name(max(self.samples - 1, 0)))) \
@@ -493,11 +627,14 @@ class Trainer:
         val_data = val_data or self.val_data
         if val_data is None:
             return None
+        if self.cfg.objective == "dpo":
+            return self._evaluate_dpo(val_data)
         self.train_model.eval()
         losses, counts = [], []
-        for x, y in val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
+        for x, y, *docs in val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
+            documents = docs[0].to(self.device) if docs else None
             with self.autocast:
-                _, loss = self.train_model(x.to(self.device), y.to(self.device))
+                _, loss = self.train_model(x.to(self.device), y.to(self.device), documents=documents)
             losses.append(loss.float())
             counts.append(float((y != IGNORE_INDEX).sum()))
         self.train_model.train()
@@ -515,18 +652,28 @@ class Trainer:
             group["lr"] = lr
         mb, accum = cfg.micro_batch_size, cfg.grad_accum
         batches = [self.train_data.batch(self.samples + (self.rank * accum + m) * mb, mb) for m in range(accum)]
-        weights = self._micro_batch_weights([y for _, y in batches])
+        is_dpo = cfg.objective == "dpo"
+        weights = None if is_dpo else self._micro_batch_weights([b[1] for b in batches])
         loss_sum = torch.zeros((), device=self.device)
+        extras: dict[str, torch.Tensor] = {}
         digest = xxhash.xxh64()
-        for x, _ in batches:  # which samples the step saw: equal digests, equal batches (resume checks)
-            digest.update(x.numpy().tobytes())
-        for m, (x, y) in enumerate(batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        step_tokens = 0
+        for batch in batches:  # which samples the step saw: equal digests, equal batches (resume checks)
+            inputs = batch["inputs"] if is_dpo else batch[0]
+            digest.update(inputs.numpy().tobytes())
+            step_tokens += inputs.numel()
+        for m, batch in enumerate(batches):
             sync = m == accum - 1 or self.world == 1 or not hasattr(self.train_model, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.train_model.no_sync()
             with ctx:
-                with self.autocast:
-                    _, loss = self.train_model(x, y)
+                if is_dpo:
+                    loss, metrics = self._dpo_loss(batch, self.train_data)
+                    for k, v in metrics.items():
+                        extras[k] = extras.get(k, 0.0) + v / accum
+                else:
+                    x, y, *docs = (t.to(self.device, non_blocking=True) for t in batch)
+                    with self.autocast:
+                        _, loss = self.train_model(x, y, documents=docs[0] if docs else None)
                 share = loss / accum if weights is None else loss * weights[m]
                 share.backward()
             loss_sum += share.detach().float()
@@ -546,9 +693,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         global_batch = mb * accum * self.world
         self.samples += global_batch
-        self.tokens += global_batch * cfg.seq_len
+        self.tokens += step_tokens * self.world  # positions processed (DPO: both sides, padded)
         self.step += 1
-        return {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm), "batch_digest": digest.hexdigest()}
+        record = {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm), "batch_digest": digest.hexdigest()}
+        record.update({k: float(self._all_mean(v.detach().float())) for k, v in extras.items()})
+        return record
 
     def _micro_batch_weights(self, targets: list[torch.Tensor]) -> list[float] | None:
         """Loss weight of each micro-batch, so a step's gradient is the mean over all its trained targets.
@@ -576,9 +725,13 @@ class Trainer:
             self._log({"event": "resume", "step": self.step, "checkpoint": str(self.resumed_from)})
             self._say(f"resumed from {self.resumed_from} at step {self.step}")
         self.train_model.train()
-        tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * self.world * cfg.seq_len
+        if cfg.objective == "dpo" and self.step == 0 and cfg.eval_every > 0:  # the starting point, for comparison
+            val = self.evaluate()
+            if val is not None:
+                self._log({"step": 0, "val_loss": val, **self.eval_extra})
+                self._say(f"step 0 | val_loss {val:.4f} | held-out ranking {self.eval_extra['val_policy_ranking']:.3f}")
         last: dict[str, Any] = {}
-        t_last, steps_since = time.perf_counter(), 0
+        t_last, steps_since, tokens_since = time.perf_counter(), 0, self.tokens
         while self.step < cfg.max_steps:
             phase = self.phase_name(self.samples)
             rec = self.train_step()
@@ -589,7 +742,7 @@ class Trainer:
                 torch.cuda.synchronize()
             now = time.perf_counter()
             dt = now - t_last
-            tok_s = tokens_per_step * steps_since / dt if dt > 0 else 0.0
+            tok_s = (self.tokens - tokens_since) / dt if dt > 0 else 0.0
             mfu = self.flops_per_token * tok_s / (self.peak * self.world) if self.peak else None
             rec.update(step=self.step, tokens=self.tokens, tokens_per_s=tok_s, mfu=mfu)
             self._log(rec)
@@ -600,23 +753,27 @@ class Trainer:
                     f"step {self.step}/{cfg.max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                     f"grad {rec['grad_norm']:.2f} | {tok_s:,.0f} tok/s | MFU {mfu_s} | "
                     f"{1000 * dt / steps_since:.0f} ms/step"
+                    + (f" | reward acc {rec['reward_accuracy']:.2f} margin {rec['reward_margin']:.3f}"
+                       if "reward_accuracy" in rec else "")
                 )
-                t_last, steps_since = time.perf_counter(), 0
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, self.tokens
             if cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                 val = self.evaluate()
                 if val is not None:
-                    record = {"step": self.step, "val_loss": val}
+                    record = {"step": self.step, "val_loss": val, **self.eval_extra}
                     if self.phases is not None:  # every phase's held-out loss, and the current phase's name
                         record["phase"] = self.phase_name(self.samples - 1)
                         record.update({f"val_loss/{name}": self.evaluate(data)
                                        for name, data in self.phase_val.items()})
                     self._log(record)
-                    self._say(f"step {self.step} | val_loss {val:.4f}")
+                    self._say(f"step {self.step} | val_loss {val:.4f}" + "".join(
+                        f" | {k.removeprefix('val_')} {v:.3f}" for k, v in self.eval_extra.items()))
                     last["val_loss"] = val
-                t_last, steps_since = time.perf_counter(), 0
+                    last.update(self.eval_extra)
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, self.tokens
             if cfg.ckpt_every > 0 and (self.step % cfg.ckpt_every == 0 or self.step == cfg.max_steps):
                 self.save()
-                t_last, steps_since = time.perf_counter(), 0
+                t_last, steps_since, tokens_since = time.perf_counter(), 0, self.tokens
         if self.tb is not None:
             self.tb.close()
         return last
