@@ -204,6 +204,8 @@ def test_dedup_and_contamination_report(curation, browser, tmp_path):
     section = page.inner_text("#contamination")
     assert "gauntlet/arc_easy" in section and "Which statement best explains why photosynthesis" in section
     assert "plant-arc" in section
+    hit = page.inner_text("[data-hit=plant-arc]")  # the item as the benchmark file has it, beside the document
+    assert "nearly all ecosystems.\nMost ecosystems are found" in hit  # the file's own text: choices unlabelled
     drops = dict(page.eval_on_selector_all("#drops-table tr[data-reason]", "rs => rs.map(r => [r.dataset.reason, "
                                                                                "+r.dataset.count])"))
     assert drops == {reason: n for s in stats["stages"] for reason, n in s["drops"].items()}

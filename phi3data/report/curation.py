@@ -160,7 +160,7 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
     # dedup and contamination drops: the dropped member beside the kept one, the document beside the item
     inputs = _input_files(input_path)
     clusters = _clusters(findings, data_paths, inputs)
-    contamination = _contamination(directory, findings, data_paths, inputs)
+    contamination = _contamination(directory, manifest, findings, data_paths, inputs)
     for c in clusters:
         reason = f"{c['stage']}:duplicate"
         for member in c["dropped"]:
@@ -171,7 +171,8 @@ def build(directory: Path, input_path: Path | None = None) -> dict:
         reason = f"{hit['stage']}:contaminated"
         if len(examples[reason]) < EXAMPLES_PER_REASON:
             examples[reason].append({"dropped": {"id": hit["id"], "text": hit["document"]},
-                                     "kept": {"id": f"{hit['benchmark']} #{hit['item']}", "text": hit["matched"],
+                                     "kept": {"id": f"{hit['benchmark']} #{hit['item']}",
+                                              "text": hit["item_text"] or hit["matched"],
                                               "match": "the benchmark item it reproduces"}})
     drops = []
     for s in stats["stages"]:
@@ -266,8 +267,29 @@ def _clusters(findings: list[dict], data_paths: list[Path], inputs: list[Path]) 
              "more": max(0, len(members[k]) - 3)} for k in keys]
 
 
-def _contamination(directory: Path, findings: list[dict], data_paths: list[Path], inputs: list[Path]) -> dict | None:
-    """Contamination: the report of each decontaminate stage and sampled hits with the matched item's passage."""
+def _benchmark_items(manifest: dict, wanted: set[tuple[str, str, str]]) -> dict[tuple[str, str, str], str]:
+    """The text of each (stage, benchmark, item) hit, read from the benchmark files the run's recipe names (the
+    files must still be where the recipe says; otherwise the report shows the matched passage only)."""
+    from phi3data.report.replay import recipe_of
+
+    found: dict[tuple[str, str, str], str] = {}
+    try:
+        stages = {s.name: s for s in recipe_of(manifest).build_stages()}
+        for stage_name in sorted({w[0] for w in wanted}):
+            for bench in stages[stage_name].load():
+                for index, item in enumerate(bench.ids):
+                    key = (stage_name, bench.name, str(item))
+                    if key in wanted:
+                        found[key] = bench.texts[index]
+    except (ValueError, OSError, KeyError, AttributeError):
+        return found
+    return found
+
+
+def _contamination(directory: Path, manifest: dict, findings: list[dict], data_paths: list[Path],
+                   inputs: list[Path]) -> dict | None:
+    """Contamination: the report of each decontaminate stage and sampled hits: the benchmark item beside the
+    document that reproduces it."""
     reports = {p.stem: _json(p) for p in sorted((directory / "reports").glob("*.json"))}
     reports = {k: v for k, v in reports.items() if "benchmarks" in v and "totals" in v}
     hits = [f for f in findings if f["kind"] == "benchmark_match"]
@@ -277,8 +299,12 @@ def _contamination(directory: Path, findings: list[dict], data_paths: list[Path]
     ids = {h["id"] for h in chosen}
     texts = _texts_by_id(data_paths, ids)
     texts.update({k: v for k, v in _texts_by_id(inputs, ids).items() if k not in texts})
+    keys = [(h["stage"], str(h["detail"].get("benchmark")), str(h["detail"].get("item"))) for h in chosen]
+    items = _benchmark_items(manifest, set(keys)) if keys else {}
     return {"reports": reports, "hits": [{"id": h["id"], "stage": h["stage"], "benchmark": h["detail"].get("benchmark"),
                                           "item": h["detail"].get("item"), "ratio": h["detail"].get("ratio"),
                                           "matched": excerpt(h["detail"].get("matched"), 800),
-                                          "document": texts.get(h["id"], {}).get("text")} for h in chosen],
+                                          "item_text": excerpt(items[key], 800) if key in items else None,
+                                          "document": texts.get(h["id"], {}).get("text")}
+                                         for h, key in zip(chosen, keys)],
             "total_hits": len(hits)}

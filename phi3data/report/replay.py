@@ -23,6 +23,16 @@ SCAN_RECORDS = 2_000
 """Records read per replayed shard; the sample is drawn from them."""
 
 
+def recipe_of(manifest: dict):
+    """The run's recipe, rebuilt from the canonical form its manifest records."""
+    from phi3data.pipelines.recipe import load_recipe
+
+    canonical = manifest["recipe"]
+    return load_recipe({"pipeline": {"name": manifest.get("pipeline") or "run"},
+                        "input": canonical["input"], "output": canonical["output"],
+                        "stage": [{"type": s["type"], "name": s["name"], **s["params"]} for s in canonical["stages"]]})
+
+
 def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REPLAY_LIMIT) -> dict:
     """``{"sampled": n, "drops": [{"stage", "reason", "id", "url", "source", "text", "language"...}], "kept": n,
     "stopped_at": name}``: ``kept`` counts the documents that passed every replayed stage; with ``stopped_at`` (a
@@ -32,13 +42,7 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
     from phi3data.io.readers import detect_format, read_records
     from phi3data.pipelines.base import GlobalStage, KeyedStage
     from phi3data.pipelines.pipeline import Pipeline, _Decided
-    from phi3data.pipelines.recipe import load_recipe
-
-    canonical = manifest["recipe"]
-    pipeline = Pipeline(load_recipe({"pipeline": {"name": manifest.get("pipeline") or "run"},
-                                     "input": canonical["input"], "output": canonical["output"],
-                                     "stage": [{"type": s["type"], "name": s["name"], **s["params"]}
-                                               for s in canonical["stages"]]}))
+    pipeline = Pipeline(recipe_of(manifest))
     wanted = {entry["input"] for entry in manifest.get("shards", [])}
     shards = [s for s in plan_shards(Path(input_path)) if s.relpath in wanted]
     shards = sorted(sorted(shards, key=lambda s: id_hash(s.relpath))[:REPLAY_SHARDS], key=lambda s: s.relpath)
