@@ -62,7 +62,8 @@ def histogram(series: Sequence[tuple[str, Sequence[float]]], edges: Sequence[flo
     def x_of(v: float) -> float:
         return left + plot_w * (float(v) - lo) / span
 
-    parts = [f'<svg class="chart" role="img" width="{width}" height="{height + 16 * max(0, len(series) - 1)}" '
+    legend = 16 * len(series) + 6 if len(series) > 1 else 0
+    parts = [f'<svg class="chart" role="img" width="{width}" height="{height + legend}" '
              f'xmlns="http://www.w3.org/2000/svg" {FONT}>',
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#444"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>',
@@ -80,18 +81,21 @@ def histogram(series: Sequence[tuple[str, Sequence[float]]], edges: Sequence[flo
             parts.append(f'<rect x="{x0:.1f}" y="{top + plot_h - h:.1f}" width="{max(0.5, x1 - x0 - 0.5):.1f}" '
                          f'height="{h:.1f}" {fill} stroke="{color}" stroke-width="0.5"/>')
         if len(series) > 1:
-            y = height + 16 * k - 2
+            y = height + 16 * k + 12
             parts.append(f'<rect x="{left}" y="{y - 9}" width="10" height="10" fill="{color}"/>'
                          f'<text x="{left + 14}" y="{y}">{escape(name)}</text>')
     for tick in np.linspace(lo, hi, 6):
         parts.append(f'<text x="{x_of(tick):.1f}" y="{top + plot_h + 13}" text-anchor="middle">'
                      f'{escape(_num(round(float(tick), 3)))}</text>')
-    for value, label in thresholds:
+    for k, (value, label) in enumerate(thresholds):
         if lo <= float(value) <= hi:
             x = x_of(value)
+            # the label goes on the side of the line with more room
+            anchor, dx = ("end", -3) if x > left + plot_w / 2 else ("start", 3)
             parts.append(f'<line class="threshold" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
                          f'stroke="#c0392b" stroke-width="2" stroke-dasharray="4 2"/>'
-                         f'<text x="{x + 3:.1f}" y="{top + 10}" fill="#c0392b">{escape(label)}</text>')
+                         f'<text x="{x + dx:.1f}" y="{top + 10 + 12 * k}" text-anchor="{anchor}" fill="#c0392b">'
+                         f'{escape(label)}</text>')
     if xlabel:
         parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{top + plot_h + 28}" text-anchor="middle">'
                      f'{escape(xlabel)}</text>')
