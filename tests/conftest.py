@@ -124,8 +124,10 @@ def smollm2_gguf() -> Path:
 
 
 @contextmanager
-def running_llama_server(log_dir: Path, threads: int = 2) -> Iterator[str]:
-    """python -m llama_cpp.server with SmolLM2 on a free loopback port; yields its /v1 URL, stops it after."""
+def running_llama_server(log_dir: Path, threads: int = 2, model: Path | None = None, alias: str = MODEL,
+                         n_ctx: int = 2048) -> Iterator[str]:
+    """python -m llama_cpp.server with a GGUF model (default SmolLM2) served as ``alias`` on a free loopback port;
+    yields its /v1 URL, stops it after."""
     import httpx
 
     try:
@@ -139,8 +141,8 @@ def running_llama_server(log_dir: Path, threads: int = 2) -> Iterator[str]:
     log = log_dir / f"server-{port}.log"
     with open(log, "wb") as handle:
         process = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_gguf()), "--model_alias", MODEL,
-             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", str(threads)],
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(model or smollm2_gguf()), "--model_alias", alias,
+             "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads)],
             stdout=handle, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     url = f"http://127.0.0.1:{port}/v1"
     try:
