@@ -22,7 +22,7 @@ COMMANDS = [
     ["run"], ["quickstart"],
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
     ["generate"], ["tokenize"], ["mix"],
-    ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"], ["report"],
+    ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"], ["report"], ["export", "gguf"],
 ]
 
 # Packages a core install (no extras) lacks.
@@ -83,6 +83,8 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "eval": (["eval", str(tmp / "no-checkpoint"), "--tokenizer", "phi3-mini"], "no-checkpoint"),
         "ablate": (["ablate", str(ladder), "--output", str(tmp / "l")], "tokens_per_parm"),
         "report": (["report", str(tmp / "no-run")], "no-run"),
+        "export gguf": (["export", "gguf", str(tmp / "no-checkpoint"), "--output", str(tmp / "x.gguf")],
+                        "no-checkpoint"),
     }
 
 
