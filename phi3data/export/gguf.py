@@ -15,6 +15,11 @@ they are the files ``llama-quantize`` would make, with its choice of higher-prec
 for rows that are not a multiple of a k-quant's 256-value block (at the CPU ladder's widths, 64 to 192, most
 ``q4_k_m`` tensors fall back to Q5_0).
 
+Known differences in llama.cpp, not the export's: its phi3 ignores ``sliding_window`` (written as metadata, as
+llama.cpp's converter does; phi-3-mini's 2047-token window is not applied past 2047 tokens), and it picks the long
+or short LongRoPE factors by its context size (``n_ctx`` > the original context, padded up to 256), not by the
+sequence length as transformers and our model do.
+
 Everything that can be checked is checked before a byte is written; the file is written under a temporary name
 in the output's directory and renamed into place, so OUTPUT is either the whole file or absent.
 """
