@@ -2,9 +2,11 @@
 
 No LLM writes the replies (a 135M model on 2 cores would take an hour): each GSM8K train problem gets two replies
 in the generator's "resolve" style, written from the problem's own worked solution. One is the program of its
-calculator steps (``<<48/2=24>>`` ...); the other is that program with one operator swapped by the verifier's
-own mutation. Both go through the real pipeline: the ledger, ``verify_plan``, the sandbox, the gold check. Only
-the replies that the sandbox and the gold answer sort into pass and fail become pairs (``verified/preferences``).
+calculator steps (``<<48/2=24>>`` ...); the other is a wrong version of it, of one of two kinds in turn: one
+operator swapped (the verifier's own mutation), or a reply that stops one step early and returns that
+intermediate result (how small models often fail). Both go through the real pipeline: the ledger,
+``verify_plan``, the sandbox, the gold check. Only the replies that the sandbox and the gold answer sort into pass
+and fail become pairs (``verified/preferences``).
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def program_of(answer: str) -> str | None:
         return None
 
 
+def stop_early(program: str) -> str | None:
+    """The program without its last step, returning the step before (None for a one-step program)."""
+    lines = program.splitlines()
+    if len(lines) < 4:  # def, one step, return
+        return None
+    return "\n".join(lines[:-2] + [f"    return step{len(lines) - 3}"])
+
+
 def _reply(source: str) -> str:
     return f"```python\n{source}\n```"
 
@@ -61,7 +71,7 @@ def verified_pairs(out: Path, n_problems: int) -> Path:
         for line in f:
             item = json.loads(line)
             good = program_of(item["answer"])
-            bad = mutate_solution(good) if good else None
+            bad = (mutate_solution(good) if len(requests) % 4 == 0 else stop_early(good)) if good else None
             if bad is None:
                 continue
             gold = item["answer"].rsplit("####", 1)[-1].strip().replace(",", "")

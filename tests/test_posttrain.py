@@ -249,12 +249,13 @@ def test_dpo_two_processes_match_one(pairs: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_dpo_on_verified_pairs_ranks_held_out_pairs_better(tmp_path: Path) -> None:
     """GSM8K problems' program replies sorted by the verifier (sandbox + gold answer) into chosen and rejected;
-    SFT on the chosen replies, then DPO: the policy prefers the verified program on more held-out pairs."""
-    prefs = verified_pairs(tmp_path / "math", n_problems=500)
+    SFT on the chosen replies, then DPO: on held-out pairs the policy moves towards the verified program (reward
+    accuracy) and ranks it above the failing one, by log-likelihood per token, more often than before."""
+    prefs = verified_pairs(tmp_path / "math", n_problems=600)
     tokens = tmp_path / "tokens"
     tokenize_pairs(prefs, tokens)
     sft = write(tmp_path / "sft.toml", tokens / "chosen", tmp_path / "sft", init_from=None, seq_len=256,
-                micro_batch_size=8, max_steps=60, lr=3e-3, min_lr=3e-4, ckpt_every=60, val_windows=8)
+                micro_batch_size=8, max_steps=30, lr=3e-3, min_lr=3e-4, ckpt_every=30, val_windows=8)
     sft.write_text('model = "ladder-cpu:s1"\n' + sft.read_text().replace("[data]", '[data]\npack = "documents"'))
     Trainer(TrainConfig.from_toml(sft)).train()
     dpo = write(tmp_path / "dpo.toml", tokens, tmp_path / "dpo", init_from=tmp_path / "sft", objective="dpo",
@@ -264,8 +265,8 @@ def test_dpo_on_verified_pairs_ranks_held_out_pairs_better(tmp_path: Path) -> No
     evals = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()
              if "val_policy_ranking" in line]
     before, after = evals[0], evals[-1]
-    print(f"held-out pairs ranked correctly: {before['val_policy_ranking']:.3f} -> {after['val_policy_ranking']:.3f}"
-          f"; reward accuracy {after['val_reward_accuracy']:.3f}, margin {after['val_reward_margin']:.3f}")
+    print({k: (round(before[k], 3), round(after[k], 3)) for k in before if k.startswith("val_")})
     assert before["step"] == 0 and after["step"] == 40
-    assert after["val_policy_ranking"] > before["val_policy_ranking"] + 0.02
+    assert after["val_policy_ranking_per_token"] > before["val_policy_ranking_per_token"] + 0.05
+    assert after["val_policy_ranking"] >= before["val_policy_ranking"]
     assert after["val_reward_accuracy"] > 0.6 and after["val_loss"] < math.log(2)

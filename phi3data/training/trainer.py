@@ -139,6 +139,9 @@ class TrainConfig:
     dpo_beta: float = 0.1
     dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
     dpo_label_smoothing: float = 0.0
+    dpo_nll_weight: float = 0.0
+    """> 0: add this times the chosen replies' mean negative log-likelihood per token (DPO + NLL, as in iterative
+    reasoning preference optimisation), which keeps DPO from lowering the likelihood of what it prefers."""
     dpo_reference: Literal["precomputed", "on_the_fly"] = "precomputed"
     """``precomputed``: the reference log-probabilities are computed once and stored beside the pairs;
     ``on_the_fly``: a frozen copy of the reference model scores each batch."""
@@ -509,9 +512,13 @@ class Trainer:
             policy, ref = sums / counts.clamp(min=1), ref_sums / ref_counts.clamp(min=1)
         losses, chosen, rejected = dpo.dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.dpo_beta,
                                                 cfg.dpo_loss, cfg.dpo_label_smoothing)
+        if cfg.dpo_nll_weight:
+            losses = losses - cfg.dpo_nll_weight * sums[:n] / counts[:n].clamp(min=1)
         metrics = {"reward_chosen": chosen.mean(), "reward_rejected": rejected.mean(),
                    "reward_accuracy": (chosen > rejected).float().mean(), "reward_margin": (chosen - rejected).mean(),
-                   "policy_ranking": (sums[:n] > sums[n:]).float().mean().detach()}
+                   "policy_ranking": (sums[:n] > sums[n:]).float().mean().detach(),
+                   "policy_ranking_per_token": (sums[:n] / counts[:n].clamp(min=1) >
+                                                sums[n:] / counts[n:].clamp(min=1)).float().mean().detach()}
         return losses.mean(), metrics
 
     def _restore(self, path: Path) -> None:
@@ -610,10 +617,11 @@ class Trainer:
         self.train_model.eval()
         totals: dict[str, float] = {}
         batches = val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size)
-        for batch in batches:
+        pairs = sum(len(batch["pairs"]) for batch in batches)
+        for batch in batches:  # a mean over pairs (the last batch may be smaller)
             loss, metrics = self._dpo_loss(batch, val_data)
             for k, v in {"loss": loss, **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+                totals[k] = totals.get(k, 0.0) + float(v) * len(batch["pairs"]) / pairs
         self.train_model.train()
         means = {k: float(self._all_mean(torch.tensor(v, device=self.device))) for k, v in totals.items()}
         self.eval_extra = {f"val_{k}": v for k, v in means.items() if k != "loss"}
