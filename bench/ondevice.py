@@ -257,11 +257,11 @@ def perplexity_cost(work: Path, args: argparse.Namespace) -> None:
     import llama_cpp
     import torch
 
-    from phi3data.export.gguf import export_gguf, resolve_checkpoint
-    from phi3data.model.hf import load_hf
+    from phi3data.export.gguf import export_gguf
+    from phi3data.model.hf import load_hf, resolve_weights
     from phi3data.tokenization.tokenizers import load_tokenizer
 
-    ckpt = resolve_checkpoint(args.checkpoint or train_small(work, args.ppl_model))
+    ckpt = resolve_weights(args.checkpoint or train_small(work, args.ppl_model))
     tok = load_tokenizer("phi3-mini")
     with gzip.open(SHARED / "textbooks/openstax.jsonl.gz", "rt") as f:
         docs = [json.loads(line)["text"] for line in f][60:76]  # same book, after the ~35 sections trained on

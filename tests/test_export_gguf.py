@@ -115,10 +115,9 @@ def exported(trained, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def trained_model(trained) -> Phi3:
-    from phi3data.export.gguf import resolve_checkpoint
-    from phi3data.model.hf import load_hf
+    from phi3data.model.hf import load_hf, resolve_weights
 
-    return load_hf(resolve_checkpoint(trained)).eval()
+    return load_hf(resolve_weights(trained)).eval()
 
 
 @pytest.fixture(scope="module")

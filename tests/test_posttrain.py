@@ -270,3 +270,36 @@ def test_dpo_on_verified_pairs_ranks_held_out_pairs_better(tmp_path: Path) -> No
     assert after["val_policy_ranking_per_token"] > before["val_policy_ranking_per_token"] + 0.05
     assert after["val_policy_ranking"] >= before["val_policy_ranking"]
     assert after["val_reward_accuracy"] > 0.6 and after["val_loss"] < math.log(2)
+
+
+# --- long context -------------------------------------------------------------------------------------------
+
+def test_long_context_stage_trains_from_a_checkpoint_and_exports_its_longrope_factors(tmp_path: Path) -> None:
+    """model/longctx-tiny-cpu-1.toml on a pretrained ladder-cpu:s2: LongRoPE switched on by the recipe's [model]
+    table, windows longer than the original context, and the GGUF carries the factors llama.cpp reads."""
+    import gguf
+    from test_train_trainer import make_token_dir
+
+    from phi3data.export.gguf import export_gguf
+    from phi3data.model.recipes import load_model_config
+
+    torch.manual_seed(0)
+    base = save_hf(Phi3(load_model_config("ladder-cpu:s2")), tmp_path / "base")
+    tokens = make_token_dir(tmp_path / "tokens", max_tokens=20_000)
+    recipe = Path(__file__).resolve().parents[1] / "model" / "longctx-tiny-cpu-1.toml"
+    cfg = TrainConfig.from_toml(recipe, {"init_from": str(base), "data_path": str(tokens), "max_steps": 2,
+                                         "micro_batch_size": 1, "out_dir": str(tmp_path / "long"), "eval_every": 0})
+    trainer = Trainer(cfg)
+    model_cfg = trainer.model_cfg
+    assert model_cfg.rope_scaling["type"] == "longrope" and cfg.seq_len > model_cfg.original_max_position_embeddings
+    assert len(model_cfg.rope_scaling["long_factor"]) == model_cfg.head_dim // 2
+    trainer.train()
+    out = export_gguf(tmp_path / "long", tmp_path / "long.gguf", "f16")
+    reader = gguf.GGUFReader(out.path)
+    tensors = {t.name: np.asarray(t.data) for t in reader.tensors}
+    np.testing.assert_allclose(tensors["rope_factors_long.weight"], model_cfg.rope_scaling["long_factor"], rtol=1e-6)
+    np.testing.assert_allclose(tensors["rope_factors_short.weight"], model_cfg.rope_scaling["short_factor"],
+                               rtol=1e-6)
+    fields = {f.name: f for f in reader.fields.values()}
+    original = fields["phi3.rope.scaling.original_context_length"]
+    assert int(original.parts[original.data[0]][0]) == model_cfg.original_max_position_embeddings

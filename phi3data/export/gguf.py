@@ -59,23 +59,6 @@ def default_vocab_gguf() -> Path:
     return tokenizers_dir() / "phi3" / "ggml-vocab-phi-3.gguf"
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory whose newest complete checkpoint is used."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise NotADirectoryError(f"checkpoint {path} is not a directory (give the checkpoint or run directory)")
-    if (path / "checkpoints").is_dir() and not list(path.glob("model*.safetensors")):
-        from phi3data.training.checkpoint import latest_checkpoint
-
-        latest = latest_checkpoint(path / "checkpoints")
-        if latest is None:
-            raise FileNotFoundError(f"run {path} has no complete checkpoint under {path / 'checkpoints'}")
-        return latest
-    return path
-
-
 def read_vocab(path: str | Path | None = None) -> dict[str, tuple[Any, Any, Any]]:
     """The ``tokenizer.*`` fields of a vocabulary GGUF: name -> (value, value type, array item type or None)."""
     import gguf
@@ -209,7 +192,7 @@ def export_gguf(
     when llama.cpp cannot represent the model; writes atomically (never a partial file under ``output``).
     """
     from phi3data.export.quantize import quantize_gguf, require_quantiser
-    from phi3data.model.hf import load_hf
+    from phi3data.model.hf import load_hf, resolve_weights
 
     if quant not in QUANTS:
         raise ExportRefused(f"unknown quantisation {quant!r}: choose one of {', '.join(QUANTS)}")
@@ -220,7 +203,7 @@ def export_gguf(
         raise FileNotFoundError(f"output directory {output.parent} does not exist")
     if quant != "f16":
         require_quantiser()  # fail now, before the f16 pass, when the quantiser is missing
-    ckpt = resolve_checkpoint(checkpoint_dir)
+    ckpt = resolve_weights(checkpoint_dir)
     vocab = read_vocab(tokenizer)
     vocab_size = len(vocab["tokenizer.ggml.tokens"][0])
     config_file = ckpt / "phi3data_config.json"

@@ -136,6 +136,10 @@ def resolve_weights(path: str | Path) -> Path:
     from phi3data.training.checkpoint import latest_checkpoint
 
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"checkpoint {path} is not a directory (give the checkpoint or run directory)")
     if any(path.glob("model*.safetensors")):
         return path
     last = latest_checkpoint(path / "checkpoints") if (path / "checkpoints").is_dir() else None
