@@ -21,7 +21,7 @@ from phi3data.cli.errors import USER_ERROR_EXIT, add_command, user_error_message
 COMMANDS = [
     ["run"], ["quickstart"],
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
-    ["generate"], ["tokenize"], ["mix"],
+    ["generate"], ["fetch"], ["tokenize"], ["mix"],
     ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"], ["report"], ["export", "gguf"],
 ]
 
@@ -74,6 +74,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "classify train": (["classify", "train", str(classifier)], "epochz"),
         "classify evaluate": (["classify", "evaluate", str(tmp / "no-classifier"), labelled], "no-classifier"),
         "generate": (["generate", str(plan), "--output", str(tmp / "g")], "sede"),
+        "fetch": (["fetch", str(tmp / "no-urls.txt"), "--output", str(tmp / "f")], "no-urls.txt"),
         "tokenize": (["tokenize", jsonl, "--output", str(tmp / "t"), "--tokenizer", "no-such-tokenizer"],
                      "no-such-tokenizer"),
         "mix": (["mix", str(mix), "--output", str(tmp / "m")], "max_epoch"),

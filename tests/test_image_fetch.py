@@ -226,3 +226,21 @@ def test_opt_out_can_be_disabled(tmp_path, server):
     config = FetchConfig(workers=2, timeout=2, retries=0, disallowed_directives=())
     result = fetch_urls(urls, tmp_path / "out", config=config)
     assert [(r["status"], r["sha256"]) for r in result.rows] == [("success", sha(HOPPER))]
+
+
+def test_fetch_command(tmp_path, server):
+    from typer.testing import CliRunner
+
+    from phi3data.cli import app
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text(f"{server.url('/img/hopper.jpg')}\n{server.url('/missing.png')}\nnot-a-url\n")
+    out = tmp_path / "out"
+    first = CliRunner().invoke(app, ["fetch", str(urls), "--output", str(out), "--workers", "2", "--retries", "0"])
+    assert first.exit_code == 0, first.output
+    assert "'success': 1" in first.output and "'failed': 1" in first.output and "invalid_url" in first.output
+    server.hits.clear()
+    again = CliRunner().invoke(app, ["fetch", str(urls), "--output", str(out), "--retry-failed", "--retries", "0"])
+    assert again.exit_code == 0, again.output
+    assert server.hits == {"/missing.png": 1}
+    assert len(read_status(out)) == 3

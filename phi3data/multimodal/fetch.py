@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phi3data.io.writers import commit, tmp_path_for
+from phi3data.io.writers import commit, output_lock, tmp_path_for
 from phi3data.multimodal.records import sniff_image_type
 from phi3data.multimodal.writers import TarShardWriter
 
@@ -223,11 +223,14 @@ def fetch_urls(urls: pa.Table, output: Path, *, retry_failed: bool = False,
     Successes go to this run's ``fetch-NNNNN.tar`` (KEY.<ext> image, KEY.txt caption, KEY.json status); every
     URL attempted gets a status row. URLs that succeeded or opted out in an earlier run are never fetched again;
     failed ones are fetched again only with ``retry_failed``."""
+    output = Path(output)
+    with output_lock(output):  # a second run on the same directory fails at once
+        return _fetch_locked(urls, output, retry_failed, config or FetchConfig())
+
+
+def _fetch_locked(urls: pa.Table, output: Path, retry_failed: bool, cfg: FetchConfig) -> FetchResult:
     import httpx
 
-    cfg = config or FetchConfig()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     for tar in output.glob("fetch-*.tar"):  # a crashed run's shard has no status table: it never happened
         if not tar.with_name(tar.stem + ".status.parquet").exists():
             tar.unlink()
