@@ -240,7 +240,11 @@ def test_fetch_command(tmp_path, server):
     assert first.exit_code == 0, first.output
     assert "'success': 1" in first.output and "'failed': 1" in first.output and "invalid_url" in first.output
     server.hits.clear()
+    (out / "fetch-00007.tar").write_bytes(b"a shard whose run died before its status table was committed")
     again = CliRunner().invoke(app, ["fetch", str(urls), "--output", str(out), "--retry-failed", "--retries", "0"])
     assert again.exit_code == 0, again.output
     assert server.hits == {"/missing.png": 1}
     assert len(read_status(out)) == 3
+    assert not (out / "fetch-00007.tar").exists()
+    assert sorted(p.name for p in out.glob("fetch-*")) == ["fetch-00000.status.parquet", "fetch-00000.tar",
+                                                           "fetch-00001.status.parquet", "fetch-00001.tar"]

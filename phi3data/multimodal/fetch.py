@@ -2,9 +2,9 @@
 
 HTTP is httpx (a thread-safe, pooled ``httpx.Client`` shared by a thread pool). Politeness is per host: at most
 ``per_host`` requests in flight to one host and at least ``min_delay`` seconds between request starts to it.
-Redirects are followed up to ``max_redirects``; connection errors, timeouts, truncated bodies, 429 and 5xx are
-retried with exponential backoff (a ``Retry-After`` header, seconds or an HTTP date, replaces the backoff, capped
-at ``max_backoff``).
+Redirects are followed by the fetcher up to ``max_redirects`` (each hop waits for its own host's turn);
+connection errors, timeouts, truncated bodies, 429 and 5xx are retried with exponential backoff (a
+``Retry-After`` header, seconds or an HTTP date, replaces the backoff, capped at ``max_backoff``).
 
 Opt-out headers are respected by default, following img2dataset's documented default: a response whose
 ``X-Robots-Tag`` holds ``noai``, ``noimageai``, ``noindex`` or ``noimageindex`` (unscoped, or scoped to our
@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -140,68 +140,78 @@ def retry_after_seconds(value: str | None) -> float | None:
 
 
 def fetch_one(client, gate: HostGate, url: str, cfg: FetchConfig) -> dict:
-    """Fetch one URL with retries; return its status row (without key/caption/shard) and ``data`` bytes."""
+    """Fetch one URL with retries; return its status row (without key/caption/shard) and ``data`` bytes.
+
+    Redirects are followed here (the client does not), so every hop waits for its own host's gate."""
     import httpx
 
-    host = urlsplit(url).netloc.lower()
     row = {"url": url, "status": "failed", "http_code": None, "error": None, "bytes": None, "sha256": None,
            "final_url": None, "attempts": 0, "content_type": None, "data": None}
     for attempt in range(1, cfg.retries + 2):
         row["attempts"] = attempt
-        wait = None
-        gate.acquire(host)
         try:
-            with client.stream("GET", url) as response:
-                row["http_code"] = response.status_code
-                row["final_url"] = str(response.url)
-                row["content_type"] = response.headers.get("content-type")
-                if response.status_code == 429 or response.status_code >= 500:
-                    row["error"] = f"HTTP {response.status_code}"
-                    wait = retry_after_seconds(response.headers.get("retry-after"))
-                    retryable = True
-                elif response.status_code != 200:
-                    row["error"] = f"HTTP {response.status_code}"
-                    return row
-                else:
-                    directive = opt_out_directive(response.headers.get_list("x-robots-tag"),
-                                                  cfg.disallowed_directives)
-                    if directive:
-                        row.update(status="opt_out", error=f"X-Robots-Tag: {directive}")
-                        return row
-                    chunks, size = [], 0
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > cfg.max_bytes:
-                            row["error"] = f"too_large: over {cfg.max_bytes} bytes"
-                            return row
-                        chunks.append(chunk)
-                    data = b"".join(chunks)
-                    mime = (row["content_type"] or "").split(";")[0].strip().lower()
-                    if not data:
-                        row["error"] = "empty_body"
-                        return row
-                    if not mime.startswith("image/") and sniff_image_type(data) is None:
-                        row["error"] = f"not_an_image: content type {mime!r}"
-                        return row
-                    row.update(status="success", error=None, bytes=len(data),
-                               sha256=hashlib.sha256(data).hexdigest(), data=data)
-                    return row
-        except httpx.TooManyRedirects as exc:
-            row.update(error=f"too_many_redirects: {exc}", http_code=None)
-            return row
+            retry, wait = _attempt(client, gate, url, cfg, row)
         except httpx.TransportError as exc:  # connection errors, timeouts, truncated bodies
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            retryable = True
-        except httpx.HTTPError as exc:
+            retry, wait = True, None
+        except httpx.HTTPError as exc:  # an invalid URL or redirect target
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            return row
-        finally:
-            gate.release(host)
-        if not retryable or attempt > cfg.retries:
+            retry, wait = False, None
+        if not retry or attempt > cfg.retries:
             return row
         delay = cfg.backoff * 2 ** (attempt - 1) if wait is None else wait
         time.sleep(min(delay, cfg.max_backoff))
     return row
+
+
+def _attempt(client, gate: HostGate, url: str, cfg: FetchConfig, row: dict) -> tuple[bool, float | None]:
+    """One try, redirects included: fill ``row``; return whether to retry and the server's Retry-After."""
+    current = url
+    for _hop in range(cfg.max_redirects + 1):
+        host = urlsplit(current).netloc.lower()
+        gate.acquire(host)
+        try:
+            with client.stream("GET", current) as response:
+                code = response.status_code
+                row.update(http_code=code, final_url=str(response.url), error=None,
+                           content_type=response.headers.get("content-type"))
+                if response.is_redirect:
+                    target = urljoin(str(response.url), response.headers["location"])
+                    if not target.lower().startswith(("http://", "https://")):
+                        row["error"] = f"bad_redirect: {target[:200]}"
+                        return False, None
+                    current = target
+                    continue
+                if code == 429 or code >= 500:
+                    row["error"] = f"HTTP {code}"
+                    return True, retry_after_seconds(response.headers.get("retry-after"))
+                if code != 200:
+                    row["error"] = f"HTTP {code}"
+                    return False, None
+                directive = opt_out_directive(response.headers.get_list("x-robots-tag"), cfg.disallowed_directives)
+                if directive:
+                    row.update(status="opt_out", error=f"X-Robots-Tag: {directive}")
+                    return False, None
+                chunks, size = [], 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > cfg.max_bytes:
+                        row["error"] = f"too_large: over {cfg.max_bytes} bytes"
+                        return False, None
+                    chunks.append(chunk)
+        finally:
+            gate.release(host)
+        data = b"".join(chunks)
+        mime = (row["content_type"] or "").split(";")[0].strip().lower()
+        if not data:
+            row["error"] = "empty_body"
+        elif not mime.startswith("image/") and sniff_image_type(data) is None:
+            row["error"] = f"not_an_image: content type {mime!r}"
+        else:
+            row.update(status="success", bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), data=data)
+        return False, None
+    row.update(error=f"too_many_redirects: more than {cfg.max_redirects}", http_code=None)
+    return False, None
 
 
 def read_status(output: Path) -> pa.Table:
@@ -250,7 +260,7 @@ def _fetch_locked(urls: pa.Table, output: Path, retry_failed: bool, cfg: FetchCo
     status_path = output / f"fetch-{run:05d}.status.parquet"
     gate = HostGate(cfg.per_host, cfg.min_delay)
     limits = httpx.Limits(max_connections=cfg.workers * 2, max_keepalive_connections=cfg.workers)
-    with httpx.Client(follow_redirects=True, max_redirects=cfg.max_redirects, timeout=cfg.timeout,
+    with httpx.Client(follow_redirects=False, timeout=cfg.timeout,
                       headers={"User-Agent": cfg.user_agent}, limits=limits) as client, \
             ThreadPoolExecutor(max_workers=cfg.workers) as pool, TarShardWriter(shard) as writer:
         futures = {pool.submit(fetch_one, client, gate, row["url"], cfg): row for row in todo}
