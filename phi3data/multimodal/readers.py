@@ -120,6 +120,9 @@ def _llava_items(path: Path, image_root: Path, source: str) -> Iterator[dict]:
             continue
         images, missing = [], None
         for rel_path in rels:
+            if not isinstance(rel_path, str) or Path(rel_path).is_absolute() or ".." in Path(rel_path).parts:
+                missing = f"{rel_path!r}: not a relative path inside the image folder"
+                break
             try:
                 images.append((image_root / rel_path).read_bytes())
             except OSError as exc:
