@@ -273,3 +273,27 @@ def test_loss_without_grad_skips_the_gradient_work() -> None:
             torch.testing.assert_close(loss, with_grad.detach(), atol=1e-6, rtol=1e-6)
     # the chunked loss did no more matrix work than plain logits + cross-entropy (the gradient path: 3x the head)
     assert counters[True] == counters[False]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_loss_gradients_equal_plain_cross_entropy(tied: bool) -> None:
+    """The chunked lm_head + loss (its gradients computed in the forward pass, in place) gives the same loss and
+    the same gradient for every parameter as logits + cross-entropy through autograd: several chunks, the last
+    one partial, ignored targets, a muP logit scale."""
+    torch.manual_seed(0)
+    model = Phi3(small_config(num_attention_heads=4, mup_width_multiplier=2.0, tie_word_embeddings=tied))
+    model.loss_chunk = 7
+    idx = torch.randint(0, 512, (2, 20))
+    targets = idx.roll(-1, dims=1)
+    targets[0, :5] = -100
+    grads, losses = {}, {}
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.fused_loss = fused
+        _, loss = model(idx, targets)
+        loss.backward()
+        losses[fused] = loss.detach()
+        grads[fused] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(losses[True], losses[False], atol=1e-6, rtol=1e-6)
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -198,14 +198,28 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for i in range(0, n, chunk):
             xc, tc = x[i : i + chunk], targets[i : i + chunk]
-            logits, chunk_loss, ok, safe_t = _chunk_loss(xc, w, tc, scale, ignore_index)
-            loss += chunk_loss
-            g = torch.softmax(logits, dim=-1)
-            g[torch.arange(len(tc), device=x.device), safe_t] -= 1.0
-            g *= (ok.float() * scale / valid)[:, None]
+            rows = torch.arange(len(tc), device=x.device)
+            ok = tc != ignore_index
+            safe_t = torch.where(ok, tc, 0)
+            # one fp32 buffer, updated in place: logits - max, then exp, then the softmax's gradient (fewer passes
+            # over the largest activation than logsumexp + softmax + scaling as separate ops)
+            g = (xc @ w.t()).float()
+            if scale != 1.0:
+                g.mul_(scale)
+            g.sub_(g.amax(dim=-1, keepdim=True))
+            target_logit = g[rows, safe_t]
+            g.exp_()
+            total = g.sum(dim=-1)
+            loss += ((total.log() - target_logit) * ok).sum()
+            weight = ok.float() * scale / valid
+            g.mul_((weight / total)[:, None])
+            g[rows, safe_t] -= weight
             g = g.to(x.dtype)
-            grad_x[i : i + chunk] = g @ w
-            grad_w += (g.t() @ xc).float()
+            torch.mm(g, w, out=grad_x[i : i + chunk])
+            if grad_w.dtype == xc.dtype:
+                grad_w.addmm_(g.t(), xc)
+            else:
+                grad_w += (g.t() @ xc).float()
         ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
         return loss / valid
 

@@ -346,7 +346,7 @@ class Trainer:
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             eps=cfg.eps,
-            fused=self.device.type == "cuda",
+            fused=self.device.type in ("cuda", "cpu"),
         )
         self.step = 0
         self.samples = 0
