@@ -75,6 +75,45 @@ def run_phi3data(input_dir: Path, out: Path, workers: int, extractor: str) -> tu
     return seconds, ids, summary.stats["documents_read"]
 
 
+def _read_and_extract_shard(path: str) -> int:
+    """The floor's work for one shard: FastWARC's reader and resiliparse's extraction (phi3data's settings)."""
+    from fastwarc.warc import ArchiveIterator, WarcRecordType
+    from resiliparse.extract.html2text import extract_plain_text
+    from resiliparse.parse.encoding import bytes_to_str, detect_encoding
+
+    pages = 0
+    with open(path, "rb") as handle:
+        for record in ArchiveIterator(handle, record_types=WarcRecordType.response, parse_http=True):
+            html = record.reader.read()
+            extract_plain_text(bytes_to_str(html, detect_encoding(html)), main_content=True, alt_texts=False,
+                               links=False, form_fields=False, noscript=False, comments=False, list_bullets=True)
+            pages += 1
+    return pages
+
+
+def read_extract_floor(shards: list[Path], workers: int) -> tuple[float, int]:
+    """Reading and extracting the same pages on the same number of processes, nothing else: the floor any
+    curation pipeline over these shards stands on (process start included, as for the end-to-end runs)."""
+    import multiprocessing as mp
+
+    started = time.perf_counter()
+    with mp.get_context("spawn").Pool(workers) as pool:
+        pages = sum(pool.map(_read_and_extract_shard, [str(s) for s in shards], chunksize=1))
+    return time.perf_counter() - started, pages
+
+
+def run_phi3data_cli(input_dir: Path, out: Path, workers: int) -> float:
+    """``phi3data run pipelines/web_quality.toml`` as a user runs it: a fresh process, no HTML report."""
+    import subprocess
+    import sys
+
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "phi3data.cli", "run", str(ROOT / "pipelines" / "web_quality.toml"),
+                    "--input", str(input_dir), "--output", str(out), "--workers", str(workers), "--no-progress",
+                    "--no-report"], check=True, capture_output=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
 def extract_all(input_dir: Path, out: Path, workers: int) -> list[tuple[str, str]]:
     """Every page's trafilatura text, via phi3data (no filters)."""
     import pyarrow.parquet as pq
@@ -151,6 +190,8 @@ def main() -> None:
     for shard in shards:
         (input_dir / shard.name).symlink_to(shard.resolve())
     try:
+        floor_seconds, floor_pages = read_extract_floor(shards, args.workers)
+        cli_seconds = run_phi3data_cli(input_dir, work / "cli", args.workers)
         dt_seconds, dt_ids = run_datatrove(input_dir, work / "datatrove", args.workers, len(shards))
         p3_seconds, p3_ids, pages = run_phi3data(input_dir, work / "phi3data", args.workers, "resiliparse")
         rows = extract_all(input_dir, work / "extracted", args.workers)
@@ -169,6 +210,10 @@ def main() -> None:
     for name, seconds in [("datatrove (trafilatura)", dt_seconds), ("phi3data (resiliparse)", p3_seconds)]:
         print(f"{name:28} {seconds:8.1f} {pages / seconds:8.1f} {dt_seconds / seconds:12.2f}x")
     print(f"kept ids, end to end: {overlap(p3_ids, dt_ids)}")
+    print(f"\nfloor: reading + resiliparse extraction alone, {args.workers} processes: {floor_seconds:.1f} s "
+          f"({floor_pages} pages); `phi3data run pipelines/web_quality.toml` (+ language ID, fresh process): "
+          f"{cli_seconds:.1f} s = {floor_seconds / cli_seconds:.2f}x of the floor; the recipe above (no language "
+          f"ID, in process): {floor_seconds / p3_seconds:.2f}x")
 
     n = len(rows)
     print(f"\n{'filters only, same texts':28} {'seconds':>8} {'docs/s':>8} {'vs datatrove':>13}")

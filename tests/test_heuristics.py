@@ -1,0 +1,62 @@
+"""Gopher's n-gram repetition rules: the vectorised implementation equals the rules as written (n-grams as tuples
+of words, a walk that skips past each repeat) on real web text, textbook sections and planted repetitions."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from phi3data.pipelines.stages.heuristics import _dup_ngram_chars, _top_ngram_chars, _Words, split_words
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WEB = SHARED / "web" / "jsonl"
+TEXTBOOKS = SHARED / "textbooks" / "openstax.jsonl.gz"
+
+
+def top_ngram_chars_as_written(words: list[str], n: int) -> int:
+    if len(words) < n:
+        return 0
+    gram, count = Counter(zip(*(words[i:] for i in range(n)))).most_common(1)[0]
+    return (sum(len(w) for w in gram) + n - 1) * count
+
+
+def dup_ngram_chars_as_written(words: list[str], n: int) -> int:
+    seen: set[tuple[str, ...]] = set()
+    repeated, i = 0, 0
+    while i < len(words) - n + 1:
+        gram = tuple(words[i:i + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated
+
+
+def texts() -> list[str]:
+    files = sorted(WEB.glob("*")) + [TEXTBOOKS]
+    if not files:
+        pytest.fail(f"missing test data: {WEB}")
+    out = []
+    for path in files:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
+            out += [json.loads(line)["text"] for line, _ in zip(f, range(100))]
+    assert len(out) > 100
+    planted = ["a b c d e " * 50, "x y " * 200 + "z", "the cat sat on the mat . " * 30 + "end of story here now",
+               "one two three four five six " * 3 + "one two three four five seven " * 4, "", "solo"]
+    return out + planted
+
+
+def test_ngram_rules_equal_the_rules_as_written() -> None:
+    for text in texts():
+        words = split_words(text)
+        ids = _Words(words)
+        for n in (2, 3, 4):
+            assert _top_ngram_chars(ids, n) == top_ngram_chars_as_written(words, n), (n, text[:80])
+        for n in range(5, 11):
+            assert _dup_ngram_chars(ids, n) == dup_ngram_chars_as_written(words, n), (n, text[:80])
