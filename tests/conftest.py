@@ -39,6 +39,22 @@ def require_shared(path: Path) -> Path:
     return path
 
 
+def shipped_plan(name: str, folder: Path, replacements: list[tuple[str, str]]) -> Path:
+    """A copy of ``generators/NAME`` in ``folder`` with each (old, new) text replaced (each old must occur), its
+    templates linked and its ``root`` made absolute: a shrunk plan for a test, never written into the repository."""
+    text = (ROOT / "generators" / name).read_text()
+    for old, new in replacements:
+        assert old in text, f"{name} no longer contains {old!r}"
+        text = text.replace(old, new)
+    text = text.replace('root = ".."', f'root = "{ROOT}"')
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "templates").exists():
+        (folder / "templates").symlink_to(ROOT / "generators" / "templates")
+    plan = folder / name
+    plan.write_text(text)
+    return plan
+
+
 def read_output(out_dir: Path) -> list[tuple[str, str]]:
     """All (id, text) pairs of a run's data shards, sorted."""
     rows = []

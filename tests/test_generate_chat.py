@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from conftest import MODEL, ROOT
+from conftest import MODEL, shipped_plan
 from typer.testing import CliRunner
 
 from phi3data.cli import app
@@ -17,14 +17,11 @@ from phi3data.generators.ledger import ledger_lines
 
 def _small_chat_plan(tmp_path: Path) -> Path:
     """The shipped chat plan, cut to 2 conversations of 2 turns with short replies."""
-    text = (ROOT / "generators" / "chat.toml").read_text()
-    text = text.replace('topics = ["photosynthesis", "compound interest", "the French Revolution", "Python lists", '
-                        '"healthy sleep"]', 'topics = ["photosynthesis", "compound interest"]')
-    text = text.replace('audiences = ["student", "professional"]', 'audiences = ["student"]')
-    text = text.replace("quota = 2 ", "quota = 1 ").replace("max_tokens = 160", "max_tokens = 40")
-    plan = ROOT / "generators" / f"_test_chat_{tmp_path.name}.toml"
-    plan.write_text(text)
-    return plan
+    return shipped_plan("chat.toml", tmp_path / "plans", [
+        ('topics = ["photosynthesis", "compound interest", "the French Revolution", "Python lists", '
+         '"healthy sleep"]', 'topics = ["photosynthesis", "compound interest"]'),
+        ('audiences = ["student", "professional"]', 'audiences = ["student"]'),
+        ("quota = 2 ", "quota = 1 "), ("max_tokens = 160", "max_tokens = 40")])
 
 
 def _all_ledger_lines(out: Path) -> int:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import MODEL, ROOT
+from conftest import MODEL, ROOT, shipped_plan
 from typer.testing import CliRunner
 
 from phi3data.cli import app
@@ -53,13 +53,11 @@ def test_verdicts_are_read_and_mapped_back_through_the_swap(tmp_path):
 
 
 def test_judge_plan_runs_against_the_real_server_and_resumes(llama_server, tmp_path):
-    text = (ROOT / "generators" / "preferences.toml").read_text()
-    text = text.replace('topics = ["why the sky is blue", "how vaccines work", "what inflation is", '
-                        '"how a bill becomes law"]', 'topics = ["why the sky is blue", "how vaccines work"]')
-    text = text.replace('audiences = ["child", "adult"]', 'audiences = ["child"]').replace("quota = 2 ", "quota = 1 ")
-    text = text.replace("max_tokens = 120", "max_tokens = 40").replace("max_tokens = 160", "max_tokens = 48")
-    plan = ROOT / "generators" / f"_test_judge_{tmp_path.name}.toml"
-    plan.write_text(text)
+    plan = shipped_plan("preferences.toml", tmp_path / "plans", [
+        ('topics = ["why the sky is blue", "how vaccines work", "what inflation is", "how a bill becomes law"]',
+         'topics = ["why the sky is blue", "how vaccines work"]'),
+        ('audiences = ["child", "adult"]', 'audiences = ["child"]'), ("quota = 2 ", "quota = 1 "),
+        ("max_tokens = 120", "max_tokens = 40"), ("max_tokens = 160", "max_tokens = 48")])
     try:
         out = tmp_path / "prefs"
         args = ["generate", str(plan), "--output", str(out), "--base-url", llama_server, "--model", MODEL,

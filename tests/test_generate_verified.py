@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import MODEL, ROOT
+from conftest import MODEL, ROOT, shipped_plan
 from typer.testing import CliRunner
 
 from phi3data.cli import app
@@ -142,11 +142,8 @@ def test_generated_code_never_runs_without_opting_in(tmp_path, llama_server):
 
 
 def test_math_plan_runs_end_to_end_and_a_rerun_repeats_nothing(llama_server, tmp_path):
-    text = (ROOT / "generators" / "math_programs.toml").read_text()
-    text = text.replace("limit = 200", "limit = 2").replace("quota = 8", "quota = 1")
-    text = text.replace("max_tokens = 256", "max_tokens = 96")
-    plan = ROOT / "generators" / f"_test_math_{tmp_path.name}.toml"
-    plan.write_text(text)
+    plan = shipped_plan("math_programs.toml", tmp_path / "plans", [
+        ("limit = 200", "limit = 2"), ("quota = 8", "quota = 1"), ("max_tokens = 256", "max_tokens = 96")])
     try:
         out = tmp_path / "math"
         args = ["generate", str(plan), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
@@ -225,13 +222,11 @@ def test_verification_killed_midway_resumes_without_repeating_or_losing_a_run(tm
 
 
 def test_code_exercise_plan_runs_end_to_end_against_the_real_server(llama_server, tmp_path):
-    text = (ROOT / "generators" / "code_exercises.toml").read_text()
-    text = text.replace('topics = ["string manipulation", "list processing", "arithmetic", "dictionaries", "sorting", '
-                        '"recursion"]', 'topics = ["arithmetic", "string manipulation"]')
-    text = text.replace('audiences = ["beginners", "students"]', 'audiences = ["beginners"]')
-    text = text.replace("quota = 4 ", "quota = 1 ").replace("max_tokens = 320", "max_tokens = 160")
-    plan = ROOT / "generators" / f"_test_code_{tmp_path.name}.toml"
-    plan.write_text(text)
+    plan = shipped_plan("code_exercises.toml", tmp_path / "plans", [
+        ('topics = ["string manipulation", "list processing", "arithmetic", "dictionaries", "sorting", "recursion"]',
+         'topics = ["arithmetic", "string manipulation"]'),
+        ('audiences = ["beginners", "students"]', 'audiences = ["beginners"]'), ("quota = 4 ", "quota = 1 "),
+        ("max_tokens = 320", "max_tokens = 160")])
     try:
         out = tmp_path / "code"
         args = ["generate", str(plan), "--output", str(out), "--base-url", llama_server, "--model", MODEL,
