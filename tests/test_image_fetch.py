@@ -109,7 +109,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif path == "/slow.jpg":
-            time.sleep(5)
+            time.sleep(2.5)  # past every client timeout in these tests (1 s and 2 s)
             self.send_image(ROCKET, "image/jpeg")
         elif path == "/truncated.jpg":
             self.send_image(ROCKET[: len(ROCKET) // 2], "image/jpeg", length=len(ROCKET))

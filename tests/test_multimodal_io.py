@@ -195,11 +195,9 @@ def test_webdataset_with_img2dataset_status(tmp_path):
 
 
 def test_warc_images(tmp_path):
-    warcio = pytest.importorskip("warcio")
     from warcio.statusandheaders import StatusAndHeaders
     from warcio.warcwriter import WARCWriter
 
-    assert warcio
     path = tmp_path / "images.warc.gz"
     with open(path, "wb") as handle:
         writer = WARCWriter(handle, gzip=True)

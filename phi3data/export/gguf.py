@@ -26,9 +26,6 @@ in the output's directory and renamed into place, so OUTPUT is either the whole 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,7 +189,8 @@ def export_gguf(
     when llama.cpp cannot represent the model; writes atomically (never a partial file under ``output``).
     """
     from phi3data.export.quantize import quantize_gguf, require_quantiser
-    from phi3data.model.hf import load_hf, resolve_weights
+    from phi3data.io.writers import commit, tmp_path_for
+    from phi3data.model.hf import load_config, load_hf, resolve_weights
 
     if quant not in QUANTS:
         raise ExportRefused(f"unknown quantisation {quant!r}: choose one of {', '.join(QUANTS)}")
@@ -206,30 +204,20 @@ def export_gguf(
     ckpt = resolve_weights(checkpoint_dir)
     vocab = read_vocab(tokenizer)
     vocab_size = len(vocab["tokenizer.ggml.tokens"][0])
-    config_file = ckpt / "phi3data_config.json"
-    if config_file.exists():  # check the config before loading the weights (a phi-3-small model may be large)
-        from phi3data.model.model import Phi3Config
-
-        check_exportable(Phi3Config.from_checkpoint_dict(json.loads(config_file.read_text())), vocab_size)
+    check_exportable(load_config(ckpt), vocab_size)  # before loading the weights (a phi-3-small model may be large)
     model = load_hf(ckpt)
-    check_exportable(model.cfg, vocab_size)
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = tmp_path_for(output)  # temp names the runner's stale-file cleanup knows
     f16_tmp: Path | None = None
     try:
         if quant == "f16":
             n = write_f16(model, tmp, vocab, name)
         else:
-            fd, f16_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".f16.tmp", dir=output.parent)
-            os.close(fd)
-            f16_tmp = Path(f16_name)
+            f16_tmp = tmp_path_for(output.with_name(output.name + ".f16"))
             n = write_f16(model, f16_tmp, vocab, name)
             del model
             quantize_gguf(f16_tmp, tmp, quant, threads)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
+        commit(tmp, output)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -74,12 +74,18 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_json_atomic(path: Path, obj, default=str) -> None:
-    """Write JSON to ``path`` atomically; ``default`` converts values json cannot (numpy floats: pass float)."""
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Write text to ``path`` atomically (readers see all of it or the previous version)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path_for(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=default), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     commit(tmp, path)
+    return path
+
+
+def write_json_atomic(path: Path, obj, default=str) -> None:
+    """Write JSON to ``path`` atomically; ``default`` converts values json cannot (numpy floats: pass float)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=default))
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

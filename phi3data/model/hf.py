@@ -120,7 +120,8 @@ def save_native(model: Phi3, path: str | Path) -> Path:
     return path
 
 
-def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of every ``model*.safetensors`` in a checkpoint directory (never pickles)."""
     files = sorted(path.glob("model*.safetensors"))  # not rng.safetensors beside it in a training checkpoint
     if not files:
         raise FileNotFoundError(f"no model*.safetensors file in {path} (pickled .bin checkpoints are not loaded)")
@@ -167,7 +168,7 @@ def load_hf(path: str | Path, **overrides: Any) -> Phi3:
     for k, v in overrides.items():
         setattr(cfg, k, v)
     model = Phi3(cfg)
-    sd = _load_weights(path)
+    sd = read_weights(path)
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -177,7 +177,7 @@ def _cauldron_items(path: Path, source: str) -> Iterator[dict]:
             yield reject(source, "placeholder_mismatch", "the texts hold image placeholders of their own",
                          offset=row, doc_id=rec_id)
             continue
-        meta = {"image_paths": [(img or {}).get("path") for img in obj["images"]], "text_sources": origins}
+        meta = {"image_paths": [(img or {}).get("path") for img in obj.get("images") or []], "text_sources": origins}
         yield {"id": rec_id, "messages": messages, "images": images, "url": None, "source": source,
                "metadata": meta}
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterable
 from pathlib import Path
 
 import pyarrow as pa
@@ -134,7 +133,3 @@ def write_cauldron(table: pa.Table, path: Path) -> Path:
         tmp.unlink(missing_ok=True)
     return path
 
-
-def write_batches(tables: Iterable[pa.Table], path: Path) -> Path:
-    """Concatenate record tables of one kind and write them as parquet, atomically."""
-    return write_parquet(pa.concat_tables(list(tables)), path)

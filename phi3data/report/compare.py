@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from phi3data.report import svg
 from phi3data.report.curation import SCORE_BINS, _DataScan, _files, thresholds
 from phi3data.report.detect import ReportError, detect_kind
+from phi3data.report.rows import read_json
 
 
 def build(directories: list[Path]) -> dict:
@@ -15,8 +15,8 @@ def build(directories: list[Path]) -> dict:
     for directory in directories:
         if detect_kind(directory) != "curation":
             raise ReportError(f"{directory} is not a curation run: --compare puts `phi3data run` outputs side by side")
-        manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        stats = json.loads((directory / "stats.json").read_text(encoding="utf-8"))
+        manifest = read_json(directory / "manifest.json")
+        stats = read_json(directory / "stats.json")
         scan = _DataScan(_files(directory, manifest, "data", "data"))
         bars = [("read", stats["documents_read"])] + [(s["name"], s["out"]) for s in stats["stages"]]
         runs.append({"directory": str(directory), "label": f"{manifest.get('pipeline')} ({directory.name})",

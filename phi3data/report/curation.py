@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from phi3data.report import svg
-from phi3data.report.rows import columns_of, domain, iter_rows
+from phi3data.report.rows import columns_of, domain, iter_rows, read_json
 from phi3data.report.sample import Reservoir, excerpt, smallest
 
 EXAMPLES_PER_REASON = 3
@@ -21,9 +21,6 @@ TOP_DOMAINS = 20
 SCORE_BINS = 40
 THRESHOLD_STAGES = ("edu_threshold", "knowledge_threshold")
 
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _files(directory: Path, manifest: dict, key: str, folder: str) -> list[Path]:
@@ -120,7 +117,7 @@ def _input_files(input_path: Path | None) -> list[Path]:
 
 def build(directory: Path, input_path: Path | None = None) -> dict:
     """Everything the curation template shows, computed from the run's files (and its input, if given)."""
-    manifest, stats = _json(directory / "manifest.json"), _json(directory / "stats.json")
+    manifest, stats = read_json(directory / "manifest.json"), read_json(directory / "stats.json")
     data_paths = _files(directory, manifest, "data", "data")
     scan = _DataScan(data_paths)
     cuts = thresholds(manifest, stats)
@@ -290,7 +287,7 @@ def _contamination(directory: Path, manifest: dict, findings: list[dict], data_p
                    inputs: list[Path]) -> dict | None:
     """Contamination: the report of each decontaminate stage and sampled hits: the benchmark item beside the
     document that reproduces it."""
-    reports = {p.stem: _json(p) for p in sorted((directory / "reports").glob("*.json"))}
+    reports = {p.stem: read_json(p) for p in sorted((directory / "reports").glob("*.json"))}
     reports = {k: v for k, v in reports.items() if "benchmarks" in v and "totals" in v}
     hits = [f for f in findings if f["kind"] == "benchmark_match"]
     if not reports and not hits:

@@ -8,16 +8,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from phi3data.report import svg
-from phi3data.report.rows import iter_rows
+from phi3data.report.rows import iter_rows, read_json
 from phi3data.report.sample import Reservoir, excerpt, smallest
 
 SAMPLE_CELLS = 12
 FAILURE_EXAMPLES = 3
 AXES = ("topic", "audience", "style")
 
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def cell_label(cell: dict, keys: tuple[str, ...]) -> str:
@@ -50,8 +47,8 @@ def heat(cells: list[dict], counts: dict[str, int]) -> tuple:
 
 
 def build(directory: Path) -> dict:
-    manifest = _json(directory / "manifest.json") or {}
-    coverage = _json(directory / "coverage.json") or {"cells": [], "totals": {}}
+    manifest = read_json(directory / "manifest.json") or {}
+    coverage = read_json(directory / "coverage.json") or {"cells": [], "totals": {}}
     cells = [c["cell"] for c in coverage["cells"]]
     data_paths = sorted((directory / "data").glob("*.parquet"))
     kept: Counter = Counter()
@@ -94,7 +91,7 @@ def build(directory: Path) -> dict:
                                                       FAILURE_EXAMPLES)]}
                       for reason, count in by_class.most_common()]
 
-    verification = _json(directory / "verification.json")
+    verification = read_json(directory / "verification.json")
     verified_heat = None
     rejected_examples: dict[str, list[dict]] = defaultdict(list)
     if verification is not None:

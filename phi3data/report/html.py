@@ -10,6 +10,7 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from phi3data import __version__
+from phi3data.io.writers import write_text_atomic
 from phi3data.report.detect import ReportError, detect_kind
 
 REPORT_NAME = "report.html"
@@ -32,16 +33,6 @@ def png_data_uri(path: Path) -> str:
 def render(template: str, context: dict) -> str:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     return environment().get_template(template).render(version=__version__, generated=stamp, **context)
-
-
-def _write(path: Path, text: str) -> Path:
-    from phi3data.io.writers import commit, tmp_path_for
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    tmp.write_text(text, encoding="utf-8")
-    commit(tmp, path)
-    return path
 
 
 def build_context(directory: Path, input_path: Path | None = None) -> dict:
@@ -67,7 +58,7 @@ def write_report(directory: Path, *, output: Path | None = None, input_path: Pat
     """Write the report of ``directory`` (default ``directory/report.html``) and return its path."""
     directory = Path(directory)
     context = build_context(directory, input_path)
-    return _write(Path(output) if output else directory / REPORT_NAME,
+    return write_text_atomic(Path(output) if output else directory / REPORT_NAME,
                   render(f"{context['kind']}.html.j2", context))
 
 
@@ -80,4 +71,4 @@ def write_compare(directories: list[Path], *, output: Path | None = None) -> Pat
         raise ReportError("--compare needs at least two directories")
     context = compare.build(directories)
     target = Path(output) if output else directories[0].resolve().parent / COMPARE_NAME
-    return _write(target, render("compare.html.j2", context))
+    return write_text_atomic(target, render("compare.html.j2", context))

@@ -3,11 +3,11 @@ verdict, and every run's numbers."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from phi3data.report.html import png_data_uri
+from phi3data.report.rows import read_json
 
 RUN_COLUMNS = ("recipe", "size", "seed", "params", "tokens", "epochs", "train_seconds")
 
@@ -33,11 +33,11 @@ def _mean_error(result: dict) -> float | None:
 
 
 def build(directory: Path) -> dict:
-    plan = json.loads((directory / "plan.json").read_text(encoding="utf-8"))
+    plan = read_json(directory / "plan.json")
     fits_path = directory / "fits.json"
-    fits = json.loads(fits_path.read_text(encoding="utf-8")) if fits_path.is_file() else {}
+    fits = read_json(fits_path, {})
     report_md = (directory / "report.md").read_text(encoding="utf-8") if (directory / "report.md").is_file() else ""
-    results = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((directory / "runs").rglob("result.json"))]
+    results = [read_json(p) for p in sorted((directory / "runs").rglob("result.json"))]
     runs = []
     for r in sorted(results, key=lambda r: (r.get("recipe", ""), r.get("params", 0), r.get("seed", 0))):
         runs.append({**{k: r.get(k) for k in RUN_COLUMNS}, "run": r.get("run"),

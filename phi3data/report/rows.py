@@ -12,6 +12,13 @@ import pyarrow.parquet as pq
 BATCH_ROWS = 2048
 
 
+def read_json(path: Path, default=None):
+    """A JSON file's value; ``default`` when the file is absent."""
+    if not path.is_file():
+        return default
+    return orjson.loads(path.read_bytes())
+
+
 def columns_of(path: Path) -> list[str]:
     if path.suffix == ".parquet":
         return pq.read_schema(path).names

@@ -3,7 +3,6 @@ document lengths, mixture proportions and repetition."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -12,46 +11,31 @@ import numpy as np
 import xxhash
 
 from phi3data.report import svg
+from phi3data.report.rows import read_json
+from phi3data.tokenization.shards import open_shards
 
 HASH_DOCS = 200_000
 """Documents hashed per directory to count repeats (identical token sequences); more are left out and said so."""
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
-
 
 def token_dirs(directory: Path) -> list[Path]:
     """The directory itself when it holds shards, else each sub-directory that does (mix phases, several sources)."""
     manifest = directory / "manifest.json"
-    if manifest.is_file() and _json(manifest).get("format") == "phi3data-tokens":
+    if manifest.is_file() and read_json(manifest).get("format") == "phi3data-tokens":
         return [directory]
     return [sub for sub in sorted(directory.iterdir())
-            if (sub / "manifest.json").is_file() and _json(sub / "manifest.json").get("format") == "phi3data-tokens"]
-
-
-def _shards(directory: Path) -> list[tuple[Path, dict]]:
-    found = []
-    for meta in sorted(directory.glob("*.json")):
-        if meta.name == "manifest.json":
-            continue
-        info = _json(meta)
-        if info.get("format") == "phi3data-tokens" and meta.with_suffix(".offsets").is_file():
-            found.append((meta.with_suffix(""), info))
-    return found
+            if read_json(sub / "manifest.json", {}).get("format") == "phi3data-tokens"]
 
 
 def _lengths_and_repeats(directory: Path) -> tuple[np.ndarray, int, int, int]:
     """Document lengths in tokens over every shard; documents hashed, repeated documents, repeated tokens."""
     lengths, seen, hashed, repeated_docs, repeated_tokens = [], set(), 0, 0, 0
-    for stem, info in _shards(directory):
-        ends = np.fromfile(stem.with_suffix(".offsets"), dtype="<u8").astype(np.int64)
-        starts = np.concatenate([[0], ends[:-1]])
+    for shard in open_shards(directory):
+        ends, starts, tokens = np.asarray(shard.ends, dtype=np.int64), shard.starts, shard.tokens
         lengths.append(ends - starts)
         if hashed >= HASH_DOCS or not len(ends):
             continue
-        tokens = np.memmap(stem.with_suffix(".bin"), dtype=np.dtype(info.get("dtype", "uint16")).newbyteorder("<"),
-                           mode="r")
         for start, end in zip(starts[:HASH_DOCS - hashed], ends[:HASH_DOCS - hashed]):
             digest = xxhash.xxh3_64_intdigest(tokens[start:end].tobytes())
             if digest in seen:
@@ -67,7 +51,7 @@ def build(directory: Path) -> dict:
     per_source: Counter = Counter()
     all_lengths = []
     for sub in token_dirs(directory):
-        manifest = _json(sub / "manifest.json")
+        manifest = read_json(sub / "manifest.json")
         lengths, hashed, repeated_docs, repeated_tokens = _lengths_and_repeats(sub)
         all_lengths.append(lengths)
         if "mix" in manifest:  # a mix phase: its report rows

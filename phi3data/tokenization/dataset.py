@@ -103,6 +103,26 @@ def _document_windows(ends: np.ndarray, capacity: int) -> tuple[np.ndarray, np.n
     return np.asarray(starts, dtype=np.int64), np.asarray(stops, dtype=np.int64), dropped
 
 
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of an epoch's ``n`` samples, drawn from ``(seed, epoch)`` alone (so a resumed run redraws it)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def hold_out(data, n_val: int, what: str, narrow) -> tuple:
+    """Two shallow copies of a dataset: all but its last ``n_val`` items, and those; ``narrow(copy, slice)`` cuts
+    a copy's item index down to the slice. Each copy draws its own epoch orders."""
+    if not 0 < n_val < len(data):
+        raise ValueError(f"cannot hold out {n_val} of {len(data)} {what} for validation")
+    parts = []
+    for sl in (slice(0, len(data) - n_val), slice(len(data) - n_val, None)):
+        part = object.__new__(type(data))
+        part.__dict__.update(data.__dict__)
+        narrow(part, sl)
+        part._order_epoch, part._order = -1, np.arange(0)
+        parts.append(part)
+    return parts[0], parts[1]
+
+
 class PackedDataset:
     """Windows of ``seq_len + 1`` tokens over memory-mapped token files, with the loss mask when there is one."""
 
@@ -189,21 +209,25 @@ class PackedDataset:
         return len(self.offsets)
 
     # ---- windows --------------------------------------------------------------------------------------------
-    def window(self, i: int) -> np.ndarray:
-        """The tokens (int64, ``seq_len + 1``) of window ``i`` in file order (zero-padded when packing documents)."""
-        out = np.zeros(self.seq_len + 1, dtype=np.int64)
-        span = self.arrays[self.file_ids[i]][self.offsets[i] : self.stops[i]]
+    def _span(self, arrays: list[np.ndarray], i: int, dtype) -> np.ndarray:
+        """Window ``i``'s positions of one of the per-file arrays, zero-padded to ``seq_len + 1`` (only packed
+        documents ever need the padding)."""
+        span = arrays[self.file_ids[i]][self.offsets[i] : self.stops[i]]
+        if len(span) == self.seq_len + 1:
+            return np.asarray(span, dtype=dtype)
+        out = np.zeros(self.seq_len + 1, dtype=dtype)
         out[: len(span)] = span
         return out
+
+    def window(self, i: int) -> np.ndarray:
+        """The tokens (int64, ``seq_len + 1``) of window ``i`` in file order (zero-padded when packing documents)."""
+        return self._span(self.arrays, i, np.int64)
 
     def window_mask(self, i: int) -> np.ndarray:
         """The loss mask (uint8, 1 = train on the token) of window ``i``; only when the files have one."""
         if self.masks is None:
             raise ValueError("these token files have no loss mask")
-        out = np.zeros(self.seq_len + 1, dtype=np.uint8)
-        span = self.masks[self.file_ids[i]][self.offsets[i] : self.stops[i]]
-        out[: len(span)] = span
-        return out
+        return self._span(self.masks, i, np.uint8)
 
     def window_documents(self, i: int) -> np.ndarray:
         """Packed documents: the document number (0, 1, ...) of each of window ``i``'s ``seq_len + 1`` positions;
@@ -228,7 +252,7 @@ class PackedDataset:
         """The sample order of an epoch: a permutation drawn from ``(seed, epoch)`` (file order unshuffled)."""
         if epoch != self._order_epoch:
             n = len(self)
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+            self._order = epoch_permutation(self.seed, epoch, n) if self.shuffle else np.arange(n)
             self._order_epoch = epoch
         return self._order
 
@@ -269,16 +293,11 @@ class PackedDataset:
 
     def split(self, n_val: int) -> tuple[PackedDataset, PackedDataset]:
         """Hold out the last ``n_val`` windows (file order) for validation; the rest is for training."""
-        if not 0 < n_val < len(self):
-            raise ValueError(f"cannot hold out {n_val} of {len(self)} windows for validation")
-        parts = []
-        for sl in (slice(0, len(self) - n_val), slice(len(self) - n_val, None)):
-            part = object.__new__(PackedDataset)
-            part.__dict__.update(self.__dict__)
+        def narrow(part: PackedDataset, sl: slice) -> None:
             part.file_ids, part.offsets, part.stops = self.file_ids[sl], self.offsets[sl], self.stops[sl]
-            part.samples, part._order_epoch, part._order = 0, -1, np.arange(0)
-            parts.append(part)
-        return parts[0], parts[1]
+            part.samples = 0
+
+        return hold_out(self, n_val, "windows", narrow)
 
     # ---- a resumable iterator for users ---------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -416,10 +435,10 @@ class PreferencePairs:
         return self.tokens[side][a:b].astype(np.int64), self.masks[side][a:b]
 
     def index(self, position: int) -> int:
+        """The pair number at ``position`` of the endless stream, epoch after epoch."""
         epoch, j = divmod(position, len(self))
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self))
-            self._order_epoch = epoch
+            self._order, self._order_epoch = epoch_permutation(self.seed, epoch, len(self)), epoch
         return int(self.pairs[self._order[j]])
 
     def collate(self, pairs: list[int]) -> dict[str, torch.Tensor]:
@@ -441,15 +460,10 @@ class PreferencePairs:
 
     def split(self, n_val: int) -> tuple[PreferencePairs, PreferencePairs]:
         """Hold out the last ``n_val`` usable pairs for validation."""
-        if not 0 < n_val < len(self):
-            raise ValueError(f"cannot hold out {n_val} of {len(self)} pairs for validation")
-        parts = []
-        for sl in (slice(0, len(self) - n_val), slice(len(self) - n_val, None)):
-            part = object.__new__(PreferencePairs)
-            part.__dict__.update(self.__dict__)
-            part.pairs, part._order_epoch, part._order = self.pairs[sl], -1, np.arange(0)
-            parts.append(part)
-        return parts[0], parts[1]
+        def narrow(part: PreferencePairs, sl: slice) -> None:
+            part.pairs = self.pairs[sl]
+
+        return hold_out(self, n_val, "pairs", narrow)
 
     def fixed_batches(self, n_batches: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
         """Pairs in order (no shuffle) for evaluation; ``n_batches`` 0 or fewer: all of them."""

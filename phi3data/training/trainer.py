@@ -60,7 +60,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from phi3data.config import ConfigError, check_keys, format_validation_error, read_toml
 from phi3data.io.writers import output_lock
-from phi3data.model.hf import load_config, load_hf, resolve_weights
+from phi3data.model.hf import load_config, load_hf, read_weights, resolve_weights
 from phi3data.model.model import Phi3, Phi3Config
 from phi3data.model.recipes import load_model_dict
 from phi3data.tokenization.dataset import IGNORE_INDEX, PackedDataset, Phase, PhasedDataset, PreferencePairs
@@ -454,9 +454,10 @@ class Trainer:
         return model
 
     def _load_initial_weights(self, path: Path) -> None:
-        """``init_from``: the starting weights (the config already came from there)."""
-        source = load_hf(path)
-        sd = source.state_dict()
+        """``init_from``: the starting weights (the config already came from there), read as a checkpoint's are."""
+        sd = read_weights(path)
+        if self.model_cfg.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -500,12 +501,12 @@ class Trainer:
         rows = torch.from_numpy(self.reference[data.path][batch["pairs"].numpy()]).to(self.device, torch.float32)
         return torch.cat([rows[:, 0], rows[:, 1]]), torch.cat([rows[:, 2], rows[:, 3]])
 
-    def _dpo_loss(self, batch: dict[str, torch.Tensor], data: PreferencePairs,
-                  model: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _dpo_loss(self, batch: dict[str, torch.Tensor],
+                  data: PreferencePairs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean DPO/IPO loss of a pair batch and its reward metrics (and the policy's own ranking)."""
         cfg, n = self.cfg, len(batch["pairs"])
         with self.autocast:
-            sums, counts = dpo.pair_logps(model or self.train_model, batch, self.device)
+            sums, counts = dpo.pair_logps(self.train_model, batch, self.device)
             ref_sums, ref_counts = self._reference_logps(batch, data)
         policy, ref = sums, ref_sums
         if cfg.dpo_loss == "ipo":  # IPO compares per-token means
