@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from phi3data.cli import classify, curate, export, fetch, generate, model, report, sandbox, tokens
+from phi3data.cli import classify, curate, export, fetch, generate, images, model, report, sandbox, tokens
 from phi3data.cli.errors import add_command
 
 
@@ -47,6 +47,7 @@ COMMANDS = [
     (classify_app, "evaluate", classify.evaluate),
     (app, "generate", generate.generate),
     (app, "fetch", fetch.fetch),
+    (app, "synth-images", images.synth_images),
     (app, "tokenize", tokens.tokenize),
     (app, "mix", tokens.mix),
     (model_app, "info", model.info),
