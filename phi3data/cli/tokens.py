@@ -30,6 +30,17 @@ def tokenize(
     preferences: Annotated[bool, typer.Option(help="Inputs are preference pairs (prompt, chosen, rejected): "
                                                    "writes OUTPUT/chosen and OUTPUT/rejected, masked chat shards "
                                                    "holding the same pairs in the same order")] = False,
+    images: Annotated[bool, typer.Option(help="Inputs are image-text record parquet files (pairs or "
+                                              "conversations): phi-3 chat with one image token per image and an "
+                                              "image sidecar per shard")] = False,
+    mask: Annotated[str, typer.Option(help="With --images: caption (LLaVA stage 1: the last assistant reply "
+                                           "only) | assistant (stage 2: every assistant reply)")] = "assistant",
+    image_token: Annotated[str, typer.Option(help="With --images: the special token that stands for an image")]
+    = "<|placeholder1|>",
+    caption_prompt: Annotated[str, typer.Option(help="With --images: user text after a pair's image")] = "",
+    image_tokens: Annotated[int | None, typer.Option(help="With --images: vision encoder tokens per image; "
+                                                          "--max-document-tokens then counts images expanded")]
+    = None,
     engine: Annotated[str, typer.Option(help="local | ray | spark")] = "local",
     workers: Annotated[int | None, typer.Option(help="Parallel workers (default: CPU count)")] = None,
     ray_address: Annotated[str | None, typer.Option(help="Address of a running Ray cluster")] = None,
@@ -46,6 +57,12 @@ def tokenize(
     are counted by reason in manifest.json (details in *.rejects.jsonl); lone surrogates are replaced by U+FFFD
     and counted.
     """
+    if images:
+        _tokenize_images(inputs, output, tokenizer=tokenizer, source=source, mask=mask, image_token=image_token,
+                         caption_prompt=caption_prompt, image_tokens=image_tokens, max_tokens=max_document_tokens,
+                         engine=engine, workers=workers, ray_address=ray_address, spark_master=spark_master,
+                         progress=progress, combined=chat or preferences or export_llmc is not None)
+        return
     from phi3data.tokenization.runner import TokenizeConfig
     from phi3data.tokenization.runner import tokenize as run_tokenize
     from phi3data.tokenization.shards import export_llmc as write_llmc
@@ -75,6 +92,21 @@ def tokenize(
     from phi3data.cli.report import write_and_print
 
     write_and_print(output, console.print)
+
+
+def _tokenize_images(inputs: list[Path], output: Path, *, combined: bool, **options) -> None:
+    from phi3data.tokenization.images import ImageTokenizeConfig, tokenize_images
+
+    if combined:
+        raise ValueError("--images cannot be combined with --chat, --preferences or --export-llmc")
+    run = {k: options.pop(k) for k in ("source", "engine", "workers", "ray_address", "spark_master", "progress")}
+    summary = tokenize_images(inputs, output, ImageTokenizeConfig(**options), **run)
+    m = summary.manifest
+    rejects = ", ".join(f"{k}={v}" for k, v in m["rejects"].items()) or "none"
+    skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
+    console.print(f"{m['documents']:,} records -> {m['tokens']:,} tokens and {m['images']:,} images "
+                  f"(mask {m['mask_kind']}, image token {m['image_token']}) in {summary.shards_total} shards"
+                  f"{skipped}, {summary.seconds:.1f}s; rejects: {rejects}")
 
 
 def mix(
