@@ -14,6 +14,12 @@ Four record kinds, each a table with ``id``, ``url``, ``source`` and ``metadata`
   ``IMAGE_PLACEHOLDER`` in the message contents, in order.
 - interleaved documents (``INTERLEAVED_SCHEMA``, OBELICS-style): aligned lists ``texts``, ``images`` and
   ``image_ids``: position i holds either a text (image null) or an image (text null).
+- interleaved web documents (``INTERLEAVED_WEB_SCHEMA``): what :mod:`phi3data.multimodal.interleaved` extracts
+  from HTML, images still URLs. The core document columns (``id``, ``text``, ``url``, ``source``, ``metadata``;
+  ``text`` is the text runs joined by newlines, so text stages run on these rows unchanged) plus aligned lists
+  ``texts``, ``image_urls``, ``alts``, ``captions``, ``widths``, ``heights``: position i is a text run (``texts[i]``
+  set, ``image_urls[i]`` null) or an image (``image_urls[i]`` absolute http(s), ``texts[i]`` null; its alt text,
+  figure caption and declared size may each be null).
 
 Rejects use :data:`phi3data.documents.REJECT_SCHEMA`.
 """
@@ -45,11 +51,19 @@ INTERLEAVED_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False),
                                 pa.field("texts", pa.list_(pa.large_string())),
                                 pa.field("image_ids", pa.list_(pa.string())),
                                 pa.field("images", pa.list_(pa.large_binary())), *_COMMON])
+INTERLEAVED_WEB_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("text", pa.large_string()),
+                                    *_COMMON,
+                                    pa.field("texts", pa.list_(pa.large_string())),
+                                    pa.field("image_urls", pa.list_(pa.string())),
+                                    pa.field("alts", pa.list_(pa.large_string())),
+                                    pa.field("captions", pa.list_(pa.large_string())),
+                                    pa.field("widths", pa.list_(pa.int32())),
+                                    pa.field("heights", pa.list_(pa.int32()))])
 URL_SCHEMA = pa.schema([pa.field("key", pa.string()), pa.field("url", pa.string()),
                         pa.field("text", pa.large_string()), pa.field("source", pa.string())])
 
 SCHEMAS = {"image": IMAGE_SCHEMA, "pair": PAIR_SCHEMA, "conversation": CONVERSATION_SCHEMA,
-           "interleaved": INTERLEAVED_SCHEMA, "url": URL_SCHEMA}
+           "interleaved": INTERLEAVED_SCHEMA, "interleaved_web": INTERLEAVED_WEB_SCHEMA, "url": URL_SCHEMA}
 
 
 def image_id(data: bytes) -> str:
@@ -63,7 +77,8 @@ def pair_id(img_id: str, text: str | None) -> str:
 
 
 def record_kind(table: pa.Table) -> str:
-    """Name the record kind of a table by its schema (image, pair, conversation, interleaved or url)."""
+    """Name the record kind of a table by its schema (image, pair, conversation, interleaved, interleaved_web or
+    url)."""
     for kind, schema in SCHEMAS.items():
         if table.schema.names == schema.names:
             return kind
@@ -150,3 +165,20 @@ def make_interleaved(rows: Iterable[dict]) -> pa.Table:
 def make_urls(rows: Iterable[dict]) -> pa.Table:
     """URL-list rows (``key``, ``url``, ``text`` caption, ``source``)."""
     return _table(list(rows), URL_SCHEMA)
+
+
+INTERLEAVED_WEB_LISTS = ("texts", "image_urls", "alts", "captions", "widths", "heights")
+
+
+def make_interleaved_web(rows: Iterable[dict]) -> pa.Table:
+    """Interleaved web documents from dicts with the core columns and the aligned lists (missing lists of alts,
+    captions, widths or heights are filled with nulls). Raises ValueError on misaligned lists."""
+    out = []
+    for row in rows:
+        texts, urls = list(row["texts"]), list(row["image_urls"])
+        lists = {name: list(row.get(name) or [None] * len(texts)) for name in INTERLEAVED_WEB_LISTS}
+        if any(len(v) != len(texts) for v in lists.values()) or \
+                any((t is None) == (u is None) for t, u in zip(texts, urls)):
+            raise ValueError(f"document {row['id']}: texts and image_urls must align, one of them at each position")
+        out.append(dict(row, **lists))
+    return _table(out, INTERLEAVED_WEB_SCHEMA)

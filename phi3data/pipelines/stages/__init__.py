@@ -6,6 +6,7 @@ from phi3data.pipelines.stages import (  # noqa: F401
     edu,
     extract,
     heuristics,
+    interleaved,
     image_models,
     knowledge,
     language,
