@@ -1,4 +1,5 @@
-"""The fetch command: ``phi3data fetch`` (images of a URL list into WebDataset shards plus a status table)."""
+"""The fetch command: ``phi3data fetch`` (images of a URL list into WebDataset shards plus a status table; the
+list may be the image URLs of a finished interleaved run)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from typing import Annotated
 
 import typer
 
+IMAGE_URL_LIST = "image_urls.parquet"
+
 
 def fetch(
     urls: Annotated[Path, typer.Argument(help="URL list: .txt (one URL a line) or .jsonl/.parquet with url and "
-                                              "caption columns")],
+                                              "caption columns; or the output directory of a finished "
+                                              "pipelines/interleaved.toml run (its kept image URLs)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="directory for fetch-NNNNN.tar shards and the "
                                                                 "status tables")],
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="fetch the URLs that failed in earlier runs "
@@ -26,6 +30,12 @@ def fetch(
     ignore_opt_out: Annotated[bool, typer.Option("--ignore-opt-out", help="store images whose X-Robots-Tag says "
                                                                           "noai/noimageai/noindex/noimageindex")]
     = False,
+    list_only: Annotated[bool, typer.Option("--list-only", help="with a run directory: write its image URL list "
+                                                                "to OUTPUT/image_urls.parquet and fetch nothing")]
+    = False,
+    captioned_only: Annotated[bool, typer.Option("--captioned-only", help="with a run directory: only images with a "
+                                                                          "figure caption or alt text (alt-text "
+                                                                          "pairs)")] = False,
 ) -> None:
     """Fetch the images of a URL list (img2dataset-like) into WebDataset tar shards and a per-URL status table.
 
@@ -33,10 +43,26 @@ def fetch(
 
     A rerun never fetches a URL that succeeded; it fetches URLs not attempted yet and, with --retry-failed, the
     failed ones.
+
+    From an interleaved run: phi3data fetch out/interleaved --output out/images [--captioned-only] [--list-only]
+    writes the run's distinct image URLs (sorted, with a caption: figure caption, else alt text) to
+    OUTPUT/image_urls.parquet, then fetches them.
     """
     from phi3data.multimodal.fetch import DEFAULT_DISALLOWED, FetchConfig, fetch_urls
     from phi3data.multimodal.readers import read_all, read_url_list, reject_counts
 
+    if urls.is_dir():
+        from phi3data.multimodal.interleaved import write_image_url_list
+
+        listed_path = output / IMAGE_URL_LIST
+        count = write_image_url_list(urls, listed_path, captioned_only=captioned_only)
+        typer.echo(f"wrote {count} image URLs of {urls} to {listed_path}")
+        if list_only:
+            return
+        urls = listed_path
+    elif list_only or captioned_only:
+        raise ValueError("--list-only and --captioned-only read a run directory; "
+                         f"{urls} is not one (pass the --output of `phi3data run pipelines/interleaved.toml`)")
     if not urls.is_file():
         raise FileNotFoundError(f"URL list {urls} does not exist")
     listed = read_all(read_url_list(urls, url_key=url_key, caption_key=caption_key))
