@@ -212,8 +212,8 @@ def text_density(boxes: list, width: int, height: int) -> float:
         return 0.0
     scale = min(1.0, DENSITY_MASK_SIDE / max(width, height))
     mask = np.zeros((max(1, round(height * scale)), max(1, round(width * scale))), dtype=np.uint8)
-    polygons = [np.round(np.asarray(box, dtype=np.float64) * scale).astype(np.int32) for box in boxes]
-    cv2.fillPoly(mask, polygons, 1)
+    for box in boxes:  # one call per box: a single fillPoly over several polygons fills their overlaps even-odd
+        cv2.fillPoly(mask, [np.round(np.asarray(box, dtype=np.float64) * scale).astype(np.int32)], 1)
     return float(mask.mean())
 
 
