@@ -447,17 +447,19 @@ class Phi3(nn.Module):
         self.rotary.reset_buffers()
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100,
-        documents: torch.Tensor | None = None,
+        self, idx: torch.Tensor | None, targets: torch.Tensor | None = None, ignore_index: int = -100,
+        documents: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``documents`` (B, T): the document number of each position (packed SFT data); attention then stays
-        inside each document."""
-        t = idx.shape[1]
+        inside each document. ``inputs_embeds`` (B, T, hidden): input vectors used instead of
+        ``embed_tokens(idx)`` (a VLM's token embeddings with image features scattered in); the muP embedding
+        multiplier applies to them too."""
+        x = self.model.embed_tokens(idx) if inputs_embeds is None else inputs_embeds
+        t = x.shape[1]
         mask = None
         if documents is not None:
-            mask = causal_mask(t, self.cfg.sliding_window, device=idx.device)[None, None] & (
+            mask = causal_mask(t, self.cfg.sliding_window, device=x.device)[None, None] & (
                 documents[:, None, :, None] == documents[:, None, None, :])
-        x = self.model.embed_tokens(idx)
         if self.cfg.mup_embedding_multiplier != 1.0:
             x = x * self.cfg.mup_embedding_multiplier
         cos, sin = self.rotary(t, x.dtype)
