@@ -15,6 +15,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,11 @@ from phi3data.documents import FINDING_SCHEMA, REJECT_SCHEMA, make_batch, make_f
 from phi3data.io.inputs import InputShard
 from phi3data.io.readers import detect_format, read_records
 from phi3data.io.writers import ShardWriter, write_json_atomic
+from phi3data.multimodal import readers as mm
+from phi3data.multimodal.readers import ReadBatch
+from phi3data.multimodal.records import SCHEMAS
 from phi3data.pipelines.base import GlobalStage, KeyedStage, Stage, StageOutput, merge_summaries
-from phi3data.pipelines.recipe import Recipe, load_recipe
+from phi3data.pipelines.recipe import MULTIMODAL_FORMATS, Recipe, load_recipe
 from phi3data.pipelines.shuffle import node_name, read_shard_rows, sha256_file, write_keys
 
 DATA_DIR = "data"
@@ -153,6 +157,14 @@ class Pipeline:
             return
         path = Path(shard.path)
         fmt = detect_format(path) if cfg_in.format == "auto" else cfg_in.format
+        if fmt in MULTIMODAL_FORMATS:
+            for read in self._read_multimodal(shard, fmt):
+                for row in read.rejects.to_pylist():
+                    read_rejects[row["reason"]] += 1
+                    pending_rejects.append(row)
+                if read.records.num_rows:
+                    yield read.records
+            return
         with_html = fmt == "warc"
         # With a fixed [input] source, ids of records without their own still name the shard, so they stay unique
         records = read_records(path, fmt=fmt, source=cfg_in.source or shard.relpath,
@@ -172,11 +184,30 @@ class Pipeline:
         if pending:
             yield make_batch(pending, with_html=with_html)
 
+    def _read_multimodal(self, shard: InputShard, fmt: str) -> Iterator[ReadBatch]:
+        """Image-text records of one input shard, in batches, with the rejects met while reading them."""
+        cfg_in, rows = self.recipe.input, self.recipe.output.batch_size
+        path, source = Path(shard.path), self.recipe.input.source or shard.relpath
+        if fmt == "llava":
+            root = Path(cfg_in.image_root) if cfg_in.image_root else path.parent
+            return mm.read_llava(path, root, source=source, batch_rows=rows)
+        if fmt == "cauldron":
+            return mm.read_cauldron(path, source=source, batch_rows=rows)
+        if fmt == "webdataset":
+            return mm.read_webdataset(path, source=source, batch_rows=rows)
+        if fmt == "warc_images":
+            return mm.read_warc_images(path, source=source, batch_rows=rows)
+        if fmt == "urls":
+            return mm.read_url_list(path, source=source, batch_rows=rows)
+        return mm.read_records_parquet(path, batch_rows=rows)
+
     def _empty_input(self, shard: InputShard, out_dir: Path, segment: int) -> pa.Table:
         if segment > 0:
             return pq.read_schema(self.output_paths(out_dir, shard, segment - 1)["data"]).empty_table()
         path = Path(shard.path)
         fmt = detect_format(path) if self.recipe.input.format == "auto" else self.recipe.input.format
+        if fmt in MULTIMODAL_FORMATS:
+            return _record_schema(path, fmt).empty_table()
         return make_batch([], with_html=fmt == "warc")
 
     def process_shard(self, shard: InputShard, out_dir: Path, segment: int = 0,
@@ -265,6 +296,21 @@ class Pipeline:
             stats["sha256"] = {name: sha256_file(paths[name]) for name in ("data", "keys") if name in paths}
         write_json_atomic(paths["done"], stats)
         return stats
+
+
+_FORMAT_KINDS = {"llava": "conversation", "cauldron": "conversation", "webdataset": "pair", "warc_images": "image",
+                 "urls": "url"}
+
+
+def _record_schema(path: Path, fmt: str) -> pa.Schema:
+    """The schema of the records an image-text input gives (``records``: the kind its parquet holds)."""
+    if fmt in _FORMAT_KINDS:
+        return SCHEMAS[_FORMAT_KINDS[fmt]]
+    names = pq.read_schema(path).names
+    schema = next((s for s in SCHEMAS.values() if s.names == names), None)
+    if schema is None:
+        raise ValueError(f"{path} is not an image-text record file: columns {names}")
+    return schema
 
 
 _PIPELINES: dict[str, Pipeline] = {}

@@ -20,8 +20,18 @@ class RecipeError(ConfigError):
     """A recipe that cannot run, with a message that says what to fix."""
 
 
+MULTIMODAL_FORMATS = ("llava", "cauldron", "webdataset", "warc_images", "urls", "records")
+"""Image-text readers (:mod:`phi3data.multimodal.readers`): their records go through the stages as they are."""
+
+
 class InputConfig(StrictModel):
-    format: Literal["auto", "warc", "jsonl", "parquet", "arrow"] = "auto"
+    format: Literal["auto", "warc", "jsonl", "parquet", "arrow", "llava", "cauldron", "webdataset",
+                    "warc_images", "urls", "records"] = "auto"
+    """Text formats (auto, warc, jsonl, parquet, arrow) give documents; the image-text formats give records of
+    their kind: llava and cauldron conversations, webdataset pairs, warc_images images, urls URL rows, and
+    records any kind our writers wrote (image-text parquet)."""
+    image_root: str | None = None
+    """format = "llava": the folder image paths are relative to (default: the JSON file's folder)."""
     source: str | None = None
     """The ``source`` column; defaults to the input shard's path relative to the input root."""
     max_document_bytes: int = Field(10_000_000, gt=0)
@@ -62,8 +72,10 @@ class Recipe(StrictModel):
             if loads := stage.identity():
                 entry["loads"] = loads
             stages.append(entry)
-        return {"input": self.input.model_dump(mode="json"), "output": self.output.model_dump(mode="json"),
-                "stages": stages}
+        cfg_in = self.input.model_dump(mode="json")
+        if cfg_in["image_root"] is None:  # text recipes keep the hashes they had before image inputs existed
+            del cfg_in["image_root"]
+        return {"input": cfg_in, "output": self.output.model_dump(mode="json"), "stages": stages}
 
     def extracts_html(self) -> bool:
         """True when a stage turns WARC HTML into text (a WARC input needs one)."""
@@ -109,6 +121,9 @@ def load_recipe(source: str | Path | dict) -> Recipe:
     if recipe.input.format == "warc" and not recipe.extracts_html():
         raise RecipeError(f"{where}: [input] format = 'warc' needs an extract stage first: WARC records are HTML "
                           f"(add [[stage]] type = \"extract\")")
+    if recipe.input.image_root is not None and recipe.input.format != "llava":
+        raise RecipeError(f"{where}: [input] image_root is read only with format = 'llava' (this recipe reads "
+                          f"{recipe.input.format!r})")
     try:
         recipe.build_stages()  # validates every stage now, not in a worker later
     except RecipeError as exc:
