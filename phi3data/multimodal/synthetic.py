@@ -343,7 +343,7 @@ def render_text(text: str, font_size: int = 22, width: int = 720, margin: int = 
 
     font = _font("DejaVuSans.ttf", font_size)
     lines = wrap_text(text, font, width - 2 * margin)
-    line_h = int(font_size * 1.5)
+    line_h = int(font_size * 1.7)  # OCR detectors merge or miss lines set closer than this
     image = Image.new("RGB", (width, 2 * margin + line_h * len(lines)), "white")
     draw = ImageDraw.Draw(image)
     for i, line in enumerate(lines):
@@ -356,7 +356,7 @@ def ocr_record(seed: int, index: int, textbooks: str | None = None) -> dict:
     rng = _rng(seed, "ocr", index)
     paragraphs = ocr_paragraphs(str(textbooks_path(textbooks)))
     book, text = paragraphs[int(rng.integers(len(paragraphs)))]
-    font_size = int(rng.choice([20, 22, 24]))
+    font_size = int(rng.choice([22, 24, 26]))
     image = render_text(text, font_size=font_size)
     meta = {"generator": "ocr", "seed": seed, "index": index, "book": book, "font": "DejaVuSans.ttf",
             "font_size": font_size}
