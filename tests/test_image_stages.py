@@ -224,13 +224,16 @@ def test_image_pairs_recipe_counts_every_reason_and_keeps_the_good_pairs(recipe_
     assert drops_of(stats) == expected
     assert stats["read_rejects"] == {"failed_sidecar": 1}
     out = recipe_run.output
-    rejects = pq.read_table(next((out / "rejects").glob("*.parquet"))).to_pylist()
+    rejects = [r for path in sorted((out / "rejects").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
     assert sorted(r["reason"] for r in rejects) == ["decompression_bomb", "failed_sidecar", "truncated",
                                                     "undecodable", "unsupported_format"]
     data = pq.read_table(next((out / "data").glob("*.parquet")))
     keys = sorted(json.loads(m)["key"] for m in data.column("metadata").to_pylist())
     assert keys == sorted([Path(n).stem for n in PHOTOS] + ["china", "flower"])
+    originals = {image_id(photo(n)): n for n in [*PHOTOS, "china.jpg", "flower.jpg"]}
     for row in data.to_pylist():
+        source = Image.open(io.BytesIO(photo(originals[row["original_image_id"]])))
+        assert row["phash"] & (2**64 - 1) == int(str(imagehash.phash(source)), 16)  # hashed before the resize
         image = Image.open(io.BytesIO(row["image"]))
         assert (image.format, image.size, row["width"], row["height"]) == ("JPEG", (336, 336), 336, 336)
         assert row["image_id"] == image_id(row["image"]) and row["id"] == pair_id(row["image_id"], row["text"])

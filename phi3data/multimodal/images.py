@@ -107,16 +107,25 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
-def pad_to_square(image: Image.Image, background: tuple[int, int, int] | str = CLIP_MEAN_RGB) -> Image.Image:
+def pad_to_square(image: Image.Image, background: tuple[int, int, int] | str = CLIP_MEAN_RGB, *,
+                  size: int | None = None, resample: str = "bicubic", upscale: bool = True) -> Image.Image:
     """LLaVA's ``expand2square``: centre the image on a square of ``background`` (an RGB triple, or ``"mean"`` for
-    the image's own mean colour)."""
+    the image's own mean colour); with ``size``, a ``size`` x ``size`` square.
+
+    The image is scaled before it is padded (LLaVA pads, then its processor scales the square): the same
+    picture, without resampling the padding, which is most of the work for a long panorama."""
     image = to_rgb(image)
-    width, height = image.size
-    if width == height:
-        return image
     if background == "mean":
         background = tuple(int(round(v)) for v in np.asarray(image, dtype=np.float32).reshape(-1, 3).mean(axis=0))
+    width, height = image.size
     side = max(width, height)
+    if size is not None and (side > size or upscale):
+        scale = size / side
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLING[resample],
+                             reducing_gap=None)
+        width, height, side = *image.size, size
+    if width == height == side:
+        return image
     square = Image.new("RGB", (side, side), tuple(background))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square

@@ -105,26 +105,50 @@ class _PerImageStage(Stage):
 # --- decode ---------------------------------------------------------------------------------------------------
 
 
+class ImageDecodeParams(_DecodeParams):
+    phash: bool = False
+    """Also add ``phash`` (the 64-bit DCT perceptual hash, as int64 bits) from the pixels decoded here, so
+    ``image_dedup`` does not decode the image again."""
+
+
 @register
 class ImageDecode(_PerImageStage):
     """Verify every image decodes; drop ``truncated``, ``undecodable``, ``decompression_bomb`` and
     ``unsupported_format`` ones. Adds ``width``, ``height`` and ``image_format`` (for lists of images:
-    ``widths``, ``heights``, ``image_formats``, null at text positions)."""
+    ``widths``, ``heights``, ``image_formats``, null at text positions), and ``phash`` when asked."""
 
     type_name = "image_decode"
-    Params = _DecodeParams
+    Params = ImageDecodeParams
+    params: ImageDecodeParams
 
     def transform(self, data: bytes) -> dict:
         p = self.params
         header = img.open_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats))
         width, height = header.size
-        # a JPEG decodes at 1/8 scale: every coefficient is still read, so damage is still found
-        decoded = img.decode_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats),
-                                   draft=(max(1, width // 8), max(1, height // 8)))
-        return {"width": width, "height": height, "image_format": decoded.format}
+        # without a pHash to compute, a JPEG decodes at 1/8 scale: every coefficient is still read, so damage is
+        # still found, at a fraction of the cost
+        draft = None if p.phash else (max(1, width // 8), max(1, height // 8))
+        decoded = img.decode_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats), draft=draft)
+        out = {"width": width, "height": height, "image_format": decoded.format}
+        if p.phash:
+            out["phash"] = img.phash(decoded)
+        return out
 
     def finish(self, batch: pa.Table, layout: str, results: list) -> pa.Table:
-        return add_size_columns(batch, layout, results)
+        batch = add_size_columns(batch, layout, results)
+        if self.params.phash:
+            if layout == "single":
+                values = [as_int64(r["phash"]) for r in results]
+                batch = set_column(batch, "phash", pa.array(values, pa.int64()))
+            else:
+                values = [[None if r is None else as_int64(r["phash"]) for r in rs] for rs in results]
+                batch = set_column(batch, "phashes", pa.array(values, pa.list_(pa.int64())))
+        return batch
+
+
+def as_int64(value: int) -> int:
+    """A 64-bit hash as a signed int64 (same bits: Parquet readers everywhere handle int64, not all uint64)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def add_size_columns(batch: pa.Table, layout: str, results: list) -> pa.Table:
@@ -260,7 +284,7 @@ class ImageResize(_PerImageStage):
         image = img.to_rgb(img.decode_image(data, max_pixels=p.max_pixels, formats=formats, draft=draft))
         if p.mode == "pad":
             background = img.CLIP_MEAN_RGB if p.background == "clip_mean" else p.background
-            image = img.resize_shorter(img.pad_to_square(image, background), p.size, p.resample, p.upscale)
+            image = img.pad_to_square(image, background, size=p.size, resample=p.resample, upscale=p.upscale)
         else:
             image = img.resize_shorter(image, p.size, p.resample, p.upscale)
             if p.mode == "center_crop":
@@ -342,13 +366,17 @@ class ImageDedup(KeyedStage):
         p = self.params
         sizes = (zip(batch.column("width").to_pylist(), batch.column("height").to_pylist())
                  if {"width", "height"} <= set(batch.column_names) else None)
+        known = iter(batch.column("phash").to_pylist()) if "phash" in batch.column_names else None
         bands, keys, labels = [], [], []
         for doc, data in zip(batch.column("id").to_pylist(), batch.column("image").to_pylist()):
             size = next(sizes) if sizes is not None else None
+            value = next(known) if known is not None else None
             try:
                 if p.method == "phash":
-                    image = img.decode_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats))
-                    size, value = image.size, img.phash(image)
+                    if value is None or size is None:  # not hashed by image_decode: decode here
+                        image = img.decode_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats))
+                        size, value = image.size, img.phash(image)
+                    value &= (1 << 64) - 1
                     digest = f"{value:016x}"
                 else:
                     size = size or img.open_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats)).size
