@@ -123,12 +123,12 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 def test_same_seed_same_bytes_and_a_rerun_redoes_only_missing_shards(tmp_path):
     args = ["synth-images", "--kind", "tables", "--count", "5", "--shard-records", "2", "--no-progress"]
-    for name in ("a", "b"):
-        result = CliRunner().invoke(app, [*args, "--seed", "4", "--output", str(tmp_path / name)])
+    for name, workers in (("a", "1"), ("b", "2")):  # one process, or shards spread over two
+        result = CliRunner().invoke(app, [*args, "--seed", "4", "--workers", workers, "--output", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
     first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert first == second and len([n for n in first if n.endswith(".parquet")]) == 3
-    other = CliRunner().invoke(app, [*args, "--seed", "5", "--output", str(tmp_path / "c")])
+    other = CliRunner().invoke(app, [*args, "--seed", "5", "--workers", "1", "--output", str(tmp_path / "c")])
     assert other.exit_code == 0
     assert set(_files(tmp_path / "c").values()).isdisjoint(v for n, v in first.items() if n.endswith(".parquet"))
 

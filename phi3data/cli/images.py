@@ -18,6 +18,10 @@ def synth_images(
     textbooks: Annotated[Path | None, typer.Option(help="OCR paragraphs source (JSONL, optionally gzipped, with "
                                                         "a text field); default: the shared OpenStax sections")]
     = None,
+    engine: Annotated[str, typer.Option(help="local | ray | spark: where the shards are drawn")] = "local",
+    workers: Annotated[int | None, typer.Option(help="parallel workers (default: CPU count)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="address of a running Ray cluster")] = None,
+    spark_master: Annotated[str | None, typer.Option(help="Spark master URL, e.g. spark://host:7077")] = None,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Generate synthetic image-text records whose answers are exact by construction.
@@ -34,7 +38,8 @@ def synth_images(
         raise ValueError(f"unknown kind {kind!r}: choose one of {', '.join(KINDS)}")
     config = SynthConfig(kind=kind, seed=seed, shard_records=shard_records,
                          textbooks=None if textbooks is None else str(textbooks.resolve()))
-    summary = generate(config, count, output, progress=progress)
+    summary = generate(config, count, output, engine=engine, workers=workers, ray_address=ray_address,
+                       spark_master=spark_master, progress=progress)
     skipped = f", {summary.shards_skipped} already done" if summary.shards_skipped else ""
     typer.echo(f"{summary.records:,} {kind} records in {summary.shards_total} shards{skipped} -> {output} "
                f"({summary.seconds:.1f}s)")

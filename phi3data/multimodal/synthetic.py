@@ -18,6 +18,7 @@ Output shards are named by kind, config hash and record range, written atomicall
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -381,10 +382,23 @@ def shard_name(config: SynthConfig, config_hash: str, start: int, stop: int) -> 
     return f"{config.kind}-{config_hash[:10]}-{start:08d}-{stop:08d}.parquet"
 
 
-def generate(config: SynthConfig, count: int, output: Path, *, progress: bool = False) -> SynthSummary:
+def write_shard(config_json: str, out_dir: str, item: dict) -> dict:
+    """Generate and write one shard (the engine task)."""
+    config = SynthConfig(**json.loads(config_json))
+    write_parquet(make_records(config, item["start"], item["stop"]), Path(out_dir) / item["file"])
+    return {"file": item["file"], "records": item["stop"] - item["start"]}
+
+
+def generate(config: SynthConfig, count: int, output: Path, *, engine: str = "local", workers: int | None = 1,
+             ray_address: str | None = None, spark_master: str | None = None,
+             progress: bool = False) -> SynthSummary:
     """Write ``count`` records of ``config.kind`` into ``output`` as parquet shards plus ``manifest.json``.
 
-    Same config and count give byte-identical files; finished shards are skipped on a rerun."""
+    Shards run on the named engine (each is a pure function of the config and its record range). Same config and
+    count give byte-identical files; finished shards are skipped on a rerun."""
+    from phi3data.engines import map_shards
+    from phi3data.engines.progress import drain
+
     if config.kind not in KINDS:
         raise ValueError(f"unknown kind {config.kind!r}: choose one of {', '.join(KINDS)}")
     if count < 1 or config.shard_records < 1:
@@ -392,31 +406,22 @@ def generate(config: SynthConfig, count: int, output: Path, *, progress: bool = 
     started = time.perf_counter()
     output = Path(output)
     config_hash = config.hash()
-    ranges = [(s, min(s + config.shard_records, count)) for s in range(0, count, config.shard_records)]
-    skipped = 0
+    items = [{"start": a, "stop": min(a + config.shard_records, count),
+              "file": shard_name(config, config_hash, a, min(a + config.shard_records, count))}
+             for a in range(0, count, config.shard_records)]
     with output_lock(output):
         previous = output / "manifest.json"
         if previous.exists() and json.loads(previous.read_text()).get("config_hash") != config_hash:
             raise ValueError(f"{output} holds synthetic images made with another kind, seed or config; "
                              f"choose a new output directory")
         remove_stale_tmp(output)
-        for start, stop in _progress(ranges, progress, config.kind):
-            path = output / shard_name(config, config_hash, start, stop)
-            if path.exists():
-                skipped += 1
-                continue
-            write_parquet(make_records(config, start, stop), path)
+        pending = [i for i in items if not (output / i["file"]).exists()]
+        task = functools.partial(write_shard, json.dumps(asdict(config), sort_keys=True), str(output))
+        results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
+                             spark_master=spark_master)
+        drain(results, total=len(items), skipped=len(items) - len(pending), label=f"synth-images {config.kind}",
+              count=lambda r: r["records"], unit="records", progress=progress)
         manifest = {"format": "phi3data-synthetic-images", "version": GENERATOR_VERSION, "config": asdict(config),
-                    "config_hash": config_hash, "records": count,
-                    "shards": [{"file": shard_name(config, config_hash, a, b), "start": a, "stop": b}
-                               for a, b in ranges]}
+                    "config_hash": config_hash, "records": count, "shards": items}
         write_json_atomic(output / "manifest.json", manifest)
-    return SynthSummary(output, count, len(ranges), skipped, time.perf_counter() - started)
-
-
-def _progress(ranges: list, enabled: bool, label: str):
-    if not enabled:
-        return ranges
-    from rich.progress import track
-
-    return track(ranges, description=f"synth-images {label}")
+    return SynthSummary(output, count, len(items), len(items) - len(pending), time.perf_counter() - started)
