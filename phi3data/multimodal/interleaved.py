@@ -6,10 +6,12 @@ aligned lists of :data:`phi3data.multimodal.records.INTERLEAVED_WEB_SCHEMA`: pos
 URL with its alt text, its ``<figure>``'s ``<figcaption>`` and the width/height its attributes declare. Images
 stay URLs here; ``phi3data fetch`` downloads them later.
 
-Boilerplate is not walked: ``script``/``style``/``nav``/``footer``/``aside``/forms and similar tags, a site
-``<header>`` (one outside ``<article>``/``<main>``), landmark roles (navigation, banner, contentinfo,
-complementary, search), hidden elements, and, by default, elements whose class or id names a menu, footer,
-sidebar, share bar, cookie banner and the like.
+Boilerplate is not walked: ``script``/``style``/``nav``/``footer``/``aside``/form controls and similar tags, a
+site ``<header>`` (outside ``<article>``/``<main>``: a child of ``<body>`` or one holding a ``<nav>``), hidden
+elements, landmark roles (navigation, banner, contentinfo, complementary, search) and, by default, elements whose
+class or id names a menu, footer, sidebar, share bar, cookie banner and the like, unless they hold the main content
+(a ``main``, ``article`` or ``h1``: some sites wrap a whole page in one). ``<noscript>`` is walked: it holds the
+page as crawlers see it (Discourse forums) and the real ``<img>`` of lazy-loaded images.
 
 An image's URL is the largest candidate of its ``srcset`` (``w`` descriptors before ``x``; lazy-loading
 ``data-srcset`` and a ``<picture>``'s ``<source>`` elements count too), else its lazy ``data-src`` (or
@@ -22,6 +24,8 @@ Every image not kept is counted under one reason (checked in this order):
 - ``unresolvable``: a relative URL on a page with no http(s) address to resolve it against;
 - ``bad_scheme``: resolves to something other than http(s) (``javascript:``, ``blob:``, ``file:`` ...);
 - ``tracking_pixel``: a declared width or height at or below ``tracking_max_side`` (1x1 beacons, spacers);
+- ``tracker_host``: a known web-analytics or ad beacon host (``TRACKER_HOSTS``: their ``<noscript>`` pixels often
+  declare no size);
 - ``excluded_extension``: the URL's path ends in an excluded extension (``svg``, ``ico``: logos and icons, and
   vector files a vision encoder cannot read);
 - ``too_small``: a declared width or height below ``min_side`` (undeclared sizes pass: they are checked
@@ -52,11 +56,11 @@ from phi3data.io.writers import commit, tmp_path_for
 from phi3data.multimodal.records import make_urls
 
 IMAGE_DROP_REASONS = ("boilerplate", "no_src", "data_uri", "unresolvable", "bad_scheme", "tracking_pixel",
-                      "excluded_extension", "too_small", "repeated_in_page")
+                      "tracker_host", "excluded_extension", "too_small", "repeated_in_page")
 
-SKIP_TAGS = frozenset({"script", "style", "noscript", "template", "title", "nav", "footer", "aside", "form",
-                       "iframe", "svg", "math", "button", "select", "textarea", "object", "embed", "canvas",
-                       "video", "audio", "map", "dialog", "head"})
+SKIP_TAGS = frozenset({"script", "style", "template", "title", "nav", "footer", "aside", "iframe", "svg", "math",
+                       "button", "select", "textarea", "object", "embed", "canvas", "video", "audio", "map", "dialog",
+                       "head"})
 BOILERPLATE_ROLES = frozenset({"navigation", "banner", "contentinfo", "complementary", "search", "menu", "menubar",
                                "dialog", "alertdialog"})
 BLOCK_TAGS = frozenset({"p", "div", "section", "article", "main", "header", "h1", "h2", "h3", "h4", "h5", "h6",
@@ -72,6 +76,9 @@ BOILERPLATE_NAME = re.compile(
     r"share|sharing|social|related|newsletter|subscribe|comments?|advert|advertisement|ads|banner-ad|skip-link)"
     r"(?:[-_](?:menu|bar|nav|links?|list|wrap|wrapper|container|area|widgets?|buttons?|icons?|posts|articles|"
     r"box|block|inner|section|content))?$", re.IGNORECASE)
+TRACKER_HOSTS = ("scorecardresearch.com", "google-analytics.com", "doubleclick.net", "googlesyndication.com",
+                 "googleadservices.com", "quantserve.com", "adnxs.com", "bat.bing.com", "pixel.wp.com",
+                 "stats.wp.com", "analytics.twitter.com", "facebook.com/tr", "ct.pinterest.com", "pixel.quantserve.com")
 LAZY_SRC_ATTRS = ("data-src", "data-lazy-src", "data-original")
 SRCSET_ATTRS = ("data-srcset", "data-lazy-srcset", "srcset")
 _LEADING_INT = re.compile(r"^\s*(\d{1,6})(?:\.\d*)?\s*(?:px)?\s*$")
@@ -86,6 +93,7 @@ class ExtractOptions:
     tracking_max_side: int = 1
     excluded_extensions: tuple[str, ...] = ("svg", "ico")
     boilerplate_classes: bool = True
+    tracker_hosts: tuple[str, ...] = TRACKER_HOSTS
 
 
 @dataclass
@@ -225,6 +233,17 @@ def _extension(url: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
+def _is_tracker(url: str, trackers: tuple[str, ...]) -> bool:
+    """A host (or host + path prefix, ``facebook.com/tr``) of the list, or any subdomain of one."""
+    parts = urlsplit(url)
+    host, path = parts.netloc.lower().rsplit("@", 1)[-1].split(":", 1)[0], parts.path
+    for tracker in trackers:
+        t_host, _, t_path = tracker.partition("/")
+        if (host == t_host or host.endswith("." + t_host)) and (not t_path or path.startswith("/" + t_path)):
+            return True
+    return False
+
+
 def page_base(tree, page_url: str | None) -> str | None:
     """The URL relative references resolve against: ``<base href>`` over the page URL; a page stored under a
     non-http name (``urn:sample:...``) falls back to its canonical link or ``og:url``."""
@@ -265,8 +284,9 @@ def extract_page(html: bytes | str, page_url: str | None, options: ExtractOption
 
 
 _EXIT = object()
+_MAIN_CONTENT = "main, article, h1, [role=main]"
 _BREAK = "\x00"  # a <br>: the HTML parser never leaves a NUL in text
-_NO_IMAGES_INSIDE = frozenset({"script", "style", "noscript", "template", "title", "svg", "math", "head"})
+_NO_IMAGES_INSIDE = frozenset({"script", "style", "template", "title", "svg", "math", "head"})
 
 
 class _Walker:
@@ -356,14 +376,14 @@ class _Walker:
             return True
         role = node.getattr("role")
         if role and role.strip().lower() in BOILERPLATE_ROLES:
-            return True
+            return not _holds_main_content(node)
         if self.options.boilerplate_classes and tag != "img":
             names = (node.getattr("class") or "").split()
             element_id = node.getattr("id")
             if element_id:
                 names.append(element_id)
             if any(BOILERPLATE_NAME.match(name) for name in names):
-                return True
+                return not _holds_main_content(node)
         return False
 
     def image(self, node) -> None:
@@ -393,6 +413,8 @@ class _Walker:
         sides = [s for s in (width, height) if s is not None]
         if sides and min(sides) <= options.tracking_max_side:
             reason = "tracking_pixel"
+        elif _is_tracker(url, options.tracker_hosts):
+            reason = "tracker_host"
         elif _extension(url) in options.excluded_extensions:
             reason = "excluded_extension"
         elif sides and min(sides) < options.min_side:
@@ -409,6 +431,11 @@ class _Walker:
             self.figures[-1]["images"] += 1
             caption = self.figures[-1]["caption"] or None
         page.add_image(url, normalise_space(node.getattr("alt")) or None, caption, width, height)
+
+
+def _holds_main_content(node) -> bool:
+    # some sites wrap the whole page in a "navigation-container" or a role="banner" block
+    return node.query_selector(_MAIN_CONTENT) is not None
 
 
 def _is_site_header(header) -> bool:

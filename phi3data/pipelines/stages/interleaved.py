@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from phi3data.multimodal.interleaved import ExtractOptions, extract_page, url_key
+from phi3data.multimodal.interleaved import TRACKER_HOSTS, ExtractOptions, extract_page, url_key
 from phi3data.multimodal.records import INTERLEAVED_WEB_LISTS, INTERLEAVED_WEB_SCHEMA
 from phi3data.pipelines.base import KeyedStage, Stage, StageOutput, StageParams, register
 from phi3data.pipelines.shuffle import KEYS_SCHEMA, ShuffleJob, parse_node, read_part, write_parquet_atomic
@@ -36,6 +36,8 @@ class ExtractInterleavedParams(StageParams):
     """URL path extensions dropped as ``excluded_extension`` (vector logos and favicons)."""
     boilerplate_classes: bool = True
     """Skip elements whose class or id names a menu, footer, sidebar, share bar, cookie banner ..."""
+    tracker_hosts: list[str] = list(TRACKER_HOSTS)
+    """Analytics and ad beacon hosts (or host/path prefixes): their images are dropped as ``tracker_host``."""
     no_images: Literal["keep", "drop"] = "keep"
     """A page left without images: keep it as a text-only document, or drop it (reason ``no_images``)."""
     min_text_chars: int = Field(0, ge=0)
@@ -56,7 +58,8 @@ class ExtractInterleaved(Stage):
         p = self.params
         self.options = ExtractOptions(min_side=p.min_side, tracking_max_side=p.tracking_max_side,
                                       excluded_extensions=tuple(e.lower().lstrip(".") for e in p.excluded_extensions),
-                                      boilerplate_classes=p.boilerplate_classes)
+                                      boilerplate_classes=p.boilerplate_classes,
+                                      tracker_hosts=tuple(h.lower() for h in p.tracker_hosts))
 
     def process(self, batch: pa.Table) -> StageOutput:
         rows = batch.to_pylist()
