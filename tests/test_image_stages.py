@@ -125,6 +125,11 @@ def recipe_run(pairs_tar, tmp_path_factory):
     return run_pipeline(load_recipe(RECIPE), pairs_tar, out, engine="local", workers=1, progress=False)
 
 
+def parquet_rows(folder: Path) -> list[dict]:
+    """Every row of every parquet file in a run's output folder (segments write one file each)."""
+    return [row for path in sorted(folder.glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
+
+
 def drops_of(stats: dict) -> dict[str, int]:
     return {reason: n for stage in stats["stages"] for reason, n in stage["drops"].items()}
 
@@ -224,7 +229,7 @@ def test_image_pairs_recipe_counts_every_reason_and_keeps_the_good_pairs(recipe_
     assert drops_of(stats) == expected
     assert stats["read_rejects"] == {"failed_sidecar": 1}
     out = recipe_run.output
-    rejects = [r for path in sorted((out / "rejects").glob("*.parquet")) for r in pq.read_table(path).to_pylist()]
+    rejects = parquet_rows(out / "rejects")
     assert sorted(r["reason"] for r in rejects) == ["decompression_bomb", "failed_sidecar", "truncated",
                                                     "undecodable", "unsupported_format"]
     data = pq.read_table(next((out / "data").glob("*.parquet")))
@@ -237,7 +242,7 @@ def test_image_pairs_recipe_counts_every_reason_and_keeps_the_good_pairs(recipe_
         image = Image.open(io.BytesIO(row["image"]))
         assert (image.format, image.size, row["width"], row["height"]) == ("JPEG", (336, 336), 336, 336)
         assert row["image_id"] == image_id(row["image"]) and row["id"] == pair_id(row["image_id"], row["text"])
-    findings = [f for path in sorted((out / "findings").glob("*.parquet")) for f in pq.read_table(path).to_pylist()]
+    findings = parquet_rows(out / "findings")
     dup = [f for f in findings if f["stage"] == "image_dedup"]
     assert len(dup) == 1
     original = make_pairs([{"image": photo("astronaut.png"), "text": PHOTOS["astronaut.png"]}])
@@ -285,6 +290,76 @@ def test_an_image_shard_with_nothing_left_keeps_its_record_schema(tmp_path):
     assert {"image_id", "image", "text", "width", "height", "image_format"} <= set(data.column_names)
     assert data.schema.field("image").type == pa.large_binary()
     assert CONVERSATION_SCHEMA.names != data.column_names
+
+
+def write_image_warc(path: Path) -> Path:
+    from warcio.statusandheaders import StatusAndHeaders
+    from warcio.warcwriter import WARCWriter
+
+    with open(path, "wb") as handle:
+        writer = WARCWriter(handle, gzip=True)
+        for url, status, ctype, body in [("https://example.org/cat.png", "200 OK", "image/png", photo("chelsea.png")),
+                                         ("https://example.org/", "200 OK", "text/html", b"<html>hi</html>"),
+                                         ("https://example.org/gone.jpg", "404 Not Found", "image/jpeg", b"no"),
+                                         ("https://example.org/cut.jpg", "200 OK", "image/jpeg",
+                                          bad_samples()["truncated"][0])]:
+            headers = StatusAndHeaders(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))],
+                                       protocol="HTTP/1.1")
+            writer.write_record(writer.create_warc_record(url, "response", payload=io.BytesIO(body),
+                                                          http_headers=headers))
+    return path
+
+
+def write_cauldron_file(path: Path) -> Path:
+    from phi3data.multimodal.writers import write_cauldron
+
+    table = make_conversations([{"id": "q", "messages": [{"role": "user", "content": "<|image|>What is it?"},
+                                                         {"role": "assistant", "content": "A cat."}],
+                                 "images": [photo("chelsea.png")]}])
+    return write_cauldron(table, path)
+
+
+def write_urls(path: Path) -> Path:
+    rows = [{"url": "https://example.org/a.jpg", "caption": "a cat on a mat"},
+            {"url": "ftp://example.org/b.jpg", "caption": "not fetchable"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(("fmt", "write", "stages", "read_rejects", "drops", "kept"), [
+    ("warc_images", lambda d: write_image_warc(d / "images.warc.gz"), [{"type": "image_decode"}],
+     {"http_error": 1}, {"image_decode:truncated": 1}, 1),
+    ("cauldron", lambda d: write_cauldron_file(d / "cauldron.parquet"), [{"type": "image_decode"}], {}, {}, 1),
+    ("urls", lambda d: write_urls(d / "urls.jsonl"), [{"type": "length", "min_chars": 1}],
+     {"invalid_url": 1}, {}, 1),
+])
+def test_every_image_input_format_runs_with_its_read_rejects(tmp_path, fmt, write, stages, read_rejects, drops,
+                                                             kept):
+    path = write(tmp_path)
+    recipe = load_recipe({"pipeline": {"name": fmt}, "input": {"format": fmt}, "stage": stages})
+    summary = run_pipeline(recipe, path, tmp_path / "out", engine="local", workers=1, progress=False)
+    assert summary.stats["read_rejects"] == read_rejects
+    assert drops_of(summary.stats) == drops
+    assert summary.stats["documents_out"] == kept
+    rejects = parquet_rows(tmp_path / "out" / "rejects")
+    assert sorted(r["reason"] for r in rejects) == sorted([*read_rejects, *(d.split(":")[1] for d in drops)])
+
+
+def test_exact_image_dedup_matches_identical_bytes_only(tmp_path):
+    astronaut = photo("astronaut.png")
+    rows = [{"image": astronaut, "text": "An astronaut."}, {"image": astronaut, "text": "The same astronaut."},
+            {"image": reencoded("astronaut.png", 400), "text": "A smaller astronaut."}]
+    write_parquet(make_pairs(rows), tmp_path / "in.parquet")
+    for method, dropped in (("exact", 1), ("phash", 2)):
+        recipe = load_recipe({"pipeline": {"name": method}, "input": {"format": "records"},
+                              "stage": [{"type": "image_dedup", "method": method}]})
+        out = tmp_path / method
+        summary = run_pipeline(recipe, tmp_path / "in.parquet", out, engine="local", workers=1, progress=False)
+        assert drops_of(summary.stats) == {"image_dedup:duplicate": dropped}
+        kept = set(pq.read_table(next((out / "data").glob("*.parquet"))).column("id").to_pylist())
+        full = min(pair_id(image_id(astronaut), t) for t in ("An astronaut.", "The same astronaut."))
+        smaller = make_pairs(rows[2:]).column("id")[0].as_py()
+        assert kept == ({full, smaller} if method == "exact" else {full})
 
 
 # --- the same output on every engine ---------------------------------------------------------------------------
