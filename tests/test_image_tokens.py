@@ -242,3 +242,41 @@ def test_bad_records_are_counted_and_the_rest_goes_through(tmp_path, photos):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json" and p.is_file()} == before
     with pytest.raises(ValueError, match="another config"):
         tokenize_images([root], out, ImageTokenizeConfig(mask="caption"), workers=1)
+
+
+def test_synthetic_charts_tokenized_from_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from phi3data.cli import app
+
+    charts, tokens = tmp_path / "charts", tmp_path / "tokens"
+    made = CliRunner().invoke(app, ["synth-images", "--kind", "charts", "--count", "2", "--seed", "3", "--workers",
+                                    "1", "--no-progress", "--output", str(charts)])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(app, ["tokenize", str(charts), "--images", "--mask", "assistant", "--image-tokens",
+                                      "4", "--workers", "1", "--no-progress", "--output", str(tokens)])
+    assert result.exit_code == 0, result.output
+    records = pq.read_table(next(charts.glob("charts-*.parquet"))).to_pylist()
+    data = ImageTokenDataset(tokens, 4)
+    tok = get_tokenizer("phi3-mini")
+    assert len(data) == len(records) == 2
+    for i, record in enumerate(records):
+        sample = data[i]
+        assert sample["id"] == record["id"] and sample["images"][0].shape == (360, 480, 3)
+        trained = tok.decode(sample["labels"][sample["labels"] != -100])
+        answers = [qa["answer"] for qa in json.loads(record["metadata"])["qa"]]
+        assert trained == "<|end|>".join(answers) + "<|end|><|endoftext|>"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("engine", ["spark"])
+def test_spark_writes_the_same_shards_as_local(engine, engine_up, tmp_path, photos):
+    records = write_parquet(make_conversations([_conversation(photos)]), tmp_path / "records" / "talk.parquet")
+    write_parquet(make_pairs([{"image": photos["coffee"], "text": "Coffee."}]), tmp_path / "records" / "pairs.parquet")
+    outputs = {}
+    for name in ("local", engine):
+        tokenize_images([records.parent], tmp_path / name, ImageTokenizeConfig(mask="caption"), engine=name,
+                        workers=2)
+        outputs[name] = {p.name: p.read_bytes() for p in (tmp_path / name).iterdir()
+                         if p.is_file() and p.suffix != ".json" and not p.name.startswith(".")}
+    assert len(outputs["local"]) == 10 and outputs["local"] == outputs[engine]
