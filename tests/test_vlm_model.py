@@ -218,3 +218,30 @@ def test_llava_export_refuses_phi3_small_options(tmp_path) -> None:
     with pytest.raises(ValueError, match="phi-3-small"):
         save_llava(vlm, tmp_path / "out")
     assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_trains_on_image_token_shards(tmp_path) -> None:
+    """The contract with the image tokenizer: shards expanded to the tower's token count feed the VLM as they are."""
+    from phi3data.multimodal.records import make_conversations
+    from phi3data.multimodal.writers import write_parquet
+    from phi3data.tokenization.images import ImageTokenDataset, ImageTokenizeConfig, collate_images, tokenize_images
+
+    pictures = [_png(p.resize((48, 48))) for p in photos(2)]
+    conversation = {"id": "two-photos", "images": pictures, "messages": [
+        {"role": "user", "content": "<|image|>\nWhat is in this picture?"},
+        {"role": "assistant", "content": "An astronaut in a white spacesuit."},
+        {"role": "user", "content": "And here?\n<|image|>"},
+        {"role": "assistant", "content": "A cup of coffee on a saucer."}]}
+    records = write_parquet(make_conversations([conversation]), tmp_path / "records" / "talk.parquet")
+    tokenize_images([records], tmp_path / "tokens", ImageTokenizeConfig(mask="assistant"), workers=1)
+    torch.manual_seed(0)
+    vlm = VLM(tiny_vit(), tiny_phi3(vocab_size=32064))  # phi-3's ids; the default image token id is the tokenizer's
+    data = ImageTokenDataset(tmp_path / "tokens", vlm.n_tokens, transform=vlm.vision_tower.transform)
+    assert data.image_token_id == vlm.image_token_id
+    batch = collate_images([data[0]])
+    assert int((batch["input_ids"] == vlm.image_token_id).sum()) == 2 * vlm.n_tokens
+    assert (batch["targets"][batch["input_ids"] == vlm.image_token_id] == -100).all()
+    configure_stage(vlm, "finetune")
+    _, loss = vlm(batch["input_ids"], batch["images"], batch["targets"])
+    loss.backward()
+    assert torch.isfinite(loss) and vlm.projector.linear_1.weight.grad.abs().sum() > 0

@@ -62,6 +62,10 @@ class VisionTower(nn.Module):
         """PIL images or encoded bytes -> normalised pixels for this tower (see :func:`preprocess_images`)."""
         return preprocess_images(images, self.image_size, self.image_mean, self.image_std, pad=pad)
 
+    def transform(self, image) -> torch.Tensor:
+        """One image -> ``(3, S, S)`` pixels: the ``transform`` for ``tokenization.images.ImageTokenDataset``."""
+        return self.preprocess([image])[0]
+
 
 def preprocess_images(images: list, size: int, mean: tuple, std: tuple, pad: bool = True) -> torch.Tensor:
     """Decode (bytes or PIL), convert to RGB, pad to a square with the mean colour (LLaVA's ``pad``; no crop loses
