@@ -9,11 +9,12 @@ conversation ``user: <image>[\\n caption_prompt]`` / ``assistant: caption``. Two
 - ``mask="assistant"`` (stage 2, instruction tuning): every assistant reply and the ``<|end|>`` closing it.
 
 Image tokens are never trained on. A shard ``S`` is an ordinary token shard (``S.bin``, ``S.offsets``, ``S.mask``,
-``S.idx``, :mod:`phi3data.tokenization.shards`) plus its image sidecar ``S.images.parquet``: one row per image
-in shard order with ``document`` (index in the shard), ``image`` (order in the document), ``token`` (position of
-its placeholder token in the document), ``record_id``, ``image_id`` and the image bytes (null when an earlier
-row of the sidecar holds the same ``image_id``). The sidecar is written atomically before ``S.json``, which
-names it; so a shard is finished only with its images.
+``S.idx``, :mod:`phi3data.tokenization.shards`) plus its image sidecar ``S.images.arrow``, an Arrow IPC file
+(memory-mapped by the loader, so a trainer holds no image in memory until it reads it): one row per image in
+shard order with ``document`` (index in the shard), ``image`` (order in the document), ``token`` (position of its
+placeholder token in the document), ``record_id``, ``image_id``, ``bytes_row`` (the row whose ``bytes`` hold
+this image) and ``bytes`` (null when an earlier row holds the same image). The sidecar is written atomically
+before ``S.json``, which names it; so a shard is finished only with its images.
 
 Bad records are counted by reason in ``S.json`` and listed in ``S.rejects.jsonl``; the rest of the shard goes
 through: ``placeholder_mismatch``, ``missing_image``, ``undecodable_image``, ``image_too_large``,
@@ -38,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
@@ -54,10 +54,11 @@ from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
 # <|placeholder6|>: ids 32002-32005, 32008, 32009); the first one stands for "an image goes here".
 IMAGE_TOKEN = "<|placeholder1|>"
 MASKS = ("caption", "assistant")
-SIDECAR_SUFFIX = ".images.parquet"
+SIDECAR_SUFFIX = ".images.arrow"
 SIDECAR_SCHEMA = pa.schema([
     pa.field("document", pa.int64()), pa.field("image", pa.int32()), pa.field("token", pa.int64()),
-    pa.field("record_id", pa.string()), pa.field("image_id", pa.string()), pa.field("bytes", pa.large_binary()),
+    pa.field("record_id", pa.string()), pa.field("image_id", pa.string()), pa.field("bytes_row", pa.int64()),
+    pa.field("bytes", pa.large_binary()),
 ])
 MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb limit
 
@@ -240,19 +241,25 @@ def _record_rows(path: Path, rejects: list[dict]) -> Iterator[tuple[int, str, di
 
 def _write_sidecar(rows: list[dict], path: Path) -> int:
     """Write the image sidecar atomically; bytes are stored once per image id. Returns the unique image count."""
-    seen: set[str] = set()
-    for row in rows:
-        if row["image_id"] in seen:
+    first: dict[str, int] = {}
+    for number, row in enumerate(rows):
+        row["bytes_row"] = first.setdefault(row["image_id"], number)
+        if row["bytes_row"] != number:
             row["bytes"] = None
-        seen.add(row["image_id"])
     table = pa.table({name: [r[name] for r in rows] for name in SIDECAR_SCHEMA.names}, schema=SIDECAR_SCHEMA)
     tmp = tmp_path_for(path)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SIDECAR_SCHEMA) as writer:
+            writer.write_table(table)
         commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(seen)
+    return len(first)
+
+
+def read_sidecar(path: Path) -> pa.Table:
+    """An image sidecar, memory-mapped (image bytes are read from disk only when accessed)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def _write_rejects(rejects: list[dict], path: Path) -> None:
@@ -333,8 +340,8 @@ class ImageTokenDataset:
             raise FileNotFoundError(f"no finished token shards in {path}")
         self.image_tokens, self.transform = image_tokens, transform
         self.shards: list[TokenShard] = []
-        self.images: list[dict[int, list[dict]]] = []  # per shard: document -> its sidecar rows, in image order
-        self.blobs: list[dict[str, bytes]] = []  # per shard: image id -> bytes
+        self.sidecars: list[pa.Table] = []
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per shard: document, token, bytes_row
         self.index: list[tuple[int, int]] = []
         self.dropped = 0
         token_ids = set()
@@ -344,21 +351,17 @@ class ImageTokenDataset:
             if not info or shard.mask is None:
                 raise ValueError(f"{shard.stem} is not an image shard (no image sidecar in its manifest)")
             token_ids.add(info["image_token_id"])
-            rows = pq.read_table(shard.stem.with_name(info["sidecar"])).to_pylist()
-            if len(rows) != info["count"]:
-                raise ValueError(f"{shard.stem}: the sidecar has {len(rows)} images, the manifest {info['count']}")
-            per_doc: dict[int, list[dict]] = {}
-            blobs = {}
-            for row in rows:
-                per_doc.setdefault(row["document"], []).append(row)
-                if row["bytes"] is not None:
-                    blobs[row["image_id"]] = row["bytes"]
+            table = read_sidecar(shard.stem.with_name(info["sidecar"]))
+            if table.num_rows != info["count"]:
+                raise ValueError(f"{shard.stem}: the sidecar has {table.num_rows} images, the manifest {info['count']}")
+            documents = table.column("document").to_numpy()
             self.shards.append(shard)
-            self.images.append(per_doc)
-            self.blobs.append(blobs)
+            self.sidecars.append(table)
+            self.rows.append((documents, table.column("token").to_numpy(), table.column("bytes_row").to_numpy()))
+            images_per_doc = np.bincount(documents, minlength=len(shard)) if len(documents) else np.zeros(len(shard))
             lengths = np.diff(np.concatenate([[0], shard.ends.astype(np.int64)]))
             for d, n in enumerate(lengths):
-                if max_tokens is not None and n + len(per_doc.get(d, [])) * (image_tokens - 1) > max_tokens:
+                if max_tokens is not None and n + int(images_per_doc[d]) * (image_tokens - 1) > max_tokens:
                     self.dropped += 1
                     continue
                 self.index.append((s, d))
@@ -374,28 +377,31 @@ class ImageTokenDataset:
         from PIL import Image
 
         s, d = self.index[i]
-        shard = self.shards[s]
+        shard, table = self.shards[s], self.sidecars[s]
+        documents, tokens, bytes_rows = self.rows[s]
         start = int(shard.ends[d - 1]) if d > 0 else 0
         ids = np.asarray(shard.tokens[start:int(shard.ends[d])], dtype=np.int64)
         mask = np.asarray(shard.mask[start:int(shard.ends[d])])
-        rows = self.images[s].get(d, [])
-        positions = [row["token"] for row in rows]
-        if any(ids[p] != self.image_token_id for p in positions):
+        rows = range(int(np.searchsorted(documents, d, "left")), int(np.searchsorted(documents, d, "right")))
+        positions = tokens[rows.start:rows.stop]
+        if (ids[positions] != self.image_token_id).any():
             raise ValueError(f"{shard.stem} document {d}: the sidecar's positions are not image tokens")
         # each image token becomes image_tokens copies: repeat counts 1 everywhere else
         repeats = np.ones(len(ids), dtype=np.int64)
         repeats[positions] = self.image_tokens
         input_ids = np.repeat(ids, repeats)
         labels = np.where(np.repeat(mask, repeats) == 1, input_ids, IGNORE_INDEX)
-        starts = np.asarray(positions, dtype=np.int64) + np.arange(len(positions)) * (self.image_tokens - 1)
+        starts = positions.astype(np.int64) + np.arange(len(positions)) * (self.image_tokens - 1)
         images = []
-        for row in rows:
-            with Image.open(io.BytesIO(self.blobs[s][row["image_id"]])) as img:
+        for r in rows:
+            data = table.column("bytes")[int(bytes_rows[r])].as_buffer()
+            with Image.open(pa.BufferReader(data)) as img:
                 rgb = img.convert("RGB")
             images.append(self.transform(rgb) if self.transform is not None else np.asarray(rgb, dtype=np.uint8))
         return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels), "images": images,
-                "image_starts": torch.from_numpy(starts), "image_ids": [row["image_id"] for row in rows],
-                "id": rows[0]["record_id"] if rows else None}
+                "image_starts": torch.from_numpy(starts),
+                "image_ids": [table.column("image_id")[r].as_py() for r in rows],
+                "id": table.column("record_id")[rows.start].as_py() if rows else None}
 
 
 def collate_images(samples: list[dict], pad_id: int = 0) -> dict:
