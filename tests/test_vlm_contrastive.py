@@ -12,6 +12,7 @@ from PIL import Image
 
 from phi3data.model.clip_pretrain import (
     ContrastiveConfig,
+    ContrastiveScorer,
     contrastive_loss,
     encode_captions,
     load_contrastive,
@@ -48,7 +49,7 @@ def data():
     probe = ViT(TOWER)
     vectors = encode_captions(train_captions + test_captions)
     return {"train": (probe.preprocess(train_images), vectors[:256], train_captions),
-            "test": (probe.preprocess(test_images), vectors[256:], test_captions)}
+            "test": (probe.preprocess(test_images), vectors[256:], test_captions), "test_images": test_images}
 
 
 def test_contrastive_training_improves_held_out_retrieval(data, tmp_path) -> None:
@@ -75,6 +76,14 @@ def test_contrastive_training_improves_held_out_retrieval(data, tmp_path) -> Non
         torch.testing.assert_close(saved.similarity(test_pixels, test_vectors),
                                    run.model.similarity(test_pixels, test_vectors), atol=0, rtol=0)
     assert (tmp_path / "tower" / "config.json").exists()  # the tower is a CLIPVisionModel directory
+
+    # as the image_text_similarity stage's scorer: own captions score above the other images' captions
+    scorer = ContrastiveScorer(tmp_path / "tower")
+    images = scorer.embed_images(data["test_images"])
+    texts = scorer.embed_texts(held_out[2])
+    scores = images @ texts.T
+    assert abs(float(scores.diagonal().mean()) - float(saved.similarity(test_pixels, test_vectors).mean())) < 1e-4
+    assert scores.diagonal().mean() > scores.mean()
 
 
 def test_contrastive_training_is_deterministic(data) -> None:

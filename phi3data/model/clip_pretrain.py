@@ -222,3 +222,25 @@ def load_contrastive(path: str | Path) -> ContrastiveModel:
     model = ContrastiveModel(load_vision_tower(path), heads["visual_projection.weight"].shape[0])
     model.load_state_dict({f"vision_tower.{k}": v for k, v in model.vision_tower.state_dict().items()} | heads)
     return model.eval()
+
+
+class ContrastiveScorer:
+    """A tower saved by :func:`train_contrastive` as an image-text scorer: ``embed_images`` / ``embed_texts`` return
+    L2-normalised float32 rows in the shared space (the scorer protocol of the ``image_text_similarity`` stage)."""
+
+    def __init__(self, path: str | Path, backend: str = "onnx", device: str = "cpu") -> None:
+        from phi3data.classifiers.embedding_classifier import MiniLMEncoder
+
+        self.model = load_contrastive(path).to(device)
+        self.device = device
+        self.encoder = MiniLMEncoder(backend=backend)
+
+    @torch.no_grad()
+    def embed_images(self, images: list) -> Any:
+        pixels = self.model.vision_tower.preprocess(images).to(self.device)
+        return self.model.image_embeddings(pixels).float().cpu().numpy()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> Any:
+        vectors = torch.from_numpy(self.encoder.encode(list(texts))).to(self.device)
+        return self.model.text_embeddings(vectors).float().cpu().numpy()
