@@ -138,6 +138,8 @@ class ImageUrlFrequency(KeyedStage):
     reports_always = True
 
     def keys(self, batch: pa.Table) -> pa.Table:
+        if "image_urls" not in batch.schema.names:
+            raise ValueError(f"{self.name}: the rows have no image_urls; put an extract_interleaved stage before it")
         keys, ids = [], []
         for doc, urls in zip(batch.column("id").to_pylist(), batch.column("image_urls").to_pylist()):
             mine = sorted({url_key(u) for u in urls or [] if u is not None})
