@@ -72,7 +72,7 @@ class SynthConfig:
     def hash(self) -> str:
         blob = {**asdict(self), "version": GENERATOR_VERSION}
         if self.kind == "ocr":  # the paragraphs come from a file: its content is part of the config
-            blob["textbooks"] = _file_sha256(textbooks_path(self.textbooks))
+            blob["textbooks"] = _file_sha256(_require_textbooks(textbooks_path(self.textbooks)))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -297,6 +297,13 @@ def textbooks_path(path: str | Path | None = None) -> Path:
     return shared_data() / "textbooks" / "openstax.jsonl.gz"
 
 
+def _require_textbooks(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"textbook file {path} is missing: OCR images are rendered from the shared "
+                                f"OpenStax sections (../shared/data/textbooks/openstax.jsonl.gz) or --textbooks")
+    return path
+
+
 def _drawable(text: str) -> bool:
     return all(32 <= ord(ch) < 127 or 0xC0 <= ord(ch) <= 0xFF or ch in OCR_EXTRA_CHARS for ch in text)
 
@@ -304,10 +311,7 @@ def _drawable(text: str) -> bool:
 @lru_cache(maxsize=2)
 def ocr_paragraphs(path: str) -> tuple[tuple[str, str], ...]:
     """Single-line paragraphs of ``OCR_MIN_CHARS``..``OCR_MAX_CHARS`` drawable characters: (book, text), file order."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"textbook file {path} is missing: OCR images are rendered from the shared "
-                                f"OpenStax sections (../shared/data/textbooks/openstax.jsonl.gz) or --textbooks")
+    path = _require_textbooks(Path(path))
     out = []
     with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8") as handle:
         for line in handle:

@@ -281,21 +281,25 @@ def tokenize_images(inputs: list[Path], output: Path, config: ImageTokenizeConfi
     image_token_id(get_tokenizer(config.tokenizer), config.image_token)
     started = time.perf_counter()
     config_hash = config.hash()
+    items = []
+    for input_path in inputs:
+        root, shards = plan_inputs(Path(input_path))
+        name = source or root.name.removesuffix(".parquet") or "images"
+        not_parquet = [s.relpath for s in shards if not s.relpath.endswith(".parquet")]
+        if not_parquet:
+            raise ValueError(f"{input_path}: {not_parquet[0]} is not a parquet record file; image tokenization "
+                             f"reads pair or conversation parquet (phi3data.multimodal.writers.write_parquet)")
+        for s in shards:
+            items.append({"path": s.path, "relpath": s.relpath, "key": s.key, "source": name,
+                          "stem": shard_stem(s.relpath, s.key, config_hash), "config_hash": config_hash})
+    if len({i["stem"] for i in items}) != len(items):
+        raise ValueError("two inputs have the same relative path and content; tokenize them once")
     with output_lock(output):
         manifest_path = output / "manifest.json"
         if manifest_path.exists() and json.loads(manifest_path.read_text()).get("config_hash") != config_hash:
             raise ValueError(f"{output} holds tokens made with another config or tokenizer; choose a new output "
                              f"directory")
         remove_stale_tmp(output)
-        items = []
-        for input_path in inputs:
-            root, shards = plan_inputs(Path(input_path))
-            name = source or root.name.removesuffix(".parquet") or "images"
-            for s in shards:
-                items.append({"path": s.path, "relpath": s.relpath, "key": s.key, "source": name,
-                              "stem": shard_stem(s.relpath, s.key, config_hash), "config_hash": config_hash})
-        if len({i["stem"] for i in items}) != len(items):
-            raise ValueError("two inputs have the same relative path and content; tokenize them once")
         pending = [i for i in items if not (output / f"{i['stem']}.json").exists()]
         task = functools.partial(tokenize_image_shard, json.dumps(asdict(config), sort_keys=True), str(output))
         results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
@@ -303,10 +307,9 @@ def tokenize_images(inputs: list[Path], output: Path, config: ImageTokenizeConfi
         drain(results, total=len(items), skipped=len(items) - len(pending), label=f"tokenize images ({engine})",
               count=lambda r: r["tokens"], unit="tokens", progress=progress)
         manifest = write_directory_manifest(output, config, config_hash)
-        shard_images = [json.loads(s.with_name(s.name + ".json").read_text()).get("images", {})
-                        for s in list_shards(output)]
-        manifest.update(mask_kind=config.mask, image_token=config.image_token,
-                        images=sum(i.get("count", 0) for i in shard_images))
+        images = sum(json.loads((output / f"{e['stem']}.json").read_text())["images"]["count"]
+                     for e in manifest["shards"])
+        manifest.update(mask_kind=config.mask, image_token=config.image_token, images=images)
         write_json_atomic(output / "manifest.json", manifest)
     return TokenizeSummary(output, manifest, len(items), len(items) - len(pending), time.perf_counter() - started)
 
