@@ -67,8 +67,8 @@ def test_vit_is_a_clip_vision_model(tmp_path) -> None:
         torch.testing.assert_close(keep_cls(pixels), out.hidden_states[-1], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["clip", "siglip"])
-def test_transformers_tower_from_local_dir(tmp_path, kind: str) -> None:
+def saved_transformers_tower(path, kind: str):
+    """A tiny random CLIPVisionModel or SiglipVisionModel, saved by transformers into ``path``."""
     import transformers
 
     torch.manual_seed(0)
@@ -78,7 +78,13 @@ def test_transformers_tower_from_local_dir(tmp_path, kind: str) -> None:
         model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**arch)).eval()
     else:
         model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**arch)).eval()
-    model.save_pretrained(tmp_path / kind)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_transformers_tower_from_local_dir(tmp_path, kind: str) -> None:
+    model = saved_transformers_tower(tmp_path / kind, kind)
     tower = load_vision_tower(tmp_path / kind)
     pixels = tower.preprocess([_png(photo) for photo in photos(2)])  # encoded bytes
     with torch.no_grad():
@@ -211,6 +217,26 @@ def test_llava_export_matches_transformers(tmp_path, projector: str, tied: bool)
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
         back, _ = load_llava(out).eval()(ids, pixels)
     torch.testing.assert_close(back, ours, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_llava_export_of_transformers_towers(tmp_path, kind: str) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    saved_transformers_tower(tmp_path / kind, kind)
+    tower = load_vision_tower(tmp_path / kind)
+    torch.manual_seed(1)
+    vlm = VLM(tower, tiny_phi3(), "mlp2x_gelu", image_token_id=IMAGE_TOKEN).eval()
+    out = save_llava(vlm, tmp_path / "llava")
+    # SigLIP has no class token: transformers must keep every patch ("full"), CLIP drops the first ("default")
+    assert llava_config(vlm)["vision_feature_select_strategy"] == ("default" if kind == "clip" else "full")
+    hf, info = LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([prompt(vlm, [1, 17], [40, 41])])
+    pixels = tower.preprocess(photos(1))
+    with torch.no_grad():
+        torch.testing.assert_close(vlm(ids, pixels)[0], hf.eval()(input_ids=ids, pixel_values=pixels).logits,
+                                   atol=1e-5, rtol=0)
 
 
 def test_llava_export_refuses_phi3_small_options(tmp_path) -> None:
