@@ -191,6 +191,9 @@ def test_feature_cache_encodes_each_image_once(tmp_path) -> None:
     assert other.misses == 1
     with pytest.raises(ValueError, match="content id"):
         cache.path("../escape")
+    with pytest.raises(ValueError, match=f"image {'f' * 64}: .*cannot be decoded"):  # a truncated PNG
+        cache.features(["f" * 64], [images[0][:200]])
+    assert not cache.path("f" * 64).exists()
 
 
 def _saved(vlm: VLM, tmp_path):

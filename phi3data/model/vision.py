@@ -75,9 +75,12 @@ def preprocess_images(images: list, size: int, mean: tuple, std: tuple, pad: boo
     out = torch.empty(len(images), 3, size, size)
     mean_t, std_t = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
     for i, image in enumerate(images):
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            image = Image.open(io.BytesIO(bytes(image)))
-        image = image.convert("RGB")
+        try:
+            if isinstance(image, (bytes, bytearray, memoryview)):
+                image = Image.open(io.BytesIO(bytes(image)))
+            image = image.convert("RGB")
+        except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+            raise ValueError(f"image {i} of {len(images)} cannot be decoded: {exc}") from None
         if pad and image.width != image.height:
             side = max(image.size)
             square = Image.new("RGB", (side, side), tuple(int(round(m * 255)) for m in mean))

@@ -196,7 +196,7 @@ class ImageFeatureCache:
                 missing.append(i)
         for start in range(0, len(missing), self.batch_size):
             rows = missing[start:start + self.batch_size]
-            computed = self._compute([images[i] for i in rows])
+            computed = self._compute([images[i] for i in rows], [image_ids[i] for i in rows])
             for i, feats in zip(rows, computed, strict=True):
                 self._store(image_ids[i], feats)
                 out[i] = feats
@@ -206,11 +206,17 @@ class ImageFeatureCache:
         return torch.stack(out)
 
     @torch.no_grad()
-    def _compute(self, images: list[Any]) -> torch.Tensor:
-        if all(isinstance(im, torch.Tensor) for im in images):
-            pixels = torch.stack(images)
-        else:
-            pixels = self.tower.preprocess(images)
+    def _compute(self, images: list[Any], image_ids: list[str]) -> torch.Tensor:
+        pixels = []
+        for image, image_id in zip(images, image_ids, strict=True):
+            if isinstance(image, torch.Tensor):
+                pixels.append(image)
+                continue
+            try:
+                pixels.append(self.tower.transform(image))
+            except ValueError as exc:
+                raise ValueError(f"image {image_id}: {exc}") from None
+        pixels = torch.stack(pixels)
         device = next(self.tower.parameters()).device
         return self.tower(pixels.to(device)).cpu()
 
