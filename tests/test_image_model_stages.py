@@ -29,6 +29,7 @@ from phi3data.pipelines.stages.image_models import (
     ImageTextSimilarity,
     ImageTextSimilarityParams,
     l2_normalise,
+    pad_to_aspect,
     register_scorer,
     text_density,
 )
@@ -178,6 +179,17 @@ def test_ocr_keeps_caption_images_or_text_rich_images_by_density(page_and_photo,
     with pytest.raises(RecipeError, match="min_text_density"):
         load_recipe({"pipeline": {"name": "x"},
                      "stage": [{"type": "image_ocr", "min_text_density": 0.5, "max_text_density": 0.1}]})
+
+
+def test_thin_strips_are_read_as_empty_or_padded_not_blown_up(ocr_engine):
+    strip = io.BytesIO()  # RapidOCR alone would upsize a 1 x 128 strip to 736 x 94,208 pixels for detection
+    Image.open(SKIMAGE_DATA / "astronaut.png").crop((200, 200, 201, 328)).save(strip, format="PNG")
+    out = ocr_stage(ocr_engine).process(make_images([{"image": strip.getvalue(), "source": "strip"}]))
+    assert out.batch.select(["ocr_text", "ocr_boxes", "text_density"]).to_pylist() == [
+        {"ocr_text": "", "ocr_boxes": 0, "text_density": 0.0}] and not out.rejects
+    assert pad_to_aspect(Image.new("RGB", (10, 128)), 8).size == (16, 128)
+    assert pad_to_aspect(Image.new("RGB", (900, 100)), 8).size == (900, 113)
+    assert pad_to_aspect(Image.new("RGB", (300, 200)), 8).size == (300, 200)
 
 
 def test_text_density_is_the_union_of_boxes_over_the_image():

@@ -4,7 +4,8 @@ scorer; ``clip`` loads any CLIP checkpoint from a local directory).
 
 They act on tables with an ``image`` bytes column (image and pair records, :mod:`phi3data.multimodal.records`).
 Each decodes the bytes itself; a row whose image is missing or does not decode becomes a reject with a named reason
-(``missing_image``, ``decompression_bomb``, ``undecodable_image``) and the rest of the batch goes on. Models load once
+(``missing_image``, ``decompression_bomb``, ``undecodable_image``, or ``model_error`` for one the model fails on) and
+the rest of the batch goes on. Models load once
 per worker in ``setup``; ``identity`` names their files by content hash, so the recipe hash follows the weights.
 """
 
@@ -88,7 +89,8 @@ class ImageModelStage(Stage):
     params: ImageStageParams
 
     def score(self, images: list, rows: list[int], batch: pa.Table) -> dict[str, list]:
-        """Output column values for ``images`` (decoded from the batch rows ``rows``)."""
+        """Output column values for ``images`` (decoded from the batch rows ``rows``). It may add ``model_error``:
+        per image ``None`` or what went wrong; those rows become ``model_error`` rejects."""
         raise NotImplementedError
 
     def drop_reason(self, values: dict) -> str | None:
@@ -119,10 +121,17 @@ class ImageModelStage(Stage):
                 rows.append(row)
             if not rows:
                 continue
-            for name, scores in self.score(chunk, rows, batch).items():
+            scored = self.score(chunk, rows, batch)
+            errors = scored.pop("model_error", None) or [None] * len(rows)
+            for name, scores in scored.items():
                 for row, value in zip(rows, scores):
                     values[name][row] = value
-            decoded[rows] = True
+            for row, error in zip(rows, errors):
+                if error is None:
+                    decoded[row] = True
+                else:
+                    rejects.append({"id": ids[row], "source": sources[row], "stage": self.name,
+                                    "reason": "model_error", "detail": error})
         for name, dtype in self.columns.items():
             batch = set_column(batch, name, pa.array(values[name], dtype))
         drops: Counter = Counter()
@@ -202,6 +211,26 @@ def rapidocr_files() -> list[Path]:
 
 
 DENSITY_MASK_SIDE = 1024  # text boxes are rasterised at most this large: density is a fraction, not pixel-exact
+OCR_MIN_SIDE = 8
+"""Images with a shorter side than this hold no legible line of text: they read as empty without running the model."""
+OCR_MAX_ASPECT = 8
+"""RapidOCR upsizes an image's short side to 30 px and then to 736 px for detection, so a 1 x 512 strip would become
+736 x 376,832 pixels (gigabytes); longer sides are padded with white up to this ratio first (rapidocr's own
+``width_height_ratio``)."""
+
+
+def pad_to_aspect(image, max_aspect: float):
+    """The image on a white canvas whose sides differ by at most ``max_aspect`` (unchanged if they already do);
+    the image keeps its top-left corner, so box coordinates stay those of the original."""
+    from PIL import Image
+
+    width, height = image.size
+    canvas = (max(width, -(-height // max_aspect)), max(height, -(-width // max_aspect)))
+    if canvas == (width, height):
+        return image
+    padded = Image.new("RGB", (int(canvas[0]), int(canvas[1])), (255, 255, 255))
+    padded.paste(image, (0, 0))
+    return padded
 
 
 def text_density(boxes: list, width: int, height: int) -> float:
@@ -262,14 +291,24 @@ class ImageOcr(ImageModelStage):
 
     def read(self, image) -> tuple[str, int, float]:
         """(text, lines, density) of one RGB image."""
-        result, _ = self.engine(image)
+        if min(image.size) < OCR_MIN_SIDE:
+            return "", 0, 0.0
+        result, _ = self.engine(pad_to_aspect(image, OCR_MAX_ASPECT))
         lines = result or []
         text = "\n".join(str(line[1]) for line in lines)
         return text, len(lines), text_density([line[0] for line in lines], *image.size)
 
     def score(self, images: list, rows: list[int], batch: pa.Table) -> dict[str, list]:
-        texts, counts, densities = zip(*(self.read(img) for img in images))
-        return {"ocr_text": list(texts), "ocr_boxes": list(counts), "text_density": list(densities)}
+        out: dict[str, list] = {"ocr_text": [], "ocr_boxes": [], "text_density": [], "model_error": []}
+        for img in images:
+            try:  # a model failure on one image rejects that image, not the batch
+                text, count, density = self.read(img)
+                error = None
+            except Exception as exc:
+                text, count, density, error = None, None, None, f"{type(exc).__name__}: {exc}"
+            for name, value in zip(out, (text, count, density, error)):
+                out[name].append(value)
+        return out
 
     def drop_reason(self, values: dict) -> str | None:
         p = self.params
