@@ -136,8 +136,10 @@ def test_image_features_fill_the_placeholders_in_order() -> None:
         masked_ids = torch.where(ids == IMAGE_TOKEN, 0, ids)
         by_mask, _ = vlm(masked_ids, pixels, image_mask=ids == IMAGE_TOKEN)
         by_features, _ = vlm(ids, vision_features=vlm.vision_tower(pixels))
+        by_list, _ = vlm(ids, list(pixels))  # one (3, S, S) tensor per image, as a collate of mixed sizes gives
     torch.testing.assert_close(by_mask, logits, atol=0, rtol=0)
     torch.testing.assert_close(by_features, logits, atol=0, rtol=0)
+    torch.testing.assert_close(by_list, logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="image positions"):
         vlm(ids, pixels[:1])
     with pytest.raises(ValueError, match="image positions"):

@@ -72,10 +72,15 @@ class VLM(nn.Module):
         return self.vision_tower.n_tokens
 
     def vision_features(self, pixels: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """Tower features ``(N, n_tokens, d_vision)`` of the images (a tensor, or a list of per-sample tensors),
-        with gradients only when some tower parameter trains."""
+        """Tower features ``(N, n_tokens, d_vision)`` of the images (a ``(N, 3, S, S)`` tensor, or a list of
+        ``(3, S, S)`` images or ``(n, 3, S, S)`` per-sample tensors), with gradients only when some tower parameter
+        trains."""
         if not isinstance(pixels, torch.Tensor):
-            pixels = torch.cat(list(pixels))
+            pixels = [p if p.ndim == 4 else p[None] for p in pixels]
+            if not pixels:
+                return torch.zeros(0, self.n_tokens, self.vision_tower.hidden_size,
+                                   device=next(self.vision_tower.parameters()).device)
+            pixels = torch.cat(pixels)
         trains = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             return self.vision_tower(pixels)
