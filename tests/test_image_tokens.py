@@ -22,6 +22,7 @@ from phi3data.tokenization.images import (
     SIDECAR_SUFFIX,
     ImageTokenDataset,
     ImageTokenizeConfig,
+    SidecarWriter,
     collate_images,
     encode_image_chat,
     read_sidecar,
@@ -145,7 +146,8 @@ def test_each_image_token_expands_to_the_encoder_token_count(conversation_shards
     assert (batch["targets"][:, -1] == -100).all() and len(batch["images"]) == 4
 
 
-def test_sidecar_stays_aligned_after_a_reload(tmp_path, photos):
+def test_sidecar_stays_aligned_after_a_reload(tmp_path, photos, monkeypatch):
+    monkeypatch.setattr(SidecarWriter, "BATCH_ROWS", 2)  # the sidecar is written in several record batches
     records = [
         {"id": "a", "images": [photos["astronaut"]], "messages": [
             {"role": "user", "content": "<|image|>\nDescribe the photo."},

@@ -180,8 +180,8 @@ def tokenize_image_shard(config_json: str, out_dir: str, item: dict) -> dict:
     stem = Path(out_dir) / item["stem"]
     started = time.perf_counter()
     writer = TokenShardWriter(stem, tok.dtype, with_mask=True)
+    sidecar = SidecarWriter(stem.with_name(stem.name + SIDECAR_SUFFIX))
     rejects: list[dict] = []
-    sidecar: list[dict] = []
     counts: Counter = Counter()
     try:
         for number, kind, row in _record_rows(Path(item["path"]), rejects):
@@ -199,26 +199,25 @@ def tokenize_image_shard(config_json: str, out_dir: str, item: dict) -> dict:
                 rejects.append({"id": row.get("id"), "reason": exc.reason, "detail": f"record {number}: {exc.detail}"})
                 continue
             for j, (data, pos) in enumerate(zip(images, positions)):
-                sidecar.append({"document": writer.documents, "image": j, "token": int(pos), "record_id": row.get("id"),
-                                "image_id": image_id(data), "bytes": data})
+                sidecar.add(writer.documents, j, int(pos), row.get("id"), data)
             writer.write(ids, mask)
-        sidecar_path = stem.with_name(stem.name + SIDECAR_SUFFIX)
-        unique = _write_sidecar(sidecar, sidecar_path)
+        sidecar.close()
         _write_rejects(rejects, stem.with_name(stem.name + ".rejects.jsonl"))
         manifest = writer.close({
             "input": item["relpath"], "input_key": item["key"], "source": item["source"],
             "tokenizer": tok.identity(), "tokenizer_hash": tok.identity_hash, "config": json.loads(config_json),
             "config_hash": item["config_hash"], "rejects": dict(sorted(Counter(r["reason"] for r in rejects).items())),
             "documents_read": counts["read"], "mask_kind": config.mask,
-            "images": {"sidecar": sidecar_path.name, "count": len(sidecar), "unique": unique,
+            "images": {"sidecar": sidecar.final.name, "count": sidecar.rows, "unique": sidecar.unique,
                        "image_token": config.image_token, "image_token_id": image_token_id(tok, config.image_token)},
             "seconds": round(time.perf_counter() - started, 3),
         })
     except BaseException:
         writer.abort()
+        sidecar.abort()
         raise
     return {"stem": item["stem"], "tokens": manifest["tokens"], "documents": manifest["documents"],
-            "images": len(sidecar), "rejects": manifest["rejects"], "documents_read": manifest["documents_read"]}
+            "images": sidecar.rows, "rejects": manifest["rejects"], "documents_read": manifest["documents_read"]}
 
 
 def _record_rows(path: Path, rejects: list[dict]) -> Iterator[tuple[int, str, dict]]:
@@ -239,22 +238,48 @@ def _record_rows(path: Path, rejects: list[dict]) -> Iterator[tuple[int, str, di
         rejects.append({"id": None, "reason": "unreadable_file", "detail": f"{path.name}: {str(exc)[:300]}"})
 
 
-def _write_sidecar(rows: list[dict], path: Path) -> int:
-    """Write the image sidecar atomically; bytes are stored once per image id. Returns the unique image count."""
-    first: dict[str, int] = {}
-    for number, row in enumerate(rows):
-        row["bytes_row"] = first.setdefault(row["image_id"], number)
-        if row["bytes_row"] != number:
-            row["bytes"] = None
-    table = pa.table({name: [r[name] for r in rows] for name in SIDECAR_SCHEMA.names}, schema=SIDECAR_SCHEMA)
-    tmp = tmp_path_for(path)
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SIDECAR_SCHEMA) as writer:
-            writer.write_table(table)
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return len(first)
+class SidecarWriter:
+    """Stream image rows into a shard's sidecar (Arrow IPC, written in batches); it appears on ``close``."""
+
+    BATCH_ROWS = 64
+
+    def __init__(self, final: Path):
+        self.final = final
+        self.tmp = tmp_path_for(final)
+        self._sink = pa.OSFile(str(self.tmp), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SIDECAR_SCHEMA)
+        self._pending: list[dict] = []
+        self._first: dict[str, int] = {}  # image id -> the row holding its bytes
+        self.rows = 0
+
+    def add(self, document: int, image: int, token: int, record_id: str | None, data: bytes) -> None:
+        img_id = image_id(data)
+        first = self._first.setdefault(img_id, self.rows)
+        self._pending.append({"document": document, "image": image, "token": token, "record_id": record_id,
+                              "image_id": img_id, "bytes_row": first, "bytes": data if first == self.rows else None})
+        self.rows += 1
+        if len(self._pending) >= self.BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_pylist(self._pending, schema=SIDECAR_SCHEMA))
+            self._pending = []
+
+    @property
+    def unique(self) -> int:
+        return len(self._first)
+
+    def close(self) -> Path:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        commit(self.tmp, self.final)
+        return self.final
+
+    def abort(self) -> None:
+        self._sink.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def read_sidecar(path: Path) -> pa.Table:
