@@ -363,3 +363,28 @@ def test_a_registered_scorer_ranks_true_captions_above_wrong_ones(colour_scorer)
     decision, kept = threshold_over(threshold, [scored.slice(0, 7), scored.slice(7)])
     assert decision["kept_docs"] == 6
     assert [s for batch in kept for s in batch.column("source").to_pylist()] == ["true"] * 6
+
+
+def test_the_in_repo_contrastive_tower_scores_pairs_by_name(tmp_path):
+    from dataclasses import replace
+
+    from phi3data.model.clip_pretrain import ContrastiveConfig, ContrastiveScorer, train_contrastive
+    from phi3data.model.vision import ViT, ViTConfig
+
+    pairs = easy_vqa_captions(8, {"red", "green", "blue", "yellow", "teal", "brown", "gray", "black"})
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for data, _, _ in pairs]
+    captions = [f"a {colour} {shape}" for _, colour, shape in pairs]
+    tower = ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2))
+    config = replace(ContrastiveConfig(), steps=2, batch_size=8, warmup_steps=1, embed_dim=16)
+    train_contrastive(tower, tower.preprocess(images), captions, config, out_dir=tmp_path / "tower")
+
+    table = make_pairs({"image": data, "text": caption, "source": "easy_vqa"}
+                       for (data, _, _), caption in zip(pairs, captions))
+    stage = ImageTextSimilarity(ImageTextSimilarityParams(model=str(tmp_path / "tower"), scorer="contrastive",
+                                                          device="cpu"))
+    assert "contrastive_heads.safetensors" in stage.identity()["files"]
+    scores = np.array(stage.process(table).batch.column("similarity").to_pylist())
+    reference = ContrastiveScorer(tmp_path / "tower")
+    expected = np.sum(reference.embed_images(images) * reference.embed_texts(captions), axis=1)
+    np.testing.assert_allclose(scores, expected, atol=1e-5)

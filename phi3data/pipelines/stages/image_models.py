@@ -407,11 +407,33 @@ register_scorer(
 )
 
 
+def load_contrastive_scorer(params: ImageTextSimilarityParams) -> ImageTextScorer:
+    """The in-repo vision tower trained by :func:`phi3data.model.clip_pretrain.train_contrastive`, its captions
+    embedded by the MiniLM backend it was trained with."""
+    import json
+
+    from phi3data.model.clip_pretrain import RUN_FILE, ContrastiveScorer
+
+    run_file = Path(params.model) / RUN_FILE
+    backend = json.loads(run_file.read_text())["config"].get("text_backend", "onnx") if run_file.exists() else "onnx"
+    return ContrastiveScorer(params.model, backend=backend, device=torch_device(params.device))
+
+
+def contrastive_identity(params: ImageTextSimilarityParams) -> dict:
+    from phi3data.pipelines.stages.edu import encoder_identity
+
+    return {"files": directory_hashes(Path(params.model)), "encoder": encoder_identity()}
+
+
+register_scorer("contrastive", load=load_contrastive_scorer, identity=contrastive_identity)
+
+
 class ImageTextSimilarityParams(ImageStageParams):
     model: str
     """The scorer's weights: for ``clip`` a local directory with a CLIP checkpoint."""
     scorer: str = "clip"
-    """A name registered with :func:`register_scorer`."""
+    """A name registered with :func:`register_scorer`: ``clip`` (a transformers CLIP checkpoint) or ``contrastive``
+    (a tower saved by ``phi3data.model.clip_pretrain.train_contrastive``)."""
     text_column: str = "text"
     column: str = "similarity"
     min_similarity: float | None = Field(None, ge=-1, le=1)
