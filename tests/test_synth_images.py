@@ -24,9 +24,11 @@ TEXTBOOKS = SHARED / "textbooks" / "openstax.jsonl.gz"
 
 @pytest.fixture(scope="module")
 def ocr():
-    rapidocr = pytest.importorskip("rapidocr_onnxruntime", reason="pip install rapidocr-onnxruntime (the "
-                                                                  "multimodal extra) to read renders back")
-    return rapidocr.RapidOCR()
+    try:
+        from rapidocr_onnxruntime import RapidOCR
+    except ImportError:
+        pytest.fail("rapidocr_onnxruntime is missing: pip install -e '.[multimodal]' (it reads the renders back)")
+    return RapidOCR()
 
 
 def _read_back(ocr, png: bytes) -> str:
