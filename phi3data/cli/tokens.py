@@ -56,6 +56,10 @@ def tokenize(
     finished shards, and local, Ray and Spark give identical bytes. Empty, too long and malformed documents
     are counted by reason in manifest.json (details in *.rejects.jsonl); lone surrogates are replaced by U+FFFD
     and counted.
+
+    Image-text records (pairs or conversations in parquet): phi3data tokenize out/synth/charts --images --mask
+    assistant --output out/tokens/charts writes one image token per image and an image sidecar (S.images.arrow)
+    per shard; --mask caption trains on the caption only (LLaVA stage 1).
     """
     if images:
         _tokenize_images(inputs, output, tokenizer=tokenizer, source=source, mask=mask, image_token=image_token,
