@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi3data.io.inputs import file_sha256
 from phi3data.io.writers import output_lock, remove_stale_tmp, write_json_atomic
 from phi3data.multimodal.records import IMAGE_PLACEHOLDER, make_conversations, make_pairs
 from phi3data.multimodal.writers import write_parquet
@@ -72,7 +73,7 @@ class SynthConfig:
     def hash(self) -> str:
         blob = {**asdict(self), "version": GENERATOR_VERSION}
         if self.kind == "ocr":  # the paragraphs come from a file: its content is part of the config
-            blob["textbooks"] = _file_sha256(_require_textbooks(textbooks_path(self.textbooks)))
+            blob["textbooks"] = file_sha256(_require_textbooks(textbooks_path(self.textbooks)))
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -87,10 +88,6 @@ class SynthSummary:
 
 def _rng(seed: int, kind: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(kind.encode()), index])
-
-
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _font_path(name: str = "DejaVuSans.ttf") -> Path:
