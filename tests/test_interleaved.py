@@ -250,3 +250,27 @@ def test_the_run_gives_the_fetcher_its_image_urls(local_run, tmp_path):
     refused = CliRunner().invoke(app, ["fetch", str(tmp_path / "images" / "image_urls.parquet"), "--output",
                                        str(tmp_path / "x"), "--list-only"])
     assert refused.exit_code == 2 and "run directory" in refused.output
+
+
+def test_bad_pages_are_counted_not_crashes():
+    """Binary junk, an empty body and a DOM nested far deeper than Python's recursion limit: each row is kept or
+    dropped under a named reason, and the good page in the same batch comes through. (In a run the WARC reader
+    rejects binary payloads first; here the junk reaches the stage and becomes text for the text filters.)"""
+    from phi3data.pipelines.stages.interleaved import ExtractInterleaved
+
+    stage = ExtractInterleaved(ExtractInterleaved.Params())
+    stage.ensure_setup()
+    deep = b"<html><body>" + b"<div>" * 20_000 + b"<p>Deep text.</p><img src='https://e.org/deep.jpg'>" + \
+        b"</div>" * 20_000 + b"</body></html>"
+    batch = make_batch([{"id": "junk", "html": bytes(range(256)) * 40, "url": "https://e.org/j", "source": "s"},
+                        {"id": "blank", "html": b"<html><body>  </body></html>", "url": None, "source": "s"},
+                        {"id": "deep", "html": deep, "url": "https://e.org/d", "source": "s"},
+                        {"id": "good", "html": PAGE, "url": "https://example.org/blog/post.html", "source": "s"}],
+                       with_html=True)
+    out = stage.process(batch)
+    kept = {r["id"]: r for r in out.batch.to_pylist()}
+    assert "good" in kept and "blank" not in kept and "html" not in out.batch.schema.names
+    assert all(u is None for u in kept["junk"]["image_urls"])
+    assert kept["deep"]["texts"] == ["Deep text.", None] and kept["deep"]["image_urls"] == [None,
+                                                                                          "https://e.org/deep.jpg"]
+    assert dict(out.drops) == {"extract_interleaved:empty": 1} and not out.rejects
