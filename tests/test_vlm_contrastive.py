@@ -42,6 +42,15 @@ def easy_vqa_pairs(split: str, n: int) -> tuple[list[Image.Image], list[str]]:
     return [Image.open(paths[k]) for k in keys], [" ".join(by_image[k]) for k in keys]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches this small gain nothing from a second thread, and on a busy box its barriers cost 10x the time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def data():
     train_images, train_captions = easy_vqa_pairs("train", 256)
