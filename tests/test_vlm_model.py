@@ -94,6 +94,10 @@ def test_transformers_tower_from_local_dir(tmp_path, kind: str) -> None:
         features = tower(pixels)
     assert tower.n_tokens == 16 == features.shape[1]
     torch.testing.assert_close(features, expected, atol=1e-6, rtol=0)
+    # the identity (the feature cache's key) follows the weights and settings, not the directory they were read from
+    (tmp_path / kind).rename(tmp_path / "moved")
+    assert tower_identity(load_vision_tower(tmp_path / "moved")) == tower_identity(tower)
+    assert tower_identity(load_vision_tower(tmp_path / "moved", feature_layer=-1)) != tower_identity(tower)
     assert tower.image_mean == (SIGLIP_MEAN if kind == "siglip" else CLIP_MEAN)
 
 

@@ -365,7 +365,9 @@ class HFVisionTower(VisionTower):
         return self.model(pixel_values=pixels.to(next(self.model.parameters()).dtype)).pooler_output
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "config": self.model.config.to_dict(), "feature_layer": self.feature_layer,
+        config = {k: v for k, v in self.model.config.to_dict().items()
+                  if k not in ("_name_or_path", "transformers_version", "architectures")}  # not where it was read
+        return {"kind": self.kind, "config": config, "feature_layer": self.feature_layer,
                 "select_feature": self.select_feature, "image_mean": list(self.image_mean),
                 "image_std": list(self.image_std)}
 
