@@ -35,7 +35,7 @@ from phi3data.pipelines.shuffle import (
 )
 
 EXCERPT_BYTES = 256
-BAD_INPUT = {"truncated", "undecodable", "decompression_bomb", "unsupported_format"}
+BAD_INPUT = {"truncated", "undecodable", "decompression_bomb", "unsupported_format", "image_error"}
 """Reasons that mean broken input: also written to the run's rejects (bounds like ``too_small`` are only counted)."""
 
 
@@ -70,6 +70,10 @@ class _PerImageStage(Stage):
         except img.ImageRejected as exc:
             exc.data = data
             raise
+        except Exception as exc:  # an image Pillow opens but cannot convert or resize is bad input too
+            rejected = img.ImageRejected("image_error", f"{type(exc).__name__}: {exc}"[:200])
+            rejected.data = data
+            raise rejected from None
 
     def finish(self, batch: pa.Table, layout: str, results: list) -> pa.Table:
         """Write the kept records' results into the batch (``results[i]``: a dict, or a list of dicts or None)."""
