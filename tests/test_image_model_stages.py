@@ -125,6 +125,7 @@ def test_bad_images_are_rejected_with_reasons_and_the_rest_goes_on():
                        "empty": "missing_image"}
     assert all(r["stage"] == "image_nsfw" and r["id"] for r in out.rejects)
     assert next(r for r in out.rejects if r["source"] == "text")["excerpt"] == b"this is not an image"
+    assert all(" at 0x" not in r["detail"] for r in out.rejects)  # reruns and engines write the same detail
 
 
 def test_stage_identity_names_the_packaged_model_files():
@@ -388,3 +389,73 @@ def test_the_in_repo_contrastive_tower_scores_pairs_by_name(tmp_path):
     reference = ContrastiveScorer(tmp_path / "tower")
     expected = np.sum(reference.embed_images(images) * reference.embed_texts(captions), axis=1)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
+
+
+# --- in a pipeline, on every engine ----------------------------------------------------------------------------
+
+def model_recipe(clip: Path, max_nsfw: float):
+    return load_recipe({
+        "pipeline": {"name": "image_models"}, "input": {"format": "records"}, "output": {"batch_size": 4},
+        "stage": [{"type": "image_nsfw", "max_score": max_nsfw},
+                  {"type": "image_text_similarity", "model": str(clip), "device": "cpu"},
+                  {"type": "edu_threshold", "name": "top_similarity", "column": "similarity", "mode": "percentile",
+                   "top_percent": 50, "low": -1.0, "high": 1.0, "bins": 100_000}]})
+
+
+def pair_shards(root: Path, vqa_pairs: pa.Table) -> Path:
+    """Two parquet shards of pairs: easy-vqa and skimage photos, a corrupt image in the second."""
+    from phi3data.multimodal.writers import write_parquet
+
+    rows = vqa_pairs.select(["image", "text", "source"]).to_pylist()
+    rows.append({"image": skimage_file("retina.jpg"), "text": "a retina", "source": "skimage"})
+    rows.append({"image": b"\x89PNG\r\n\x1a\n not really", "text": "a broken picture", "source": "corrupt"})
+    write_parquet(make_pairs(rows[:7]), root / "a.parquet")
+    write_parquet(make_pairs(rows[7:]), root / "b.parquet")
+    return root
+
+
+def run_rows(out: Path, folder: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    rows = [r for p in sorted((out / folder).glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+@pytest.fixture(scope="module")
+def local_model_run(tiny_clip, vqa_pairs, nsfw_scores, tmp_path_factory) -> tuple[Path, dict]:
+    from phi3data.pipelines.runner import run_pipeline
+
+    retina = nsfw_scores[make_images([{"image": skimage_file("retina.jpg")}]).column("id")[0].as_py()]
+    root = pair_shards(tmp_path_factory.mktemp("pairs"), vqa_pairs)
+    out = tmp_path_factory.mktemp("image_models_local")
+    recipe = model_recipe(tiny_clip, max_nsfw=retina / 2)  # the retina scores highest of these images
+    summary = run_pipeline(recipe, root, out, engine="local", workers=1, progress=False)  # in this process
+    return out, summary.stats
+
+
+def test_model_stages_run_in_a_pipeline_with_a_percentile_cut(local_model_run):
+    out, stats = local_model_run
+    drops = {reason: n for stage in stats["stages"] for reason, n in stage["drops"].items()}
+    assert drops["image_nsfw:nsfw"] == 1
+    rejects = run_rows(out, "rejects")
+    assert [(r["reason"], r["stage"]) for r in rejects] == [("undecodable_image", "image_nsfw")]
+    data = run_rows(out, "data")
+    decision = stats["decisions"]["top_similarity"]
+    assert decision["total_docs"] == 12 and decision["kept_docs"] == 6 == len(data)  # 14 pairs less the two above
+    assert {"nsfw_score", "similarity"} <= set(data[0]) and all(r["source"] != "corrupt" for r in data)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("engine", ["ray", "spark"])
+def test_model_stages_give_the_same_output_on_every_engine(engine, engine_up, local_model_run, tiny_clip, vqa_pairs,
+                                                           nsfw_scores, tmp_path):
+    from phi3data.pipelines.runner import run_pipeline
+
+    local_out, local_stats = local_model_run
+    retina = nsfw_scores[make_images([{"image": skimage_file("retina.jpg")}]).column("id")[0].as_py()]
+    root = pair_shards(tmp_path / "in", vqa_pairs)
+    summary = run_pipeline(model_recipe(tiny_clip, max_nsfw=retina / 2), root, tmp_path / engine, engine=engine,
+                           workers=2, progress=False)
+    assert summary.stats["decisions"] == local_stats["decisions"]
+    for folder in ("data", "rejects"):
+        assert run_rows(tmp_path / engine, folder) == run_rows(local_out, folder)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import io
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,7 +73,12 @@ def decode_image(data: bytes | None):
     except Image.DecompressionBombError as exc:
         return None, "decompression_bomb", str(exc)
     except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, ValueError ...): all are bad input
-        return None, "undecodable_image", f"{type(exc).__name__}: {exc}"
+        return None, "undecodable_image", error_detail(exc)
+
+
+def error_detail(exc: Exception) -> str:
+    """An exception as reject detail, without object addresses (a rerun or another engine writes the same)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
 
 
 class ImageStageParams(StageParams):
@@ -305,7 +311,7 @@ class ImageOcr(ImageModelStage):
                 text, count, density = self.read(img)
                 error = None
             except Exception as exc:
-                text, count, density, error = None, None, None, f"{type(exc).__name__}: {exc}"
+                text, count, density, error = None, None, None, error_detail(exc)
             for name, value in zip(out, (text, count, density, error)):
                 out[name].append(value)
         return out
