@@ -228,6 +228,8 @@ def test_image_pairs_recipe_counts_every_reason_and_keeps_the_good_pairs(recipe_
     expected = {reason: 1 for _, _, reason in bad_samples().values()}
     assert drops_of(stats) == expected
     assert stats["read_rejects"] == {"failed_sidecar": 1}
+    decision = stats["decisions"]["image_dedup"]
+    assert (decision["links"], decision["clusters"], decision["in_clusters"], decision["to_drop"]) == (1, 1, 2, 1)
     out = recipe_run.output
     rejects = parquet_rows(out / "rejects")
     assert sorted(r["reason"] for r in rejects) == ["decompression_bomb", "failed_sidecar", "truncated",

@@ -403,7 +403,11 @@ class ImageDedup(KeyedStage):
         reduced = job.run("image_links", functools.partial(_link_candidates, keys_files, str(job.work / "links"),
                                                            p.method, p.threshold),
                           [{"task": f"p{q:05d}", "part": q} for q in range(p.partitions)])
-        clusters = components_on_driver([f for r in reduced for f in r["files"]])
+        edge_files = [f for r in reduced for f in r["files"]]
+        clusters = components_on_driver(edge_files)
+        # a pair close in several bands is linked once per band's partition: count distinct pairs
+        edges = pa.concat_tables([pq.read_table(f) for f in edge_files]) if edge_files else EDGE_SCHEMA.empty_table()
+        links = edges.group_by(["src", "dst"]).aggregate([]).num_rows if edges.num_rows else 0
         rows = resolved_rows(clusters)
         labels, reps = rows.column("id").to_pylist(), rows.column("cluster").to_pylist()
         distances = [_distance(a, b, p.method) for a, b in zip(labels, reps)]
@@ -417,8 +421,7 @@ class ImageDedup(KeyedStage):
         dropped = int(pc.sum(pc.not_equal(resolved.column("id"), resolved.column("cluster"))).as_py() or 0)
         return {"images_keyed": sum(pq.read_table(f, columns=["band"], filters=[("band", "=", 0)]).num_rows
                                     for f in keys_files),
-                "candidate_pairs": sum(r["candidates"] for r in reduced),
-                "links": sum(r["links"] for r in reduced),
+                "comparisons": sum(r["candidates"] for r in reduced), "links": links,
                 "clusters": int(pc.count_distinct(resolved.column("cluster")).as_py()) if resolved.num_rows else 0,
                 "in_clusters": resolved.num_rows, "to_drop": 0 if p.mode == "annotate" else dropped,
                 "resolved": files}
