@@ -121,7 +121,7 @@ def test_bad_images_are_rejected_with_reasons_and_the_rest_goes_on():
     out = ImageNsfw(ImageNsfwParams()).process(table)
     assert out.batch.column("source").to_pylist() == ["good"]
     reasons = {r["source"]: r["reason"] for r in out.rejects}
-    assert reasons == {"text": "undecodable_image", "truncated": "undecodable_image", "bomb": "decompression_bomb",
+    assert reasons == {"text": "undecodable", "truncated": "undecodable", "bomb": "decompression_bomb",
                        "empty": "missing_image"}
     assert all(r["stage"] == "image_nsfw" and r["id"] for r in out.rejects)
     assert next(r for r in out.rejects if r["source"] == "text")["excerpt"] == b"this is not an image"
@@ -438,7 +438,7 @@ def test_model_stages_run_in_a_pipeline_with_a_percentile_cut(local_model_run):
     drops = {reason: n for stage in stats["stages"] for reason, n in stage["drops"].items()}
     assert drops["image_nsfw:nsfw"] == 1
     rejects = run_rows(out, "rejects")
-    assert [(r["reason"], r["stage"]) for r in rejects] == [("undecodable_image", "image_nsfw")]
+    assert [(r["reason"], r["stage"]) for r in rejects] == [("undecodable", "image_nsfw")]
     data = run_rows(out, "data")
     decision = stats["decisions"]["top_similarity"]
     assert decision["total_docs"] == 12 and decision["kept_docs"] == 6 == len(data)  # 14 pairs less the two above

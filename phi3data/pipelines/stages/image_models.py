@@ -4,7 +4,7 @@ scorer; ``clip`` loads any CLIP checkpoint from a local directory).
 
 They act on tables with an ``image`` bytes column (image and pair records, :mod:`phi3data.multimodal.records`).
 Each decodes the bytes itself; a row whose image is missing or does not decode becomes a reject with a named reason
-(``missing_image``, ``decompression_bomb``, ``undecodable_image``, or ``model_error`` for one the model fails on) and
+(``missing_image``, ``decompression_bomb``, ``undecodable``, or ``model_error`` for one the model fails on) and
 the rest of the batch goes on. Models load once
 per worker in ``setup``; ``identity`` names their files by content hash, so the recipe hash follows the weights.
 """
@@ -73,7 +73,7 @@ def decode_image(data: bytes | None):
     except Image.DecompressionBombError as exc:
         return None, "decompression_bomb", str(exc)
     except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, ValueError ...): all are bad input
-        return None, "undecodable_image", error_detail(exc)
+        return None, "undecodable", error_detail(exc)
 
 
 def error_detail(exc: Exception) -> str:
