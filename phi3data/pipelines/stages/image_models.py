@@ -112,7 +112,7 @@ class ImageModelStage(Stage):
         ids = batch.column("id").to_pylist() if "id" in batch.schema.names else [None] * batch.num_rows
         sources = batch.column("source").to_pylist() if "source" in batch.schema.names else [None] * batch.num_rows
         values = {name: [None] * batch.num_rows for name in self.columns}
-        decoded = np.zeros(batch.num_rows, dtype=bool)
+        scored_rows = np.zeros(batch.num_rows, dtype=bool)  # decoded, and the model read them
         rejects: list[dict] = []
         step = self.params.batch_size
         for start in range(0, batch.num_rows, step):
@@ -134,15 +134,15 @@ class ImageModelStage(Stage):
                     values[name][row] = value
             for row, error in zip(rows, errors):
                 if error is None:
-                    decoded[row] = True
+                    scored_rows[row] = True
                 else:
                     rejects.append({"id": ids[row], "source": sources[row], "stage": self.name,
                                     "reason": "model_error", "detail": error})
         for name, dtype in self.columns.items():
             batch = set_column(batch, name, pa.array(values[name], dtype))
         drops: Counter = Counter()
-        keep = decoded.copy()
-        for row in np.flatnonzero(decoded):
+        keep = scored_rows.copy()
+        for row in np.flatnonzero(scored_rows):
             reason = self.drop_reason({name: values[name][row] for name in self.columns})
             if reason is not None:
                 drops[f"{self.name}:{reason}"] += 1
