@@ -328,6 +328,10 @@ class ImageResize(_PerImageStage):
 
 # --- dedup ----------------------------------------------------------------------------------------------------
 
+# The shuffle's key rows carry only (band, key, node), and a node is named by the id keys() returns. So an image's
+# "id" there is a label: 15 digits of (10**15 - 1 - pixels), the record id, LABEL_SEP, the hash in hex. Labels sort
+# largest image first, then by record id, which makes the smallest node of a cluster the image to keep, and the
+# reduce tasks read the hash from the label to check the real Hamming distance.
 LABEL_SEP = "\x1e"  # below every printable character, so "<id><SEP>" sorts as the id does
 PIXEL_DIGITS = 15
 
