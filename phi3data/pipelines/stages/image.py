@@ -50,7 +50,8 @@ def image_layout(batch: pa.Table) -> str:
 
 class _DecodeParams(StageParams):
     max_pixels: int = Field(img.DEFAULT_MAX_PIXELS, gt=0)
-    """More pixels than this (read from the header, before decoding) is a ``decompression_bomb``."""
+    """More pixels than this (read from the header, before decoding) is a ``decompression_bomb``. Pillow itself
+    refuses more than twice ``PIL.Image.MAX_IMAGE_PIXELS`` (179 Mpx); a higher limit needs that raised too."""
     formats: list[str] = list(img.DEFAULT_FORMATS)
     """Pillow format names accepted; others are ``unsupported_format``."""
 
