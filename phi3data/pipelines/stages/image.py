@@ -377,20 +377,25 @@ class ImageDedup(KeyedStage):
         sizes = (zip(batch.column("width").to_pylist(), batch.column("height").to_pylist())
                  if {"width", "height"} <= set(batch.column_names) else None)
         known = iter(batch.column("phash").to_pylist()) if "phash" in batch.column_names else None
+        # pairs carry their image's content id; image records are named by it
+        content_ids = batch.column("image_id" if "image_id" in batch.column_names else "id").to_pylist()
+        images = batch.column("image")  # read one by one, only where an image must be opened
         bands, keys, labels = [], [], []
-        for doc, data in zip(batch.column("id").to_pylist(), batch.column("image").to_pylist()):
+        for row, doc in enumerate(batch.column("id").to_pylist()):
             size = next(sizes) if sizes is not None else None
             value = next(known) if known is not None else None
             try:
                 if p.method == "phash":
                     if value is None or size is None:  # not hashed by image_decode: decode here
-                        image = img.decode_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats))
+                        image = img.decode_image(images[row].as_py(), max_pixels=p.max_pixels,
+                                                 formats=tuple(p.formats))
                         size, value = image.size, img.phash(image)
                     value &= (1 << 64) - 1
                     digest = f"{value:016x}"
                 else:
-                    size = size or img.open_image(data, max_pixels=p.max_pixels, formats=tuple(p.formats)).size
-                    digest = image_id(data)
+                    size = size or img.open_image(images[row].as_py(), max_pixels=p.max_pixels,
+                                                  formats=tuple(p.formats)).size
+                    digest = content_ids[row]
                     value = int(digest[:16], 16)
             except img.ImageRejected:
                 continue
