@@ -23,6 +23,7 @@ COMMANDS = [
     ["classify", "annotate"], ["classify", "train"], ["classify", "evaluate"],
     ["generate"], ["fetch"], ["tokenize"], ["mix"],
     ["model", "info"], ["train"], ["eval"], ["ablate"], ["sandbox", "run"], ["report"], ["export", "gguf"],
+    ["synth-images"],
 ]
 
 # Packages a core install (no extras) lacks.
@@ -86,6 +87,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "report": (["report", str(tmp / "no-run")], "no-run"),
         "export gguf": (["export", "gguf", str(tmp / "no-checkpoint"), "--output", str(tmp / "x.gguf")],
                         "no-checkpoint"),
+        "synth-images": (["synth-images", "--kind", "nope", "--count", "1", "--output", str(tmp / "s")], "nope"),
     }
 
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import JSONL_DIR, ROOT, require_shared
 
-CORE_ONLY_ABSENT = ("torch", "pyspark", "ray", "sklearn", "onnxruntime", "transformers", "tiktoken", "httpx")
+CORE_ONLY_ABSENT = ("torch", "PIL", "pyspark", "ray", "sklearn", "onnxruntime", "transformers", "tiktoken", "httpx")
 
 
 def _requirement_names(dist: md.Distribution, extras: bool = False) -> list[str]:

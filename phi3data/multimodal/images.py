@@ -7,11 +7,15 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image
+
+try:
+    from PIL import Image
+except ImportError:  # a core install still registers the image stages; opening an image says what to install
+    Image = None
 
 # Pillow format names the stages accept by default (what img2dataset and OBELICS keep, plus GIF/BMP/TIFF).
 DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own default for Image.MAX_IMAGE_PIXELS
 # LLaVA pads with the CLIP processor's normalisation mean (image_mean * 255), not with the image's own colours.
 CLIP_MEAN_RGB = (122, 116, 104)
 ENCODE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -19,8 +23,7 @@ ENCODE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 # or more: close to resampling all the way (Pillow: 3.0 is indistinguishable), at a fraction of the cost for big
 # photos, and still finer than the plain block average (cv2 INTER_AREA) img2dataset shrinks with.
 REDUCING_GAP = 2.0
-RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-              "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX}
+RESAMPLING = ("bicubic", "bilinear", "lanczos", "box")  # names of Pillow's Image.Resampling filters
 
 PHASH_SIZE = 8
 PHASH_SAMPLE = 32
@@ -39,6 +42,12 @@ class ImageRejected(Exception):
         self.reason = reason
         self.detail = detail
         self.data: bytes | None = None
+
+
+def require_pillow(stage: str) -> None:
+    """Fail at recipe load, naming the extra to install, when Pillow is absent (a core install)."""
+    if Image is None:
+        raise RuntimeError(f"{stage} needs Pillow: pip install 'phi3data[multimodal]'")
 
 
 def open_image(data: bytes | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -125,7 +134,7 @@ def pad_to_square(image: Image.Image, background: tuple[int, int, int] | str = C
     side = max(width, height)
     if size is not None and (side > size or upscale):
         scale = size / side
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), RESAMPLING[resample],
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling[resample.upper()],
                              reducing_gap=REDUCING_GAP)
         width, height, side = *image.size, size
     if width == height == side:
@@ -143,7 +152,7 @@ def resize_shorter(image: Image.Image, size: int, resample: str = "bicubic", ups
         return image
     scale = size / short
     new = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return image.resize(new, RESAMPLING[resample], reducing_gap=REDUCING_GAP)
+    return image.resize(new, Image.Resampling[resample.upper()], reducing_gap=REDUCING_GAP)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:

@@ -13,7 +13,7 @@ from phi3data.config import ConfigError, StrictModel, format_validation_error, r
 from phi3data.pipelines import stages as _builtin_stages  # noqa: F401  (registers the stages)
 from phi3data.pipelines.base import STAGES, Stage
 
-EXTRACT_STAGES = ("extract",)
+EXTRACT_STAGES = ("extract", "extract_interleaved")
 
 
 class RecipeError(ConfigError):

@@ -61,6 +61,10 @@ class _PerImageStage(Stage):
 
     params: _DecodeParams
 
+    def __init__(self, params: StageParams, name: str | None = None):
+        img.require_pillow(self.type_name)
+        super().__init__(params, name)
+
     def transform(self, data: bytes) -> dict:
         """What the stage makes of one image (a dict of values); raise ImageRejected to drop it."""
         raise NotImplementedError
@@ -363,6 +367,10 @@ class ImageDedup(KeyedStage):
     type_name = "image_dedup"
     Params = ImageDedupParams
     params: ImageDedupParams
+
+    def __init__(self, params: StageParams, name: str | None = None):
+        img.require_pillow(self.type_name)
+        super().__init__(params, name)
 
     def bands(self) -> list[tuple[int, int]]:
         """(shift, width) of each band of the 64-bit hash."""
