@@ -98,3 +98,124 @@ def test_majority_answers_per_group() -> None:
     answers = ["yes", "no", "No", "circle", "red", "Red", "circle", "red"]
     groups = ["yes/no", "yes/no", "yes/no", "other", "other", "other", "other", "other"]
     assert majority_answers(answers, groups) == {"yes/no": "no", "other": "red"}
+
+
+# ---- answering with a VLM ---------------------------------------------------------------------------------
+
+
+def _tiny_vlm(seed: int = 0):
+    import torch
+
+    from phi3data.model import Phi3, Phi3Config
+    from phi3data.model.vision import ViT, ViTConfig
+    from phi3data.model.vlm import VLM
+
+    torch.manual_seed(seed)
+    tower = ViT(ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4))
+    lm = Phi3(Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=128, original_max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=32000))
+    return VLM(tower, lm, "mlp2x_gelu").eval()
+
+
+def _items(n: int):
+    from phi3data.evaluation.vlm import easy_vqa_items
+
+    return easy_vqa_items(limit=n)
+
+
+def test_option_scores_equal_the_full_forward() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from phi3data.evaluation.vlm import VLMAnswerer, _pil
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    torch.set_num_threads(1)
+    vlm = _tiny_vlm()
+    tok = get_tokenizer("phi3-mini")
+    item = _items(1)[0]
+    for blind in (False, True):
+        answerer = VLMAnswerer(vlm, tok, blind=blind)
+        options = ["yes", "teal", "rectangle"]
+        scores = answerer.loglikelihoods(item, options)
+        for option, score in zip(options, scores):
+            ids, mask, n_images = answerer.encode(item, option)
+            assert (ids == vlm.image_token_id).sum() == n_images * vlm.n_tokens == (0 if blind else vlm.n_tokens)
+            pixels = vlm.vision_tower.transform(_pil(item.image))[None] if n_images else None
+            with torch.no_grad():
+                logits, _ = vlm(torch.from_numpy(ids)[None], pixels)
+            logprobs = F.log_softmax(logits[0].float(), -1)
+            where = torch.from_numpy(mask.nonzero()[0])
+            expected = logprobs[where - 1].gather(1, torch.from_numpy(ids)[where][:, None]).sum()
+            assert score == pytest.approx(float(expected), abs=1e-4)
+    # the image is in the sighted prompt and not in the blind one
+    assert VLMAnswerer(vlm, tok).loglikelihoods(item, ["yes"]) != VLMAnswerer(vlm, tok, blind=True).loglikelihoods(
+        item, ["yes"])
+
+
+def test_greedy_answer_equals_argmax_of_the_full_forward() -> None:
+    import numpy as np
+    import torch
+
+    from phi3data.evaluation.vlm import VLMAnswerer, _pil
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    torch.set_num_threads(1)
+    vlm = _tiny_vlm(1)
+    tok = get_tokenizer("phi3-mini")
+    item = _items(1)[0]
+    answerer = VLMAnswerer(vlm, tok)
+    text = answerer.generate(item, max_new_tokens=4)
+    ids, mask, _ = answerer.encode(item, "x")
+    seq = torch.from_numpy(ids[:int(np.flatnonzero(mask)[0])])[None]
+    pixels = vlm.vision_tower.transform(_pil(item.image))[None]
+    out = []
+    with torch.no_grad():
+        for _ in range(4):
+            next_id = int(vlm(seq, pixels)[0][0, -1].argmax())
+            if next_id in answerer.end_ids:
+                break
+            out.append(next_id)
+            seq = torch.cat([seq, torch.tensor([[next_id]])], 1)
+    assert text == tok.decode(out).strip()
+
+
+def test_evaluate_vqa_groups_and_baselines(monkeypatch) -> None:
+    """The bookkeeping of evaluate_vqa with a fixed answerer: always 'yes' by options, 'red' by generation."""
+    from phi3data.evaluation import vlm as vlm_eval
+
+    monkeypatch.setattr(vlm_eval.VLMAnswerer, "__init__", lambda self, *a, **k: None)
+    monkeypatch.setattr(vlm_eval.VLMAnswerer, "loglikelihoods",
+                        lambda self, item, options: [0.0 if o == "yes" else -1.0 for o in options])
+    monkeypatch.setattr(vlm_eval.VLMAnswerer, "generate", lambda self, item, n=8: "Red.")
+    items = [vlm_eval.VQAItem(None, "q1", ["yes"], ["yes", "no"], "yes/no"),
+             vlm_eval.VQAItem(None, "q2", ["no"], ["yes", "no"], "yes/no"),
+             vlm_eval.VQAItem(None, "q3", ["red"], ["red", "blue", "yes"], "other"),
+             vlm_eval.VQAItem(None, "q4", ["blue"], None, "other")]
+    r = vlm_eval.evaluate_vqa(None, None, items, majority={"yes/no": "no", "other": "blue"})
+    assert r["overall"]["n"] == 4 and r["overall"]["n_options"] == 3
+    assert r["overall"]["options_accuracy"] == pytest.approx(1 / 3)   # yes on q1 right, q2 and q3 wrong
+    assert r["overall"]["vqa_accuracy"] == pytest.approx(1 / 4)       # red right on q3 only
+    assert r["overall"]["majority_accuracy"] == pytest.approx(2 / 4)  # no on q2, blue on q4
+    yn = r["groups"]["yes/no"]
+    assert yn["pope_options"]["yes_ratio"] == 1.0 and yn["pope_options"]["precision"] == 0.5
+    assert yn["pope_generate"]["unanswered"] == 2 and yn["pope_generate"]["accuracy"] == 0.0
+    assert "pope_options" not in r["groups"]["other"]
+    assert r["groups"]["other"]["options_accuracy"] == 0.0  # q3 only: 'yes' picked
+    with pytest.raises(ValueError, match="modes"):
+        vlm_eval.evaluate_vqa(None, None, items, modes=["beam"])
+
+
+def test_chart_items_have_exact_answers() -> None:
+    from phi3data.evaluation.vlm import chart_items
+
+    items = chart_items(seed=7, count=2)
+    kinds = {i.group for i in items}
+    assert {"max", "min", "value", "difference", "count"} <= kinds
+    for item in items:
+        if item.options is not None:
+            assert item.answers[0] in item.options
+    maxq = next(i for i in items if i.group == "max")
+    assert isinstance(maxq.image, bytes) and maxq.image[:4] == b"\x89PNG"
