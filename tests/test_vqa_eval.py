@@ -219,3 +219,38 @@ def test_chart_items_have_exact_answers() -> None:
             assert item.answers[0] in item.options
     maxq = next(i for i in items if i.group == "max")
     assert isinstance(maxq.image, bytes) and maxq.image[:4] == b"\x89PNG"
+
+
+def test_eval_cli_scores_an_exported_vlm(tmp_path) -> None:
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from phi3data.cli import app
+    from phi3data.export.llava import save_llava
+
+    torch.set_num_threads(1)
+    save_llava(_tiny_vlm(2), tmp_path / "vlm")
+    out = tmp_path / "vqa.json"
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "vlm"), "--tokenizer", "phi3-mini", "--vqa",
+                                      "easy-vqa", "--limit", "12", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())["tasks"]["easy-vqa"]
+    assert r["n"] == 12 and set(r["groups"]) <= {"yes/no", "other"}
+    assert sum(g["n"] for g in r["groups"].values()) == 12
+    assert 0.0 <= r["overall"]["options_accuracy"] <= 1.0 and "vqa_accuracy" in r["overall"]
+    assert r["overall"]["majority_accuracy"] > 0  # 'yes'/'no' is right on some of the 12
+    assert all(item["option"] in ("yes", "no", "circle", "rectangle", "triangle", "red", "green", "blue", "black",
+                                  "gray", "yellow", "teal", "brown") for item in r["items"])
+
+
+def test_eval_cli_vqa_bad_inputs(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from phi3data.cli import app
+
+    for args, named in [([str(tmp_path / "no-checkpoint"), "--vqa", "easy-vqa"], "no-checkpoint"),
+                        ([str(tmp_path), "--vqa", "no-such-task"], "no-such-task")]:
+        result = CliRunner().invoke(app, ["eval", *args, "--tokenizer", "phi3-mini"])
+        assert result.exit_code == 2 and named in result.stderr, result.output

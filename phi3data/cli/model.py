@@ -94,16 +94,28 @@ def eval_checkpoint(
     val_text: Annotated[Path | None, typer.Option(help="JSONL of held-out documents for loss and bits/byte")] = None,
     output: Annotated[Path | None, typer.Option(help="Write results as JSON here")] = None,
     device: Annotated[str, typer.Option(help="auto (cuda when available) | cpu | cuda | cuda:N")] = "auto",
+    vqa: Annotated[str | None, typer.Option(help="Comma-separated VQA tasks for a vision-language checkpoint: "
+                                                 "easy-vqa,charts (replaces --tasks)")] = None,
+    blind: Annotated[bool, typer.Option(help="VQA: ask without the image (a model trained blind)")] = False,
+    vqa_modes: Annotated[str, typer.Option(help="VQA: options (closed answer set by log-likelihood), generate "
+                                                "(greedy)")] = "options,generate",
 ) -> None:
-    """Evaluate a checkpoint: benchmark log-likelihoods (acc, acc_norm, p(correct)), GSM8K, validation loss.
+    """Evaluate a checkpoint: benchmark log-likelihoods (acc, acc_norm, p(correct)), GSM8K, validation loss; or,
+    with --vqa, a vision-language model's VQA accuracy, POPE yes/no metrics and the majority-answer baseline.
 
     Example: phi3data eval runs/train-tiny-cpu/checkpoints/step_0000300 --tokenizer phi3-mini --tasks arc_easy,piqa
+
+    VQA: phi3data eval runs/vlm/export --tokenizer phi3-mini --vqa easy-vqa --limit 1000
     """
     import json
 
     from rich.table import Table
 
     from phi3data.evaluation.run import evaluate_checkpoint
+
+    if vqa is not None:
+        _eval_vqa(checkpoint, tokenizer, vqa, limit=limit, blind=blind, modes=vqa_modes, output=output, device=device)
+        return
 
     result = evaluate_checkpoint(checkpoint, tokenizer, [t for t in tasks.split(",") if t], limit=limit, shots=shots,
                                  val_text=val_text, device=device)
@@ -118,6 +130,37 @@ def eval_checkpoint(
     if "validation" in result:
         v = result["validation"]
         console.print(f"validation: loss {v['loss']:.4f}, bits/byte {v['bits_per_byte']:.4f} over {v['tokens']} tokens")
+    if output:
+        output.write_text(json.dumps(result, indent=2))
+        console.print(f"results: {output}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _eval_vqa(checkpoint: Path, tokenizer: str, tasks: str, *, limit: int, blind: bool, modes: str,
+              output: Path | None, device: str) -> None:
+    """``phi3data eval --vqa``: one table row per task and question group."""
+    import json
+
+    from rich.table import Table
+
+    from phi3data.evaluation.vlm import evaluate_vlm_checkpoint
+
+    result = evaluate_vlm_checkpoint(checkpoint, tokenizer, [t for t in tasks.split(",") if t], limit=limit,
+                                     blind=blind, modes=[m for m in modes.split(",") if m], device=device,
+                                     progress=True)
+    table = Table(title=f"VQA {checkpoint}{' (blind)' if blind else ''}")
+    for col in ("task", "questions", "n", "options acc", "VQA acc (greedy)", "majority answer", "yes-ratio",
+                "F1 (yes)"):
+        table.add_column(col, justify="left" if col in ("task", "questions") else "right")
+    for task, r in result["tasks"].items():
+        for group, m in [("all", r["overall"]), *r["groups"].items()]:
+            pope = m.get("pope_options") or m.get("pope_generate") or {}
+            table.add_row(task, group, str(m["n"]), _fmt(m.get("options_accuracy")), _fmt(m.get("vqa_accuracy")),
+                          _fmt(m.get("majority_accuracy")), _fmt(pope.get("yes_ratio")), _fmt(pope.get("f1")))
+    console.print(table)
     if output:
         output.write_text(json.dumps(result, indent=2))
         console.print(f"results: {output}")

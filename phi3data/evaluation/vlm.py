@@ -255,3 +255,56 @@ def evaluate_vqa(vlm, tokenizer, items: Sequence[VQAItem], *, modes: Sequence[st
         groups.setdefault(row["group"], []).append(row)
     return {"n": len(rows), "blind": blind, "modes": list(modes), "overall": _group_metrics(rows, majority),
             "groups": {g: _group_metrics(r, majority) for g, r in sorted(groups.items())}, "items": rows}
+
+
+VQA_TASKS = ("easy-vqa", "charts")
+CHART_TEST_SEED = 1_000_003  # chart test questions: a generator seed no training recipe uses
+
+
+def load_vlm(path: str | Path):
+    """A VLM from an export directory (:func:`phi3data.export.llava.save_llava`, ``model_type`` llava)."""
+    import json
+
+    from phi3data.export.llava import load_llava
+
+    path = Path(path)
+    config = path / "config.json"
+    if not config.exists():
+        raise FileNotFoundError(f"{path} has no config.json: give a VLM checkpoint or export directory")
+    if json.loads(config.read_text()).get("model_type") != "llava":
+        raise ValueError(f"{path} is not a vision-language model (its config.json is not model_type 'llava'); "
+                         f"export one with phi3data.export.llava.save_llava")
+    return load_llava(path)
+
+
+def vqa_task_items(task: str, limit: int | None) -> tuple[list[VQAItem], dict[str, str] | None]:
+    """The items of a VQA task (the first ``limit`` questions) and its per-group majority answers, if any."""
+    if task == "easy-vqa":
+        return easy_vqa_items(limit), easy_vqa_majority()
+    if task == "charts":  # 5 or 6 questions per chart; without a limit, 200 charts
+        items = chart_items(CHART_TEST_SEED, 200 if limit is None else -(-limit // 5))
+        return items[:limit], None
+    raise ValueError(f"unknown VQA task {task!r}; known: {', '.join(VQA_TASKS)}")
+
+
+def evaluate_vlm_checkpoint(checkpoint: Path, tokenizer: str, tasks: Sequence[str], *, limit: int | None = 500,
+                            blind: bool = False, modes: Sequence[str] = MODES, device: str = "auto",
+                            progress: bool = False, vlm=None) -> dict[str, Any]:
+    """Score a VLM checkpoint on VQA ``tasks`` (``easy-vqa``, ``charts``): the result of :func:`evaluate_vqa` per
+    task. ``vlm``: an already loaded model (``checkpoint`` is then only recorded)."""
+    from phi3data.evaluation.run import resolve_device
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    for task in tasks:
+        if task not in VQA_TASKS:
+            raise ValueError(f"unknown VQA task {task!r}; known: {', '.join(VQA_TASKS)}")
+    device = resolve_device(device)
+    vlm = load_vlm(checkpoint) if vlm is None else vlm
+    tok = get_tokenizer(tokenizer)
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "tokenizer": tokenizer, "limit": limit, "blind": blind,
+                              "device": device, "tasks": {}}
+    for task in tasks:
+        items, majority = vqa_task_items(task, limit)
+        result["tasks"][task] = evaluate_vqa(vlm, tok, items, modes=modes, blind=blind, majority=majority,
+                                             device=device, progress=progress)
+    return result
