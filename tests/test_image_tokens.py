@@ -228,13 +228,14 @@ def test_bad_records_are_counted_and_the_rest_goes_through(tmp_path, photos):
 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["rejects"] == {"empty_caption": 1, "missing_image": 1, "no_target": 1, "placeholder_mismatch": 2,
-                                   "too_many_tokens": 1, "undecodable_image": 2, "unreadable_file": 1}
+                                   "too_many_tokens": 1, "truncated": 1, "undecodable": 1,
+                                   "unreadable_file": 1}
     assert (manifest["documents"], manifest["images"]) == (3, 3)
     talk_stem = next(s for s in list_shards(out) if s.name.startswith("a-talk"))
     rejected = [json.loads(line) for line in talk_stem.with_name(talk_stem.name + ".rejects.jsonl").open()]
     assert [(r["id"], r["reason"]) for r in rejected] == [
-        ("two-placeholders", "placeholder_mismatch"), ("missing", "missing_image"), ("truncated", "undecodable_image"),
-        ("not-an-image", "undecodable_image"), ("token-in-text", "placeholder_mismatch"),
+        ("two-placeholders", "placeholder_mismatch"), ("missing", "missing_image"), ("truncated", "truncated"),
+        ("not-an-image", "undecodable"), ("token-in-text", "placeholder_mismatch"),
         ("too-long", "too_many_tokens"), ("no-answer", "no_target")]
     kept = ImageTokenDataset(talk_stem, 576)
     assert [kept[i]["id"] for i in range(len(kept))] == ["good-1", "good-2"]

@@ -27,7 +27,9 @@ from phi3data.multimodal.records import (
     LLAVA_ROLES,
     SCHEMAS,
     count_placeholders,
+    describe_kinds,
     image_id,
+    kind_of_columns,
     make_conversations,
     make_images,
     make_pairs,
@@ -85,16 +87,96 @@ def read_llava(path: Path, image_root: Path, *, source: str | None = None,
     yield from _batched(_llava_items(path, image_root, source), make_conversations, batch_rows)
 
 
-def _llava_items(path: Path, image_root: Path, source: str) -> Iterator[dict]:
+class JsonArrayError(ValueError):
+    """A JSON file that is not a list of values, or breaks after ``index`` values were read."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
+
+
+JSON_CHUNK_CHARS = 1 << 20
+MAX_JSON_ITEM_CHARS = 64 << 20
+
+
+def iter_json_array(path: Path) -> Iterator:
+    """The values of a file holding one JSON list, one at a time (the list is never held whole: LLaVA's 665k
+    conversations are 1 GB of JSON and several GB as Python objects). Raises :class:`JsonArrayError` on a file
+    that is not a list, or at the first value that does not parse (after yielding the ones before it)."""
+    decoder = json.JSONDecoder()
+    index = 0
+    with open(path, encoding="utf-8") as handle:
+        buf, pos, eof = "", 0, False
+
+        def fill() -> None:  # drop what was parsed, append the next chunk
+            nonlocal buf, pos, eof
+            more = handle.read(JSON_CHUNK_CHARS)
+            eof = not more
+            buf, pos = buf[pos:] + more, 0
+
+        def skip(chars: str) -> str:  # the next character that is not in ``chars`` ("" at the end of the file)
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in chars:
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return buf[pos:pos + 1]
+                fill()
+
+        if skip(" \t\r\n\ufeff") != "[":
+            raise JsonArrayError("expected a JSON list", 0)
+        pos += 1
+        while True:
+            head = skip(" \t\r\n,")
+            if head == "]":
+                return
+            if head == "":
+                raise JsonArrayError(f"the list ends without ']' after {index} values", index)
+            try:
+                value, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                if eof or len(buf) - pos > MAX_JSON_ITEM_CHARS:
+                    raise JsonArrayError(f"value {index}: {exc.msg}", index) from None
+                fill()  # the value may run past the chunk: read more and parse it again
+                continue
+            yield value
+            index += 1
+            pos = end
+
+
+def _llava_objects(path: Path, source: str) -> Iterator[tuple[int, object] | dict]:
+    """(index, object) of a LLaVA JSON list, then one reject if the file is not a list or breaks."""
     try:
-        data = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
+        yield from enumerate(iter_json_array(path))
+    except JsonArrayError as exc:
+        yield reject(source, "unreadable_json", str(exc)[:500], offset=exc.index or None)
+    except (OSError, UnicodeDecodeError) as exc:
         yield reject(source, "unreadable_json", str(exc)[:500])
-        return
-    if not isinstance(data, list):
-        yield reject(source, "unreadable_json", f"expected a JSON list, got {type(data).__name__}")
-        return
-    for index, obj in enumerate(data):
+
+
+def _safe_image_path(rel_path) -> bool:
+    return isinstance(rel_path, str) and not Path(rel_path).is_absolute() and ".." not in Path(rel_path).parts
+
+
+def llava_image_paths(path: Path) -> list[str]:
+    """Every image path a LLaVA JSON names (relative to its image folder), in order; unsafe paths left out."""
+    out = []
+    for item in _llava_objects(Path(path), Path(path).name):
+        if isinstance(item, dict):  # the file's reject: the reader reports it
+            break
+        obj = item[1]
+        rel = obj.get("image") if isinstance(obj, dict) else None
+        out.extend(r for r in ([rel] if isinstance(rel, str) else rel if isinstance(rel, list) else [])
+                   if _safe_image_path(r))
+    return out
+
+
+def _llava_items(path: Path, image_root: Path, source: str) -> Iterator[dict]:
+    for item in _llava_objects(path, source):
+        if isinstance(item, dict):
+            yield item
+            return
+        index, obj = item
         fallback = f"{source}:{index}"
         if not isinstance(obj, dict) or not isinstance(obj.get("conversations"), list):
             yield reject(source, "malformed_record", "no 'conversations' list", offset=index, doc_id=fallback,
@@ -120,7 +202,7 @@ def _llava_items(path: Path, image_root: Path, source: str) -> Iterator[dict]:
             continue
         images, missing = [], None
         for rel_path in rels:
-            if not isinstance(rel_path, str) or Path(rel_path).is_absolute() or ".." in Path(rel_path).parts:
+            if not _safe_image_path(rel_path):
                 missing = f"{rel_path!r}: not a relative path inside the image folder"
                 break
             try:
@@ -367,15 +449,43 @@ def _url_rows(objs: Iterable, source: str, url_key: str, caption_key: str) -> It
 # --- our own record parquet -------------------------------------------------------------------------------
 
 
+def record_schema(path: Path, schema: pa.Schema | None = None) -> tuple[str, pa.Schema]:
+    """The record kind of a parquet file and the schema it is read with: the kind's columns with the kind's types,
+    then any other columns (what stages added) as they are. Raises ValueError naming the file and the column
+    when a kind's column is missing or of a type that does not convert."""
+    schema = schema if schema is not None else pq.read_schema(path)
+    kind = kind_of_columns(schema.names)
+    if kind is None:
+        have = set(schema.names)
+        closest = min(SCHEMAS, key=lambda k: (len(set(SCHEMAS[k].names) - have), -len(set(SCHEMAS[k].names) & have)))
+        missing = [n for n in SCHEMAS[closest].names if n not in schema.names]
+        raise ValueError(f"{path} is not an image-text record file: columns {schema.names}; closest kind "
+                         f"{closest!r} lacks column(s) {', '.join(missing)} (record kinds: {describe_kinds()})")
+    fields = list(SCHEMAS[kind])
+    for field in fields:
+        have = schema.field(field.name).type
+        if have != field.type and not _castable(have, field.type):
+            raise ValueError(f"{path}: column {field.name!r} is {have}; {kind} records need {field.type}")
+    return kind, pa.schema(fields + [f for f in schema if f.name not in SCHEMAS[kind].names])
+
+
+def _castable(have: pa.DataType, want: pa.DataType) -> bool:
+    try:
+        pa.array([], have).cast(want)
+        return True
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return False
+
+
 def read_records_parquet(path: Path, *, batch_rows: int = BATCH_ROWS) -> Iterator[ReadBatch]:
-    """Read a parquet file written by :func:`phi3data.multimodal.writers.write_parquet` (any record kind)."""
+    """Read a parquet file of image-text records (any kind; what :func:`phi3data.multimodal.writers.write_parquet`
+    or a pipeline run wrote). Columns beyond the kind's, such as those image stages add, are kept."""
     pfile = pq.ParquetFile(path)
-    names = pfile.schema_arrow.names
-    schema = next((s for s in SCHEMAS.values() if s.names == names), None)
-    if schema is None:
-        raise ValueError(f"{path} is not an image-text record file: columns {names}")
+    _, schema = record_schema(path, pfile.schema_arrow)
     for batch in pfile.iter_batches(batch_size=batch_rows):
-        yield ReadBatch(pa.Table.from_batches([batch]).cast(schema), make_rejects([]))
+        table = pa.Table.from_batches([batch])
+        yield ReadBatch(pa.table([table.column(f.name).cast(f.type) for f in schema], schema=schema),
+                        make_rejects([]))
 
 
 def image_ids_of(table: pa.Table) -> list[str]:
@@ -387,6 +497,6 @@ def image_ids_of(table: pa.Table) -> list[str]:
     return table.column("id").to_pylist()
 
 
-__all__ = ["ReadBatch", "image_id", "image_ids_of", "read_all", "read_cauldron", "read_img2dataset_stats",
-           "read_llava", "read_records_parquet", "read_url_list", "read_warc_images", "read_webdataset",
-           "reject_counts"]
+__all__ = ["JsonArrayError", "ReadBatch", "image_id", "image_ids_of", "iter_json_array", "llava_image_paths",
+           "read_all", "read_cauldron", "read_img2dataset_stats", "read_llava", "read_records_parquet",
+           "read_url_list", "read_warc_images", "read_webdataset", "record_schema", "reject_counts"]

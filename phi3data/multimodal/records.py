@@ -76,13 +76,28 @@ def pair_id(img_id: str, text: str | None) -> str:
     return hashlib.sha256(f"{img_id}\n{text or ''}".encode()).hexdigest()
 
 
+def kind_of_columns(names: Iterable[str]) -> str | None:
+    """The record kind whose columns are all among ``names`` (the one with the most columns: a pair table holds
+    an image table's columns too), or None. Other columns (what stages add: ``phash``, ``language`` ...) may
+    ride along."""
+    names = set(names)
+    kinds = [kind for kind, schema in SCHEMAS.items() if set(schema.names) <= names]
+    return max(kinds, key=lambda kind: len(SCHEMAS[kind].names)) if kinds else None
+
+
+def describe_kinds() -> str:
+    """Each record kind with its columns, for error messages."""
+    return "; ".join(f"{kind}: {', '.join(schema.names)}" for kind, schema in SCHEMAS.items())
+
+
 def record_kind(table: pa.Table) -> str:
-    """Name the record kind of a table by its schema (image, pair, conversation, interleaved, interleaved_web or
-    url)."""
-    for kind, schema in SCHEMAS.items():
-        if table.schema.names == schema.names:
-            return kind
-    raise ValueError(f"not an image-text record table: columns {table.schema.names}")
+    """Name the record kind of a table by its columns (image, pair, conversation, interleaved, interleaved_web or
+    url); columns beyond the kind's are allowed."""
+    kind = kind_of_columns(table.schema.names)
+    if kind is None:
+        raise ValueError(f"not an image-text record table: columns {table.schema.names} hold no record kind's "
+                         f"columns ({describe_kinds()})")
+    return kind
 
 
 def sniff_image_type(data: bytes) -> str | None:

@@ -303,14 +303,11 @@ _FORMAT_KINDS = {"llava": "conversation", "cauldron": "conversation", "webdatase
 
 
 def _record_schema(path: Path, fmt: str) -> pa.Schema:
-    """The schema of the records an image-text input gives (``records``: the kind its parquet holds)."""
+    """The schema of the records an image-text input gives (``records``: the kind its parquet holds, with the
+    columns stages added)."""
     if fmt in _FORMAT_KINDS:
         return SCHEMAS[_FORMAT_KINDS[fmt]]
-    names = pq.read_schema(path).names
-    schema = next((s for s in SCHEMAS.values() if s.names == names), None)
-    if schema is None:
-        raise ValueError(f"{path} is not an image-text record file: columns {names}")
-    return schema
+    return mm.record_schema(path)[1]
 
 
 _PIPELINES: dict[str, Pipeline] = {}

@@ -75,7 +75,7 @@ def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, 
     pipeline = Pipeline(recipe)
     if str(input_path).startswith("hf:"):
         input_path = materialise_hf_dataset(str(input_path)[3:], output / "_hf_input")
-    shards = plan_shards(input_path)
+    shards = plan_shards(input_path, recipe.input.format, recipe.input.image_root)
     if recipe.input.format == "auto" and not recipe.extracts_html():
         warc = [s.relpath for s in shards if detect_format(Path(s.path)) == "warc"]
         if warc:

@@ -44,7 +44,8 @@ def replay_drops(manifest: dict, stats: dict, input_path: Path, limit: int = REP
     from phi3data.pipelines.pipeline import Pipeline, _Decided
     pipeline = Pipeline(recipe_of(manifest))
     wanted = {entry["input"] for entry in manifest.get("shards", [])}
-    shards = [s for s in plan_shards(Path(input_path)) if s.relpath in wanted]
+    shards = [s for s in plan_shards(Path(input_path), pipeline.recipe.input.format, pipeline.recipe.input.image_root)
+              if s.relpath in wanted]
     shards = sorted(sorted(shards, key=lambda s: id_hash(s.relpath))[:REPLAY_SHARDS], key=lambda s: s.relpath)
     if not shards:
         raise ValueError(f"{input_path} holds none of the input shards this run read "

@@ -17,9 +17,10 @@ this image) and ``bytes`` (null when an earlier row holds the same image). The s
 before ``S.json``, which names it; so a shard is finished only with its images.
 
 Bad records are counted by reason in ``S.json`` and listed in ``S.rejects.jsonl``; the rest of the shard goes
-through: ``placeholder_mismatch``, ``missing_image``, ``undecodable_image``, ``image_too_large``,
-``bad_chat_record``, ``empty_caption``, ``no_target`` (nothing to train on), ``too_many_tokens`` (counted with
-each image expanded to ``image_tokens``), ``unreadable_file``.
+through: ``placeholder_mismatch``, ``missing_image``, ``truncated``, ``undecodable``, ``decompression_bomb``
+(image reasons named as the ``image_decode`` stage names them), ``bad_chat_record``, ``empty_caption``,
+``no_target`` (nothing to train on), ``too_many_tokens`` (counted with each image expanded to ``image_tokens``),
+``unreadable_file``.
 
 :class:`ImageTokenDataset` reads shards back and expands every image token to the vision encoder's token count.
 """
@@ -28,10 +29,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -115,25 +114,20 @@ def record_messages(row: dict, kind: str, caption_prompt: str = "") -> tuple[lis
 
 
 def check_image(data: bytes | None, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
-    """Decode an image fully; raise :class:`RecordRejected` when it is missing, undecodable or too large."""
+    """Decode an image fully; raise :class:`RecordRejected` when it is missing or fails as ``image_decode`` would
+    drop it: ``truncated``, ``undecodable``, ``decompression_bomb`` (more than ``max_pixels``). Any format Pillow
+    reads is accepted."""
     from PIL import Image
+
+    from phi3data.multimodal.images import ImageRejected, decode_image
 
     if not data:
         raise RecordRejected("missing_image", "no image bytes")
+    Image.init()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise RecordRejected("image_too_large", f"{width}x{height} pixels > {max_pixels}")
-                img.load()
-    except RecordRejected:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise RecordRejected("image_too_large", str(exc)[:200]) from exc
-    except Exception as exc:  # Pillow raises many types for bad bytes (OSError, SyntaxError, ValueError ...)
-        raise RecordRejected("undecodable_image", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        decode_image(data, max_pixels=max_pixels, formats=tuple(Image.OPEN)).close()
+    except ImageRejected as exc:
+        raise RecordRejected(exc.reason, exc.detail) from exc
 
 
 def encode_image_chat(messages: list[dict], n_images: int, tok, *, mask: str = "assistant",
