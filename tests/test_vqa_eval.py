@@ -155,6 +155,22 @@ def test_option_scores_equal_the_full_forward() -> None:
         item, ["yes"])
 
 
+def test_blind_prompt_is_the_sighted_one_without_image_tokens() -> None:
+    """The trainer's blind mode drops the image tokens of the tokenized conversation; a blind question must be
+    asked the same way."""
+    from phi3data.evaluation.vlm import VLMAnswerer
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    vlm = _tiny_vlm()
+    tok = get_tokenizer("phi3-mini")
+    for item in _items(3):
+        sighted, sighted_mask, _ = VLMAnswerer(vlm, tok).encode(item, item.answers[0])
+        blind, blind_mask, n_images = VLMAnswerer(vlm, tok, blind=True).encode(item, item.answers[0])
+        keep = sighted != vlm.image_token_id
+        assert n_images == 0 and (~keep).sum() == vlm.n_tokens
+        assert blind.tolist() == sighted[keep].tolist() and blind_mask.tolist() == sighted_mask[keep].tolist()
+
+
 def test_greedy_answer_equals_argmax_of_the_full_forward() -> None:
     import numpy as np
     import torch

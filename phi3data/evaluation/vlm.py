@@ -262,19 +262,21 @@ CHART_TEST_SEED = 1_000_003  # chart test questions: a generator seed no trainin
 
 
 def load_vlm(path: str | Path):
-    """A VLM from an export directory (:func:`phi3data.export.llava.save_llava`, ``model_type`` llava)."""
+    """A VLM from a trainer checkpoint or run directory (:func:`phi3data.training.vlm.load_vlm`), or from a
+    ``LlavaForConditionalGeneration`` export (:func:`phi3data.export.llava.save_llava`)."""
     import json
 
-    from phi3data.export.llava import load_llava
-
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: give a VLM checkpoint, run directory or export directory")
     config = path / "config.json"
-    if not config.exists():
-        raise FileNotFoundError(f"{path} has no config.json: give a VLM checkpoint or export directory")
-    if json.loads(config.read_text()).get("model_type") != "llava":
-        raise ValueError(f"{path} is not a vision-language model (its config.json is not model_type 'llava'); "
-                         f"export one with phi3data.export.llava.save_llava")
-    return load_llava(path)
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "llava":
+        from phi3data.export.llava import load_llava
+
+        return load_llava(path)
+    from phi3data.training.vlm import load_vlm as load_trained
+
+    return load_trained(path)
 
 
 def vqa_task_items(task: str, limit: int | None) -> tuple[list[VQAItem], dict[str, str] | None]:
