@@ -60,3 +60,20 @@ def test_ngram_rules_equal_the_rules_as_written() -> None:
             assert _top_ngram_chars(ids, n) == top_ngram_chars_as_written(words, n), (n, text[:80])
         for n in range(5, 11):
             assert _dup_ngram_chars(ids, n) == dup_ngram_chars_as_written(words, n), (n, text[:80])
+
+
+def test_text_filters_drop_a_null_text_under_their_empty_reason():
+    """An image record without a caption reaches the caption filters with a null text: counted, not a crash."""
+    import pyarrow as pa
+
+    from phi3data.pipelines.recipe import load_recipe
+
+    recipe = load_recipe({"pipeline": {"name": "null-text"}, "stage": [
+        {"type": "language", "languages": ["en"]}, {"type": "length", "min_chars": 5, "min_words": 1},
+        {"type": "gopher_repetition"}, {"type": "gopher_quality"}, {"type": "c4_quality"},
+        {"type": "fineweb_quality"}]})
+    for stage in recipe.build_stages():
+        batch = pa.table({"id": ["null"], "text": pa.array([None], pa.large_string())})
+        out = stage.process(batch)
+        assert out.batch.num_rows == 0, stage.type_name
+        assert sum(out.drops.values()) == 1, (stage.type_name, out.drops)

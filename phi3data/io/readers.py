@@ -180,8 +180,11 @@ def _is_binary(body: bytes) -> bool:
     head = body[:4096]
     if not head:
         return False
-    controls = sum(1 for b in head if b < 9 or 13 < b < 32)
+    controls = len(head) - len(head.translate(None, _CONTROL_BYTES))
     return controls / len(head) > 0.1
+
+
+_CONTROL_BYTES = bytes(b for b in range(32) if b < 9 or 13 < b)  # NUL..BS and SO..US; not tab or line ends
 
 
 def _mostly_replacement(text: str) -> bool:

@@ -96,7 +96,9 @@ def register(cls: type[Stage]) -> type[Stage]:
 
 
 def texts(batch: pa.Table) -> list[str]:
-    return batch.column("text").to_pylist()
+    """The batch's texts; a null text (an image record without a caption) reads as empty, which the text
+    filters drop under their own reason for empty or short documents."""
+    return [t or "" for t in batch.column("text").to_pylist()]
 
 
 def set_column(batch: pa.Table, name: str, values: pa.Array) -> pa.Table:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,7 @@ _PUNCT = set(
     "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~¡§«¶·»¿‐‑‒–—―‘’‚‛“”„‟†‡•…‰"
     "′″‹›※⁂、。〈〉《》「」『』【】〔〕〜・！＂＃％＆＇（）＊＋，－．／：；＜＝＞？＠［＼］＾＿｀｛｜｝～｟｠｡｢｣､･►"
 )
+_PUNCT_CHARS = "".join(sorted(_PUNCT))
 TERMINAL_PUNCT = (".", "!", "?", '"', "'", "。", "！", "？", "…", "”", "’", "»", "؟", "।", "॥", ";", ":")
 SENTENCE_END_RE = re.compile(r"[.!?。！？]+[\"'”’)\]]*\s+(?=\S)")
 PARAGRAPH_RE = re.compile(r"\n{2,}")
@@ -32,12 +34,26 @@ STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")
 
 
 def split_words(text: str) -> list[str]:
-    """Words and runs of punctuation, in order."""
-    return WORD_RE.findall(text)
+    """Words and runs of punctuation, in order. The last batch's splits are remembered: the Gopher filters run
+    one after the other on the same texts, and splitting is a third of their time."""
+    global _recent_chars
+    words = _recent_words.get(text)
+    if words is None:
+        if _recent_chars > _RECENT_CHAR_LIMIT:
+            _recent_words.clear()
+            _recent_chars = 0
+        words = _recent_words[text] = WORD_RE.findall(text)
+        _recent_chars += len(text)
+    return words
+
+
+_recent_words: dict[str, list[str]] = {}
+_recent_chars = 0
+_RECENT_CHAR_LIMIT = 32_000_000  # a few batches of web pages; the memory it holds stays bounded
 
 
 def is_symbol(word: str) -> bool:
-    return all(ch in _PUNCT for ch in word)
+    return not word.strip(_PUNCT_CHARS)  # nothing left once every punctuation mark is stripped
 
 
 def count_sentences(line: str) -> int:
@@ -67,8 +83,9 @@ class _Words:
     """A document's words as integer ids, with cumulative character lengths, for the n-gram rules."""
 
     def __init__(self, words: list[str]) -> None:
-        vocab: dict[str, int] = {}
-        self.ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), np.uint64, len(words))
+        vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}  # ids in order of first appearance
+        self.ids = np.fromiter(map(vocab.__getitem__, words), np.uint64, len(words))
+        self.in_groups: dict[int, np.ndarray] = {}  # n -> sorted positions whose n-gram occurs more than once
         self.chars = np.zeros(len(words) + 1, dtype=np.int64)
         np.cumsum(np.fromiter(map(len, words), np.int64, len(words)), out=self.chars[1:])
 
@@ -90,10 +107,13 @@ def _top_ngram_chars(words: _Words, n: int) -> int:
     n-grams, the one seen first."""
     if len(words.ids) < n:
         return 0
-    _, first, counts = np.unique(words.keys(n), return_index=True, return_counts=True)
-    best = counts.max()
-    start = first[counts == best].min()
-    return int(words.gram_chars(n, np.array([start]))[0] + n - 1) * int(best)
+    positions, keys = _sorted_grams(words, n)
+    starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1]))) if len(keys) else np.zeros(0, int)
+    counts = np.diff(np.append(starts, len(keys)))
+    words.in_groups[n] = np.sort(positions[np.repeat(counts >= 2, counts)])
+    best = int(counts.max()) if len(counts) else 1
+    start = int(positions[starts[counts == best]].min()) if best > 1 else 0  # all distinct: the first n-gram
+    return int(words.gram_chars(n, np.array([start]))[0] + n - 1) * best
 
 
 def _dup_ngram_chars(words: _Words, n: int) -> int:
@@ -106,28 +126,51 @@ def _dup_ngram_chars(words: _Words, n: int) -> int:
     m = len(words.ids) - n + 1
     if m <= 0:
         return 0
-    keys = words.keys(n)
-    order = np.argsort(keys, kind="stable")
-    same = keys[order[1:]] == keys[order[:-1]]
-    previous = np.full(m, -1, dtype=np.int64)
-    previous[order[1:][same]] = order[:-1][same]  # the previous position with the same n-gram
-    prev = previous.tolist()
+    prev = _previous_occurrence(words, n)
     repeats: list[int] = []
     next_walked = 0
-    for j in np.flatnonzero(previous >= 0).tolist():
+    for j in sorted(prev):
         if j < next_walked:
             continue
         p = prev[j]
         while p >= 0:
             r = bisect.bisect_left(repeats, p) - 1  # the last repeat before p: did its jump skip p?
             if r >= 0 and p < repeats[r] + n:
-                p = prev[p]
+                p = prev.get(p, -1)
             else:
                 break
         if p >= 0:
             repeats.append(j)
             next_walked = j + n
     return int(words.gram_chars(n, np.asarray(repeats, dtype=np.int64)).sum())
+
+
+def _previous_occurrence(words: _Words, n: int) -> dict[int, int]:
+    """For each position whose n-gram occurred before, the position of the previous occurrence."""
+    positions, keys = _sorted_grams(words, n)
+    same = keys[1:] == keys[:-1]
+    later, earlier = positions[1:][same], positions[:-1][same]
+    words.in_groups[n] = np.union1d(later, earlier)
+    return dict(zip(later.tolist(), earlier.tolist()))
+
+
+def _sorted_grams(words: _Words, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The positions of the document's n-grams sorted by n-gram (equal ones in document order), with their keys.
+
+    Two equal n-grams start with equal shorter n-grams, so only positions whose k-gram (k < n) occurs more than
+    once can hold a repeated n-gram: when a shorter size was done before (the rules go 2, 3, 4, then 5 ... 10),
+    only those positions are sorted, usually a small part of the document. Positions left out are all distinct."""
+    m = len(words.ids) - n + 1
+    keys = words.keys(n)
+    shorter = [k for k in words.in_groups if k < n]
+    if shorter:
+        positions = words.in_groups[max(shorter)]
+        positions = positions[positions < m]
+        keys = keys[positions]
+    else:
+        positions = np.arange(m)
+    order = np.argsort(keys, kind="stable")
+    return positions[order], keys[order]
 
 
 class GopherRepetitionParams(StageParams):
@@ -208,13 +251,15 @@ class GopherQuality(Filter):
         n_words = len(words)
         if n_words == 0:
             return "short_doc"
-        content_words = [w for w in words if not is_symbol(w)]
-        n_content = len(content_words)
+        # each distinct word is classified once and weighted by its count (a web page repeats most of its words)
+        counts = Counter(words)
+        content = [(w, c) for w, c in counts.items() if not is_symbol(w)]
+        n_content = sum(c for _, c in content)
         if p.min_doc_words is not None and n_content < p.min_doc_words:
             return "short_doc"
         if p.max_doc_words is not None and n_content > p.max_doc_words:
             return "long_doc"
-        avg_len = sum(len(w) for w in content_words) / max(n_content, 1)
+        avg_len = sum(len(w) * c for w, c in content) / max(n_content, 1)
         if p.min_avg_word_length is not None and avg_len < p.min_avg_word_length:
             return "below_avg_word_length"
         if p.max_avg_word_length is not None and avg_len > p.max_avg_word_length:
@@ -234,10 +279,10 @@ class GopherQuality(Filter):
             if ellipsis / len(lines) > p.max_ellipsis_lines_ratio:
                 return "too_many_end_ellipsis"
         if p.min_alpha_words_ratio is not None:
-            alpha = sum(1 for w in words if any(ch.isalpha() for ch in w))
+            alpha = sum(c for w, c in counts.items() if w.isalpha() or any(map(str.isalpha, w)))
             if alpha / n_words < p.min_alpha_words_ratio:
                 return "below_alpha_ratio"
-        if p.min_stop_words is not None and len(stop_words.intersection(words)) < p.min_stop_words:
+        if p.min_stop_words is not None and len(stop_words.intersection(counts)) < p.min_stop_words:
             return "not_enough_stop_words"
         return None
 
@@ -285,7 +330,8 @@ class C4Quality(Filter):
         for line in text.splitlines():
             line = line.strip()
             words = line.split()
-            if p.max_word_length > 0 and any(len(w) > p.max_word_length for w in words):
+            # a line no longer than the limit cannot hold a longer word
+            if 0 < p.max_word_length < len(line) and any(len(w) > p.max_word_length for w in words):
                 continue
             if p.remove_citations:
                 line = CITATION_RE.sub("", line)
@@ -343,7 +389,11 @@ class FineWebQuality(Filter):
         non_newline = len(text) - text.count("\n")
         if non_newline and _duplicates(lines)[1] / non_newline > p.char_duplicates_ratio:
             return "char_dup_ratio"
-        words = split_words(text)
-        if not words or text.count("\n") / len(words) > p.new_line_ratio:
-            return "list_ratio"
+        newlines = text.count("\n")
+        # every whitespace-separated token holds at least one word, so only a text with many newlines per token
+        # can fail the rule: just then are its words counted
+        if newlines > p.new_line_ratio * len(text.split()):
+            words = split_words(text)
+            if not words or newlines / len(words) > p.new_line_ratio:
+                return "list_ratio"
         return None

@@ -25,9 +25,10 @@ class Length(Filter):
 
     def reasons(self, batch: pa.Table):
         p = self.params
-        chars = pc.utf8_length(batch.column("text")).to_pylist()
+        text = pc.fill_null(batch.column("text"), "")  # a null text (an uncaptioned image) counts as empty
+        chars = pc.utf8_length(text).to_pylist()
         need_words = p.min_words is not None or p.max_words is not None
-        words = (pc.list_value_length(pc.utf8_split_whitespace(batch.column("text"))).to_pylist()
+        words = (pc.list_value_length(pc.utf8_split_whitespace(text)).to_pylist()
                  if need_words else [0] * batch.num_rows)
         out: list[str | None] = []
         for n_chars, n_words in zip(chars, words):
