@@ -51,10 +51,12 @@ def finish_checkpoint(
     optim_sd: dict[str, Any] | None,
     state: dict[str, Any],
     keep: int = 2,
+    hf_config: bool = True,
 ) -> Path:
     """Write the files into ``tmp``, sync them, rename it to its final name and prune to the ``keep`` newest.
 
     ``optim_sd`` None: no ``optimizer.pt`` (an FSDP run saved its sharded optimizer state in ``tmp/optimizer``).
+    ``hf_config`` False: no ``config.json`` (the weights are not a plain ``Phi3ForCausalLM``: a VLM's).
     """
     ckpt_root = tmp.parent
     final = ckpt_root / tmp.name.removeprefix(".tmp_")
@@ -63,7 +65,7 @@ def finish_checkpoint(
         sd.pop("lm_head.weight", None)
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "phi3data_config.json").write_text(json.dumps(model_cfg.to_dict(), indent=2))
-    if model_cfg.hf_compatible:
+    if hf_config and model_cfg.hf_compatible:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(model_cfg), indent=2))
     if optim_sd is not None:
         torch.save(optim_sd, tmp / "optimizer.pt")

@@ -39,6 +39,10 @@ decay can sit in a phase::
     [train]
     schedule = "wsd"
     decay_phase = "reasoning"
+
+Vision-language models (LLaVA's two stages): a ``[vision]`` table (tower, projector, stage, feature cache, blind)
+makes the run train a VLM on image token shards (``phi3data tokenize --images``) in ``data.path``; see
+:mod:`phi3data.training.vlm`. Every parameter group trains at its own ``base_lr`` scaled by the schedule.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ from phi3data.training.checkpoint import (
     start_checkpoint,
     temp_dir,
 )
+from phi3data.training.vlm import vlm_forward
 
 # dense bf16 peak FLOP/s per device, for MFU
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
@@ -147,6 +152,8 @@ class TrainConfig:
     ``on_the_fly``: a frozen copy of the reference model scores each batch."""
     dpo_reference_from: str | None = None
     """The reference model's weights (default: ``init_from``)."""
+    vision: dict[str, Any] | None = None
+    """The ``[vision]`` table: train a vision-language model (:class:`phi3data.training.vlm.VisionSettings`)."""
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -158,7 +165,7 @@ class TrainConfig:
         path = Path(path)
         where = str(path)
         raw = read_toml(path, "training config")
-        check_keys(raw, ("model", "data", "train", "dpo"), where)
+        check_keys(raw, ("model", "data", "train", "dpo", "vision"), where)
         names = [f.name for f in fields(cls)]
         kw: dict[str, Any] = {}
         origin: dict[str, str] = {}  # field -> where it was set, for error messages
@@ -170,6 +177,8 @@ class TrainConfig:
             kw["model"] = load_model_dict(base, path.parent) | model if base else model
         elif model is not None:
             kw["model"] = load_model_dict(str(model), path.parent)
+        if "vision" in raw:
+            kw["vision"], origin["vision"] = raw["vision"], "vision"
         for section in ("data", "train", "dpo"):
             table = raw.get(section, {})
             if not isinstance(table, dict):
@@ -193,7 +202,11 @@ class TrainConfig:
         if "data_phases" in kw and "max_steps" not in kw and "max_steps" not in (overrides or {}):
             kw["max_steps"] = 0  # the phases' token budgets decide the run's length
         model_overrides = {k.removeprefix("model."): v for k, v in (overrides or {}).items() if k.startswith("model.")}
-        plain = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.")}
+        vision_overrides = {k.removeprefix("vision."): v for k, v in (overrides or {}).items()
+                            if k.startswith("vision.")}
+        if vision_overrides:  # vision.blind=true
+            kw["vision"] = {**kw.get("vision", {}), **vision_overrides}
+        plain = {k: v for k, v in (overrides or {}).items() if not k.startswith(("model.", "vision."))}
         Phi3Config.check_names(model_overrides, f"{where}: overrides", "model.")
         check_keys(plain, names, f"{where}: overrides")
         for k, v in plain.items():
@@ -206,6 +219,10 @@ class TrainConfig:
             problems = [f"{origin.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()]
             raise ConfigError(f"{where}: " + "; ".join(problems)) from None
         cfg.model_config(where)  # a bad model field fails here, naming the file, not at the first step
+        if cfg.vision is not None:
+            from phi3data.training.vlm import VisionSettings
+
+            VisionSettings.from_dict(cfg.vision, f"{where}: [vision]")
         return cfg
 
     def model_config(self, where: str = "training config") -> Phi3Config:
@@ -296,10 +313,76 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.is_main = self.rank == 0
 
+        self.vision = None
+        if cfg.vision is not None:
+            from phi3data.training.vlm import VisionSettings
+
+            self.vision = VisionSettings.from_dict(cfg.vision)
+            self._check_vision_config()
+
         # data
         self.phases: PhasedDataset | None = None
         self.phase_val: dict[str, PackedDataset] = {}
         self.decay: tuple[int, int] | None = None
+        if self.vision is None:
+            self._build_text_data()
+
+        # model + optimizer
+        torch.manual_seed(cfg.seed)
+        self.model_cfg = cfg.model_config()
+        self.init_dir = resolve_weights(cfg.init_from) if cfg.init_from else None
+        self.fsdp = self.world > 1 and cfg.distributed == "fsdp"
+        self.feature_cache = None
+        if self.vision is not None:
+            self._build_vlm()
+            self.lm = self.model.language_model
+            groups = self._vlm_param_groups()
+        else:
+            for data in (self.train_data, self.val_data):
+                if data is not None:
+                    data.check_vocab(self.model_cfg.vocab_size)
+            self.model = self._build_fsdp_model() if self.fsdp else Phi3(self.model_cfg).to(self.device)
+            self.lm = self.model
+            groups = _param_groups(self.model, cfg.weight_decay)
+        # chunked lm_head + loss helps eager mode; under torch.compile inductor fuses the plain loss better
+        # (H100: 40.9% vs 39.6% MFU at 350M), so the compiled path uses it
+        self.lm.fused_loss = not cfg.compile
+        # FSDP: after fully_shard, which replaced the parameters with the sharded ones the optimizer must hold
+        self.optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            fused=self.device.type in ("cuda", "cpu"),
+        )
+        self.step = 0
+        self.samples = 0
+        self.tokens = 0
+        self.resumed_from: Path | None = None
+        last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
+        if last is not None:
+            self._restore(last)
+        elif self.init_dir is not None:
+            self._load_initial_weights(self.init_dir)
+        self.reference: dict[Path, np.ndarray] = {}  # DPO: stored reference log-probabilities per pairs folder
+        self.reference_model: Phi3 | None = None
+        self.eval_extra: dict[str, float] = {}
+        if cfg.objective == "dpo":
+            self._prepare_reference()
+        self.train_model: torch.nn.Module = self.model
+        if self.world > 1 and not self.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.peak = _peak_flops(cfg, self.device)
+        self.flops_per_token = self.lm.flops_per_token(cfg.seq_len)  # a VLM's: its language model's
+        self.tb = None
+
+    def _build_text_data(self) -> None:
+        """The token windows (or preference pairs, or phases) of a text run, and the held-out part."""
+        cfg = self.cfg
         if cfg.objective == "dpo" and (cfg.data_phases or cfg.data_pack != "stream"):
             raise ConfigError("objective = 'dpo' reads preference pairs from data.path; data.phases and data.pack "
                               "do not apply")
@@ -329,50 +412,57 @@ class Trainer:
         else:
             self.train_data, self.val_data = data, None
 
-        # model + optimizer
-        torch.manual_seed(cfg.seed)
-        self.model_cfg = cfg.model_config()
-        for data in (self.train_data, self.val_data):
-            if data is not None:
-                data.check_vocab(self.model_cfg.vocab_size)
-        self.fsdp = self.world > 1 and cfg.distributed == "fsdp"
-        self.model = self._build_fsdp_model() if self.fsdp else Phi3(self.model_cfg).to(self.device)
-        # chunked lm_head + loss helps eager mode; under torch.compile inductor fuses the plain loss better
-        # (H100: 40.9% vs 39.6% MFU at 350M), so the compiled path uses it
-        self.model.fused_loss = not cfg.compile
-        # FSDP: after fully_shard, which replaced the parameters with the sharded ones the optimizer must hold
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            eps=cfg.eps,
-            fused=self.device.type in ("cuda", "cpu"),
-        )
-        self.step = 0
-        self.samples = 0
-        self.tokens = 0
-        self.resumed_from: Path | None = None
-        last = latest_checkpoint(self.ckpt_root) if cfg.resume else None
-        self.init_dir = resolve_weights(cfg.init_from) if cfg.init_from else None
-        if last is not None:
-            self._restore(last)
-        elif self.init_dir is not None:
-            self._load_initial_weights(self.init_dir)
-        self.reference: dict[Path, np.ndarray] = {}  # DPO: stored reference log-probabilities per pairs folder
-        self.reference_model: Phi3 | None = None
-        self.eval_extra: dict[str, float] = {}
-        if cfg.objective == "dpo":
-            self._prepare_reference()
-        self.train_model: torch.nn.Module = self.model
-        if self.world > 1 and not self.fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    # ---- vision-language models ----------------------------------------------------------------------------
+    def _check_vision_config(self) -> None:
+        cfg = self.cfg
+        if cfg.objective != "lm" or cfg.data_phases:
+            raise ConfigError("[vision] trains with objective = 'lm' on image shards in data.path (no data.phases)")
+        if self.world > 1 and cfg.distributed == "fsdp":
+            raise ConfigError("[vision] runs under torchrun with distributed = 'ddp' (FSDP is for large text models)")
+        if cfg.lr <= 0:
+            raise ConfigError("[vision]: train.lr must be > 0 (each module's lr is scaled by schedule / train.lr)")
+        if cfg.max_steps < 1:
+            raise ConfigError("max_steps must be at least 1")
 
-            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.peak = _peak_flops(cfg, self.device)
-        self.flops_per_token = self.model.flops_per_token(cfg.seq_len)
-        self.tb = None
+    def _build_vlm(self) -> None:
+        """The VLM (language model from the config, tower + projector from [vision] or a stage-1 checkpoint) and its
+        image batches."""
+        from phi3data.training.vlm import ImageBatches, build_vlm, feature_cache, shards_image_token_id
+
+        cfg, settings = self.cfg, self.vision
+        token_id = shards_image_token_id(cfg.data_path)
+        if settings.image_token_id is not None and settings.image_token_id != token_id:
+            raise ConfigError(f"[vision] image_token_id = {settings.image_token_id} but the shards in {cfg.data_path} "
+                              f"use {token_id}")
+        self.model = build_vlm(settings, Phi3(self.model_cfg), token_id, self.init_dir).to(self.device)
+        self.feature_cache = feature_cache(settings, self.model, self.out_dir)
+        decode = self.feature_cache is None
+        data = ImageBatches(cfg.data_path, cfg.seq_len, self.model, seed=cfg.seed, blind=settings.blind,
+                            decode_pixels=decode)
+        if data.dropped_documents:
+            self._say(f"{data.dropped_documents} documents left out: longer than seq_len with images expanded")
+        if cfg.val_path:
+            self.train_data = data
+            self.val_data = ImageBatches(cfg.val_path, cfg.seq_len, self.model, blind=settings.blind,
+                                         decode_pixels=decode)
+        elif cfg.val_windows > 0 and cfg.eval_every > 0:
+            self.train_data, self.val_data = data.split(min(cfg.val_windows, len(data) // 10 or 1))
+        else:
+            self.train_data, self.val_data = data, None
+        for part in (self.train_data, self.val_data):
+            if part is not None:
+                part.check_vocab(self.model_cfg.vocab_size)
+
+    def _vlm_param_groups(self) -> list[dict[str, Any]]:
+        from phi3data.model.vlm import configure_stage
+
+        lrs = self.vision.lrs()
+        groups = configure_stage(self.model, lrs, self.cfg.weight_decay)
+        if not groups:
+            raise ConfigError(f"[vision] stage {self.vision.stage!r} leaves nothing to train")
+        self._say("trains " + ", ".join(f"{m} (lr {lr:g})" for m, lr in lrs.items())
+                  + (" without images (blind)" if self.vision.blind else ""))
+        return groups
 
     # ---- phases ------------------------------------------------------------------------------------------
     def _build_phases(self) -> None:
@@ -456,6 +546,17 @@ class Trainer:
     def _load_initial_weights(self, path: Path) -> None:
         """``init_from``: the starting weights (the config already came from there), read as a checkpoint's are."""
         sd = read_weights(path)
+        if self.vision is not None:
+            from phi3data.training.vlm import full_state_dict, is_vlm_checkpoint
+
+            if is_vlm_checkpoint(path):  # stage 2 from stage 1: tower, projector and language model
+                self.model.load_state_dict(full_state_dict(sd, self.model))
+            else:  # stage 1 from a text model
+                if self.model_cfg.tie_word_embeddings:
+                    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+                self.model.language_model.load_state_dict(sd)
+            self._say(f"initialised from {path}")
+            return
         if self.model_cfg.tie_word_embeddings:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
         if self.fsdp:
@@ -525,7 +626,11 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Load weights, optimizer state and the data position from checkpoint ``path``."""
         model_sd, optim_sd, state = load_checkpoint(path)
-        if self.model_cfg.tie_word_embeddings:
+        if self.vision is not None:
+            from phi3data.training.vlm import full_state_dict
+
+            model_sd = full_state_dict(model_sd, self.model)
+        elif self.model_cfg.tie_word_embeddings:
             model_sd["lm_head.weight"] = model_sd["model.embed_tokens.weight"]
         sharded = (path / OPTIMIZER_DIR).is_dir()
         if not sharded and not optim_sd:  # an FSDP checkpoint from before optimizer state was saved
@@ -578,6 +683,12 @@ class Trainer:
                 checkpoint_id=tmp / OPTIMIZER_DIR,
             )
             optim_sd: dict[str, Any] | None = None
+        elif self.vision is not None:
+            from phi3data.training.vlm import vlm_state_dict, write_vlm_file
+
+            model_sd, optim_sd = vlm_state_dict(self.model), self.optimizer.state_dict()
+            if self.is_main:
+                write_vlm_file(tmp, self.model)
         else:
             model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         path = None
@@ -589,7 +700,8 @@ class Trainer:
                 "world_size": self.world,
                 "train_config": asdict(self.cfg),
             }
-            path = finish_checkpoint(tmp, model_sd, self.model_cfg, optim_sd, state, keep=self.cfg.keep_checkpoints)
+            path = finish_checkpoint(tmp, model_sd, self.model_cfg, optim_sd, state, keep=self.cfg.keep_checkpoints,
+                                     hf_config=self.vision is None)
         if self.world > 1:
             dist.barrier()
         return path
@@ -640,10 +752,16 @@ class Trainer:
             return self._evaluate_dpo(val_data)
         self.train_model.eval()
         losses, counts = [], []
-        for x, y, *docs in val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
-            documents = docs[0].to(self.device) if docs else None
-            with self.autocast:
-                _, loss = self.train_model(x.to(self.device), y.to(self.device), documents=documents)
+        for batch in val_data.fixed_batches(self.cfg.eval_batches, self.cfg.micro_batch_size):
+            if self.vision is not None:
+                y = batch["targets"]
+                with self.autocast:
+                    loss = vlm_forward(self.train_model, batch, self.device, self.feature_cache)
+            else:
+                x, y, *docs = batch
+                documents = docs[0].to(self.device) if docs else None
+                with self.autocast:
+                    _, loss = self.train_model(x.to(self.device), y.to(self.device), documents=documents)
             losses.append(loss.float())
             counts.append(float((y != IGNORE_INDEX).sum()))
         self.train_model.train()
@@ -657,18 +775,19 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         cfg = self.cfg
         lr = lr_at(cfg, self.step, self.decay)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # each group at its own base_lr, scaled as the schedule is
+            base = group.get("base_lr", cfg.lr)
+            group["lr"] = lr if base == cfg.lr else base * lr / cfg.lr
         mb, accum = cfg.micro_batch_size, cfg.grad_accum
         batches = [self.train_data.batch(self.samples + (self.rank * accum + m) * mb, mb) for m in range(accum)]
-        is_dpo = cfg.objective == "dpo"
-        weights = None if is_dpo else self._micro_batch_weights([b[1] for b in batches])
+        is_dpo, is_vlm = cfg.objective == "dpo", self.vision is not None
+        weights = None if is_dpo else self._micro_batch_weights([b["targets"] if is_vlm else b[1] for b in batches])
         loss_sum = torch.zeros((), device=self.device)
         extras: dict[str, torch.Tensor] = {}
         digest = xxhash.xxh64()
         step_tokens = 0
         for batch in batches:  # which samples the step saw: equal digests, equal batches (resume checks)
-            inputs = batch["inputs"] if is_dpo else batch[0]
+            inputs = batch["inputs"] if is_dpo else batch["input_ids"] if is_vlm else batch[0]
             digest.update(inputs.numpy().tobytes())
             step_tokens += inputs.numel()
         for m, batch in enumerate(batches):
@@ -679,6 +798,9 @@ class Trainer:
                     loss, metrics = self._dpo_loss(batch, self.train_data)
                     for k, v in metrics.items():
                         extras[k] = extras.get(k, 0.0) + v / accum
+                elif is_vlm:
+                    with self.autocast:
+                        loss = vlm_forward(self.train_model, batch, self.device, self.feature_cache)
                 else:
                     x, y, *docs = (t.to(self.device, non_blocking=True) for t in batch)
                     with self.autocast:
@@ -705,6 +827,9 @@ class Trainer:
         self.tokens += step_tokens * self.world  # positions processed (DPO: both sides, padded)
         self.step += 1
         record = {"loss": float(loss_val), "lr": lr, "grad_norm": float(grad_norm), "batch_digest": digest.hexdigest()}
+        if is_vlm:  # each module's own rate
+            record.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups
+                           if not g["name"].endswith(".no_decay")})
         record.update({k: float(self._all_mean(v.detach().float())) for k, v in extras.items()})
         return record
 
