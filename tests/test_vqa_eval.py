@@ -198,19 +198,37 @@ def test_greedy_answer_equals_argmax_of_the_full_forward() -> None:
     assert text == tok.decode(out).strip()
 
 
+def test_batched_answers_equal_one_at_a_time() -> None:
+    import torch
+
+    from phi3data.evaluation.vlm import VLMAnswerer, VQAItem
+    from phi3data.tokenization.tokenizers import get_tokenizer
+
+    torch.set_num_threads(1)
+    vlm = _tiny_vlm(3)
+    tok = get_tokenizer("phi3-mini")
+    items = _items(6)
+    items[2] = VQAItem(None, "is this a question without an image?", ["yes"], ["yes", "no"])  # mixed batch
+    answerer = VLMAnswerer(vlm, tok, batch_size=4)  # two forward passes, the second one shorter
+    batched = answerer.score_options(items, [i.options for i in items])
+    for item, scores in zip(items, batched):
+        assert scores == pytest.approx(VLMAnswerer(vlm, tok).loglikelihoods(item, item.options), abs=1e-4)
+    assert answerer.generate_many(items, 3) == [answerer.generate(i, 3) for i in items]
+
+
 def test_evaluate_vqa_groups_and_baselines(monkeypatch) -> None:
     """The bookkeeping of evaluate_vqa with a fixed answerer: always 'yes' by options, 'red' by generation."""
     from phi3data.evaluation import vlm as vlm_eval
 
     monkeypatch.setattr(vlm_eval.VLMAnswerer, "__init__", lambda self, *a, **k: None)
-    monkeypatch.setattr(vlm_eval.VLMAnswerer, "loglikelihoods",
-                        lambda self, item, options: [0.0 if o == "yes" else -1.0 for o in options])
-    monkeypatch.setattr(vlm_eval.VLMAnswerer, "generate", lambda self, item, n=8: "Red.")
+    monkeypatch.setattr(vlm_eval.VLMAnswerer, "score_options", lambda self, items, options: [
+        [0.0 if o == "yes" else -1.0 for o in opts] for opts in options])
+    monkeypatch.setattr(vlm_eval.VLMAnswerer, "generate_many", lambda self, items, n=8: ["Red."] * len(items))
     items = [vlm_eval.VQAItem(None, "q1", ["yes"], ["yes", "no"], "yes/no"),
              vlm_eval.VQAItem(None, "q2", ["no"], ["yes", "no"], "yes/no"),
              vlm_eval.VQAItem(None, "q3", ["red"], ["red", "blue", "yes"], "other"),
              vlm_eval.VQAItem(None, "q4", ["blue"], None, "other")]
-    r = vlm_eval.evaluate_vqa(None, None, items, majority={"yes/no": "no", "other": "blue"})
+    r = vlm_eval.evaluate_vqa(None, None, items, majority={"yes/no": "no", "other": "blue"}, batch_questions=3)
     assert r["overall"]["n"] == 4 and r["overall"]["n_options"] == 3
     assert r["overall"]["options_accuracy"] == pytest.approx(1 / 3)   # yes on q1 right, q2 and q3 wrong
     assert r["overall"]["vqa_accuracy"] == pytest.approx(1 / 4)       # red right on q3 only

@@ -97,16 +97,23 @@ def _pil(image: Any):
         return img.convert("RGB")
 
 
-def final_hidden(vlm, embeds: torch.Tensor) -> torch.Tensor:
+def final_hidden(vlm, embeds: torch.Tensor, positions: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """The language model's last hidden states (after the final norm) for input embeddings; logits are
-    ``lm_head`` of them, computed only where needed (the full ``T x vocab`` logits dominate a tiny model's cost)."""
+    ``lm_head`` of them, computed only where needed (the full ``T x vocab`` logits dominate a tiny model's cost).
+    ``positions`` (B, T): each token's rotary position (default 0..T-1); ``mask`` (B, 1, T, T): which tokens each
+    token attends to (default causal)."""
     lm = vlm.language_model
     x = embeds
     if lm.cfg.mup_embedding_multiplier != 1.0:
         x = x * lm.cfg.mup_embedding_multiplier
-    cos, sin = lm.rotary(x.shape[1], x.dtype)
+    if positions is None:
+        cos, sin = lm.rotary(x.shape[1], x.dtype)
+    else:
+        cos, sin = lm.rotary(int(positions.max()) + 1, x.dtype)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]  # (B, 1, T, head_dim): per row and token
     for block in lm.model.layers:
-        x = block(x, cos, sin, None)
+        x = block(x, cos, sin, mask)
     return lm.model.norm(x)
 
 
@@ -119,7 +126,7 @@ class VLMAnswerer:
     """Asks a VLM questions in its training format. ``blind``: leave the image out of the prompt (a model
     trained without images)."""
 
-    def __init__(self, vlm, tokenizer, *, blind: bool = False, device: str = "cpu", batch_size: int = 32) -> None:
+    def __init__(self, vlm, tokenizer, *, blind: bool = False, device: str = "cpu", batch_size: int = 16) -> None:
         self.vlm = vlm.eval().to(device)
         self.tok = tokenizer
         self.blind = blind
@@ -144,59 +151,122 @@ class VLMAnswerer:
         ids[np.repeat(is_image, repeats)] = self.vlm.image_token_id
         return ids, np.repeat(mask, repeats), int(with_image)
 
-    def _features(self, item: VQAItem, n_images: int) -> torch.Tensor | None:
-        if not n_images:
-            return None
-        pixels = self.vlm.vision_tower.transform(_pil(item.image))[None].to(self.device)
-        return self.vlm.vision_features(pixels)
+    def _sees(self, item: VQAItem) -> bool:
+        return item.image is not None and not self.blind
+
+    def _features(self, items: Sequence[VQAItem]) -> torch.Tensor:
+        """Tower features of the images of the items that show one, in order."""
+        pixels = [self.vlm.vision_tower.transform(_pil(item.image)) for item in items if self._sees(item)]
+        if not pixels:
+            tower = self.vlm.vision_tower
+            return torch.zeros(0, self.vlm.n_tokens, tower.hidden_size, device=self.device)
+        return self.vlm.vision_features(torch.stack(pixels).to(self.device))
+
+    def _packed(self, item: VQAItem, options: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """One row for all options of a question: the prompt once, then each option's reply. Returns the ids, the
+        rotary positions (each reply continues the prompt), the segment of each token (-1 prompt, k option k)
+        and per option its reply's (token id, position of the hidden state that predicts it) pairs."""
+        prompt = None
+        ids, positions, segments, targets = [], [], [], []
+        for k, option in enumerate(options):
+            full, mask, _ = self.encode(item, option)
+            first = int(np.flatnonzero(mask)[0])
+            if prompt is None:
+                prompt = full[:first]
+                ids, positions, segments = list(prompt), list(range(first)), [-1] * first
+            elif len(prompt) != first or not np.array_equal(full[:first], prompt):
+                raise ValueError(f"option {option!r} changes the prompt's tokens; score it on its own")
+            reply = full[first:]
+            if not mask[first:].all():
+                raise ValueError(f"option {option!r}: the assistant reply is not the end of the conversation")
+            start = len(ids)
+            # the first reply token is predicted at the prompt's last token, the others at the reply's previous one
+            targets.append([(int(t), first - 1 if j == 0 else start + j - 1) for j, t in enumerate(reply)])
+            ids += reply.tolist()
+            positions += range(first, first + len(reply))
+            segments += [k] * len(reply)
+        return np.asarray(ids), np.asarray(positions), np.asarray(segments), targets
 
     @torch.no_grad()
-    def loglikelihoods(self, item: VQAItem, options: Sequence[str]) -> list[float]:
-        """Sum of log p(assistant reply) for each option."""
-        encoded = [self.encode(item, option) for option in options]
-        n_images = encoded[0][2]
-        features = self._features(item, n_images)
-        scores: list[float] = []
-        for start in range(0, len(encoded), self.batch_size):
-            chunk = encoded[start:start + self.batch_size]
-            width = max(len(ids) for ids, _, _ in chunk)
-            batch = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (ids, _, _) in enumerate(chunk):
-                batch[r, :len(ids)] = torch.from_numpy(ids)
+    def score_options(self, items: Sequence[VQAItem], options: Sequence[Sequence[str]]) -> list[list[float]]:
+        """For each item, the sum of log p(assistant reply) of each of its options. The prompt is computed once
+        per question: its options' replies follow it in one row, each attending to the prompt and to itself."""
+        out: list[list[float]] = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = list(zip(items[start:start + self.batch_size], options[start:start + self.batch_size],
+                             strict=True))
+            packed = [self._packed(item, opts) for item, opts in chunk]
+            width = max(len(p[0]) for p in packed)
+            batch = torch.zeros((len(packed), width), dtype=torch.long)
+            positions = torch.zeros((len(packed), width), dtype=torch.long)
+            segments = torch.full((len(packed), width), -2, dtype=torch.long)  # -2: padding
+            for r, (ids, pos, seg, _) in enumerate(packed):
+                batch[r, :len(ids)], positions[r, :len(ids)], segments[r, :len(ids)] = (
+                    torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(seg))
+            causal = torch.ones(width, width, dtype=torch.bool).tril()
+            query, key = segments[:, :, None], segments[:, None, :]
+            mask = causal & ((key == -1) | (key == query))
+            mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
             batch = batch.to(self.device)
-            feats = None if features is None else features.expand(len(chunk), -1, -1)
-            embeds = self.vlm.embed(batch, feats if feats is not None else self._no_features(),
+            embeds = self.vlm.embed(batch, self._features([item for item, _ in chunk]),
                                     batch == self.vlm.image_token_id)
-            hidden = final_hidden(self.vlm, embeds)
-            for r, (ids, mask, _) in enumerate(chunk):
-                where = np.flatnonzero(mask)  # token t is predicted at position t - 1
-                logprobs = F.log_softmax(_logits(self.vlm, hidden[r, where - 1]), dim=-1)
-                target = torch.from_numpy(ids[where]).to(self.device)
-                scores.append(float(logprobs.gather(1, target[:, None]).sum()))
-        return scores
+            hidden = final_hidden(self.vlm, embeds, positions.to(self.device), mask[:, None].to(self.device))
+            rows, at, target, owner = [], [], [], []
+            for r, (_, _, _, targets) in enumerate(packed):
+                for k, pairs in enumerate(targets):
+                    for token, where in pairs:
+                        rows.append(r)
+                        at.append(where)
+                        target.append(token)
+                        owner.append((r, k))
+            logprobs = F.log_softmax(_logits(self.vlm, hidden[rows, at]), dim=-1)
+            picked = logprobs.gather(1, torch.tensor(target, device=self.device)[:, None])[:, 0].double().cpu()
+            sums = [[0.0] * len(opts) for _, opts in chunk]
+            for (r, k), value in zip(owner, picked.tolist()):
+                sums[r][k] += value
+            out += sums
+        return out
 
-    def _no_features(self) -> torch.Tensor:
-        tower = self.vlm.vision_tower
-        return torch.zeros(0, self.vlm.n_tokens, tower.hidden_size, device=self.device)
+    def loglikelihoods(self, item: VQAItem, options: Sequence[str]) -> list[float]:
+        """Sum of log p(assistant reply) for each option of one item."""
+        return self.score_options([item], [options])[0]
 
     @torch.no_grad()
+    def generate_many(self, items: Sequence[VQAItem], max_new_tokens: int = 8) -> list[str]:
+        """Greedy answers, each up to ``<|end|>`` or end of text; prompts of equal length decode as one batch."""
+        prompts = []
+        for item in items:
+            ids, mask, _ = self.encode(item, "x")
+            prompts.append(ids[:int(np.flatnonzero(mask)[0])])
+        answers: list[str] = [""] * len(items)
+        by_length: dict[int, list[int]] = {}
+        for k, ids in enumerate(prompts):
+            by_length.setdefault(len(ids), []).append(k)
+        embed_tokens = self.vlm.language_model.model.embed_tokens
+        for group in by_length.values():
+            group_items = [items[k] for k in group]
+            batch = torch.from_numpy(np.stack([prompts[k] for k in group])).to(self.device)
+            embeds = self.vlm.embed(batch, self._features(group_items), batch == self.vlm.image_token_id)
+            out = [[] for _ in group]
+            done = [False] * len(group)
+            for _ in range(max_new_tokens):
+                hidden = final_hidden(self.vlm, embeds)
+                next_ids = _logits(self.vlm, hidden[:, -1]).argmax(-1)
+                for r, t in enumerate(next_ids.tolist()):
+                    if not done[r]:
+                        done[r] = t in self.end_ids
+                        if not done[r]:
+                            out[r].append(t)
+                if all(done):
+                    break
+                embeds = torch.cat([embeds, embed_tokens(next_ids[:, None])], dim=1)
+            for k, ids in zip(group, out):
+                answers[k] = self.tok.decode(ids).strip()
+        return answers
+
     def generate(self, item: VQAItem, max_new_tokens: int = 8) -> str:
-        """The greedy answer, up to ``<|end|>`` or end of text."""
-        ids, mask, n_images = self.encode(item, "x")
-        prompt = torch.from_numpy(ids[:int(np.flatnonzero(mask)[0])])[None].to(self.device)
-        features = self._features(item, n_images)
-        embeds = self.vlm.embed(prompt, features if features is not None else self._no_features(),
-                                prompt == self.vlm.image_token_id)
-        out: list[int] = []
-        for _ in range(max_new_tokens):
-            hidden = final_hidden(self.vlm, embeds)
-            next_id = int(_logits(self.vlm, hidden[0, -1]).argmax())
-            if next_id in self.end_ids:
-                break
-            out.append(next_id)
-            token = torch.tensor([[next_id]], device=self.device)
-            embeds = torch.cat([embeds, self.vlm.language_model.model.embed_tokens(token)], dim=1)
-        return self.tok.decode(out).strip()
+        """The greedy answer to one item."""
+        return self.generate_many([item], max_new_tokens)[0]
 
 
 def _is_yes_no(rows: list[dict]) -> bool:
@@ -224,7 +294,7 @@ def _group_metrics(rows: list[dict], majority: dict[str, str] | None) -> dict:
 
 def evaluate_vqa(vlm, tokenizer, items: Sequence[VQAItem], *, modes: Sequence[str] = MODES, blind: bool = False,
                  majority: dict[str, str] | None = None, device: str = "cpu", max_new_tokens: int = 8,
-                 progress: bool = False) -> dict:
+                 batch_questions: int = 8, progress: bool = False) -> dict:
     """Answer every item in each of ``modes`` and score: ``overall`` and per ``groups`` metrics (options accuracy,
     VQA accuracy of greedy answers, POPE metrics where every answer is yes/no, the majority-answer accuracy given
     ``majority``: group -> answer) and the per-item answers under ``items``. ``options`` mode scores only items
@@ -235,21 +305,24 @@ def evaluate_vqa(vlm, tokenizer, items: Sequence[VQAItem], *, modes: Sequence[st
     if not items:
         raise ValueError("no questions to evaluate")
     answerer = VLMAnswerer(vlm, tokenizer, blind=blind, device=device)
-    rows = []
-    iterator = items
+    rows = [{"question": item.question, "answers": list(item.answers), "group": item.group} for item in items]
+    chunks = range(0, len(items), batch_questions)
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(items, desc="vqa", unit="q")
-    for item in iterator:
-        row: dict[str, Any] = {"question": item.question, "answers": list(item.answers), "group": item.group}
-        if "options" in modes and item.options:
-            scores = answerer.loglikelihoods(item, item.options)
-            row["option"] = item.options[choose_option(scores)]
-            row["loglikelihoods"] = scores
+        chunks = tqdm(chunks, desc="vqa", unit="batch")
+    for start in chunks:
+        part = list(range(start, min(start + batch_questions, len(items))))
+        if "options" in modes:
+            scored = [k for k in part if items[k].options]
+            if scored:
+                all_scores = answerer.score_options([items[k] for k in scored], [items[k].options for k in scored])
+                for k, scores in zip(scored, all_scores):
+                    rows[k]["option"] = items[k].options[choose_option(scores)]
+                    rows[k]["loglikelihoods"] = scores
         if "generate" in modes:
-            row["generated"] = answerer.generate(item, max_new_tokens)
-        rows.append(row)
+            for k, answer in zip(part, answerer.generate_many([items[k] for k in part], max_new_tokens)):
+                rows[k]["generated"] = answer
     groups: dict[str, list[dict]] = {}
     for row in rows:
         groups.setdefault(row["group"], []).append(row)
