@@ -134,8 +134,8 @@ def pad_to_square(image: Image.Image, background: tuple[int, int, int] | str = C
     side = max(width, height)
     if size is not None and (side > size or upscale):
         scale = size / side
-        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling[resample.upper()],
-                             reducing_gap=REDUCING_GAP)
+        image = image.resize((max(1, round(width * scale)), max(1, round(height * scale))),
+                             Image.Resampling[resample.upper()], reducing_gap=REDUCING_GAP)
         width, height, side = *image.size, size
     if width == height == side:
         return image

@@ -147,8 +147,11 @@ class Pipeline:
         return batch, rejects, findings
 
     def _input_batches(self, shard: InputShard, out_dir: Path, segment: int, read_rejects: Counter,
-                       pending_rejects: list[dict]):
-        """Yield document batches for a segment: parsed input for segment 0, the previous segment's rows after."""
+                       pending_rejects: list[dict], first: tuple[Stage, dict] | None = None):
+        """Yield document batches for a segment: parsed input for segment 0, the previous segment's rows after.
+
+        ``first``: a stage that takes WARC records as read (``process_records``) and its stats; it runs here,
+        before the batch is built, and the batches yielded are its output."""
         cfg_in, batch_size = self.recipe.input, self.recipe.output.batch_size
         if segment > 0:
             previous = self.output_paths(out_dir, shard, segment - 1)["data"]
@@ -156,7 +159,7 @@ class Pipeline:
                 yield pa.Table.from_batches([record_batch])
             return
         path = Path(shard.path)
-        fmt = detect_format(path) if cfg_in.format == "auto" else cfg_in.format
+        fmt = self._input_format(shard)
         if fmt in MULTIMODAL_FORMATS:
             for read in self._read_multimodal(shard, fmt):
                 for row in read.rejects.to_pylist():
@@ -179,10 +182,32 @@ class Pipeline:
                 continue
             pending.append(record)
             if len(pending) >= batch_size:
-                yield make_batch(pending, with_html=with_html)
+                yield self._make_input_batch(pending, with_html, first, pending_rejects)
                 pending = []
         if pending:
-            yield make_batch(pending, with_html=with_html)
+            yield self._make_input_batch(pending, with_html, first, pending_rejects)
+
+    @staticmethod
+    def _make_input_batch(records: list[dict], with_html: bool, first: tuple[Stage, dict] | None,
+                          pending_rejects: list[dict]) -> pa.Table:
+        if first is None or not with_html:
+            return make_batch(records, with_html=with_html)
+        stage, stats = first
+        stage.ensure_setup()
+        started = time.perf_counter()
+        kept, drops, rejects = stage.process_records(records)
+        stats["in"] += len(records)
+        stats["out"] += len(kept)
+        stats["drops"].update(drops)
+        stats["rejects"] += len(rejects)
+        pending_rejects.extend(rejects)
+        batch = make_batch(kept)
+        stats["seconds"] += time.perf_counter() - started
+        return batch
+
+    def _input_format(self, shard: InputShard) -> str:
+        fmt = self.recipe.input.format
+        return detect_format(Path(shard.path)) if fmt == "auto" else fmt
 
     def _read_multimodal(self, shard: InputShard, fmt: str) -> Iterator[ReadBatch]:
         """Image-text records of one input shard, in batches, with the rejects met while reading them."""
@@ -205,7 +230,7 @@ class Pipeline:
         if segment > 0:
             return pq.read_schema(self.output_paths(out_dir, shard, segment - 1)["data"]).empty_table()
         path = Path(shard.path)
-        fmt = detect_format(path) if self.recipe.input.format == "auto" else self.recipe.input.format
+        fmt = self._input_format(shard)
         if fmt in MULTIMODAL_FORMATS:
             return _record_schema(path, fmt).empty_table()
         return make_batch([], with_html=fmt == "warc")
@@ -239,9 +264,13 @@ class Pipeline:
         try:
             scratch = [{"in": 0, "out": 0, "seconds": 0.0, "drops": Counter(), "rejects": 0} for _ in stages]
             empty_out, _, _ = self.run_batch(stages, self._empty_input(shard, out_dir, segment), scratch)
-            for batch in self._input_batches(shard, out_dir, segment, read_rejects, pending_rejects):
+            # a first stage that works on WARC records as read (extract) runs inside the reading
+            first = ((stages[0], stage_stats[0]) if segment == 0 and stages and self._input_format(shard) == "warc"
+                     and hasattr(stages[0], "process_records") else None)
+            later = slice(1 if first else 0, None)
+            for batch in self._input_batches(shard, out_dir, segment, read_rejects, pending_rejects, first):
                 docs_read += batch.num_rows
-                kept, rejects, findings = self.run_batch(stages, batch, stage_stats)
+                kept, rejects, findings = self.run_batch(stages[later], batch, stage_stats[later])
                 for table in findings:
                     finding_writer.write(table)
                 if kept.num_rows:
@@ -260,6 +289,8 @@ class Pipeline:
                     pending_rejects.clear()
             if pending_rejects:
                 reject_writer.write(make_rejects(pending_rejects))
+            if first:
+                docs_read = stage_stats[0]["in"]  # the batches counted above are what the first stage kept
             writer.close(empty_schema=empty_out.schema)
             reject_writer.close(empty_schema=REJECT_SCHEMA)
             finding_writer.close(empty_schema=FINDING_SCHEMA)

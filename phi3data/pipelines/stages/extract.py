@@ -37,14 +37,39 @@ class Extract(Stage):
     def process(self, batch: pa.Table) -> StageOutput:
         if "html" not in batch.schema.names:
             return StageOutput(batch)
-        htmls = batch.column("html").to_pylist()
+        texts, keep, drops, rejects = self._extract(batch.column("id").to_pylist(),
+                                                    batch.column("source").to_pylist(),
+                                                    batch.column("html").to_pylist())
+        old = batch.column("text").to_pylist()
+        merged = [t if t is not None else o for t, o in zip(texts, old)]
+        batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(merged, pa.large_string()))
+        batch = batch.drop_columns(["html"]).filter(pa.array(keep, pa.bool_()))
+        return StageOutput(batch, drops, rejects)
+
+    def process_records(self, records: list[dict]) -> tuple[list[dict], Counter, list[dict]]:
+        """The same work on records as read, before they become a batch: the pipeline calls this for WARC input
+        so page HTML never has to be copied into Arrow and back. Returns the kept records (``html`` replaced by
+        ``text``), the drops and the rejects, exactly as :meth:`process` would."""
+        texts, keep, drops, rejects = self._extract([r["id"] for r in records], [r.get("source") for r in records],
+                                                    [r.get("html") for r in records])
+        kept = []
+        for record, text, ok in zip(records, texts, keep):
+            if ok:
+                record.pop("html", None)
+                if text is not None:
+                    record["text"] = text
+                kept.append(record)
+        return kept, drops, rejects
+
+    def _extract(self, ids: list, sources: list, htmls: list) -> tuple[list[str | None], list[bool], Counter,
+                                                                      list[dict]]:
+        """Per document: the extracted text (None where there was no HTML), whether it is kept, and the drops
+        and rejects."""
         extract_one = self._trafilatura if self.params.extractor == "trafilatura" else self._resiliparse
         texts: list[str | None] = []
         keep: list[bool] = []
         drops: Counter = Counter()
         rejects: list[dict] = []
-        ids = batch.column("id").to_pylist()
-        sources = batch.column("source").to_pylist()
         for doc_id, source, html in zip(ids, sources, htmls):
             if html is None:
                 texts.append(None)
@@ -64,11 +89,7 @@ class Extract(Stage):
                 drops[f"{self.name}:empty"] += 1
             texts.append(text)
             keep.append(ok)
-        old = batch.column("text").to_pylist()
-        merged = [t if t is not None else o for t, o in zip(texts, old)]
-        batch = batch.set_column(batch.schema.get_field_index("text"), "text", pa.array(merged, pa.large_string()))
-        batch = batch.drop_columns(["html"]).filter(pa.array(keep, pa.bool_()))
-        return StageOutput(batch, drops, rejects)
+        return texts, keep, drops, rejects
 
     def _resiliparse(self, html: bytes) -> str:
         from resiliparse.extract.html2text import extract_plain_text
