@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections import Counter
+from itertools import filterfalse
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +51,9 @@ def split_words(text: str) -> list[str]:
 _recent_words: dict[str, list[str]] = {}
 _recent_chars = 0
 _RECENT_CHAR_LIMIT = 32_000_000  # a few batches of web pages; the memory it holds stays bounded
+
+
+_SYMBOL_LINE_RE = re.compile("^[" + re.escape(_PUNCT_CHARS) + "]+$", re.MULTILINE)  # a line that is a symbol word
 
 
 def is_symbol(word: str) -> bool:
@@ -251,15 +255,17 @@ class GopherQuality(Filter):
         n_words = len(words)
         if n_words == 0:
             return "short_doc"
-        # each distinct word is classified once and weighted by its count (a web page repeats most of its words)
+        # each distinct word is classified once and weighted by its count (a web page repeats most of its words);
+        # the symbol words are found by one regex over the distinct words, one per line
         counts = Counter(words)
-        content = [(w, c) for w, c in counts.items() if not is_symbol(w)]
-        n_content = sum(c for _, c in content)
+        symbols = _SYMBOL_LINE_RE.findall("\n".join(counts))
+        n_content = n_words - sum(counts[w] for w in symbols)
         if p.min_doc_words is not None and n_content < p.min_doc_words:
             return "short_doc"
         if p.max_doc_words is not None and n_content > p.max_doc_words:
             return "long_doc"
-        avg_len = sum(len(w) * c for w, c in content) / max(n_content, 1)
+        content_chars = sum(map(len, words)) - sum(len(w) * counts[w] for w in symbols)
+        avg_len = content_chars / max(n_content, 1)
         if p.min_avg_word_length is not None and avg_len < p.min_avg_word_length:
             return "below_avg_word_length"
         if p.max_avg_word_length is not None and avg_len > p.max_avg_word_length:
@@ -279,8 +285,9 @@ class GopherQuality(Filter):
             if ellipsis / len(lines) > p.max_ellipsis_lines_ratio:
                 return "too_many_end_ellipsis"
         if p.min_alpha_words_ratio is not None:
-            alpha = sum(c for w, c in counts.items() if w.isalpha() or any(map(str.isalpha, w)))
-            if alpha / n_words < p.min_alpha_words_ratio:
+            # words with no letter at all, looked for among the words that are not all letters
+            no_alpha = sum(counts[w] for w in filterfalse(str.isalpha, counts) if not any(map(str.isalpha, w)))
+            if (n_words - no_alpha) / n_words < p.min_alpha_words_ratio:
                 return "below_alpha_ratio"
         if p.min_stop_words is not None and len(stop_words.intersection(counts)) < p.min_stop_words:
             return "not_enough_stop_words"
