@@ -191,21 +191,26 @@ class ImageFeatureCache:
         from safetensors.torch import load_file
 
         out: list[torch.Tensor | None] = [None] * len(image_ids)
-        missing = []
+        missing: dict[str, list[int]] = {}  # image id -> its positions (an image repeated in a batch is one miss)
         for i, image_id in enumerate(image_ids):
             path = self.path(image_id)
-            if path.exists():
+            if image_id in missing:
+                missing[image_id].append(i)
+            elif path.exists():
                 out[i] = load_file(str(path))["features"]
                 self.hits += 1
             else:
-                missing.append(i)
-        for start in range(0, len(missing), self.batch_size):
-            rows = missing[start:start + self.batch_size]
-            computed = self._compute([images[i] for i in rows], [image_ids[i] for i in rows])
-            for i, feats in zip(rows, computed, strict=True):
-                self._store(image_ids[i], feats)
-                out[i] = feats
+                missing[image_id] = [i]
+        todo = list(missing.values())
+        for start in range(0, len(todo), self.batch_size):
+            rows = todo[start:start + self.batch_size]
+            computed = self._compute([images[r[0]] for r in rows], [image_ids[r[0]] for r in rows])
+            for positions, feats in zip(rows, computed, strict=True):
+                self._store(image_ids[positions[0]], feats)
+                for i in positions:
+                    out[i] = feats
             self.misses += len(rows)
+            self.hits += sum(len(r) - 1 for r in rows)
         if not out:
             return torch.zeros(0, self.tower.n_tokens, self.tower.hidden_size)
         return torch.stack(out)

@@ -1,0 +1,216 @@
+"""LLaVA's two stages on the trainer, on real easy-VQA images: stage 1 trains the projector alone, modules keep
+their own learning rates, stage 2 starts from stage 1 and its loss falls, a killed run resumes exactly, and the
+blind mode drops the images and their tokens but keeps the text."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from phi3data.config import ConfigError
+from phi3data.multimodal import easy_vqa
+from phi3data.tokenization.dataset import IGNORE_INDEX
+from phi3data.tokenization.images import ImageTokenizeConfig, tokenize_images
+from phi3data.training import TrainConfig, Trainer, lr_at
+from phi3data.training.vlm import ImageBatches, load_vlm
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_TOKEN_ID = 32002  # <|placeholder1|>, what tokenize --images writes
+
+MODEL = {"vocab_size": 32064, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128,
+         "original_max_position_embeddings": 128}
+VIT = {"image_size": 32, "patch_size": 16, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+       "num_attention_heads": 2}  # 4 image tokens
+TRAIN = {"seq_len": 48, "micro_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 2, "weight_decay": 0.0,
+         "eval_every": 0, "log_every": 100, "seed": 5}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> dict[str, Path]:
+    """easy-VQA pairs (caption mask) and conversations (assistant mask) as image token shards."""
+    root = tmp_path_factory.mktemp("easy-vqa")
+    records = easy_vqa.build(root / "records", "train", limit=48)
+    out = {}
+    for kind, mask in (("pairs", "caption"), ("conversations", "assistant")):
+        tokenize_images([records[kind]], root / kind, ImageTokenizeConfig(mask=mask), workers=1)
+        out[kind] = root / kind
+    return out
+
+
+def config(data: Path, out_dir: Path, vision: dict, **train) -> TrainConfig:
+    kw = {**TRAIN, "data_path": str(data), "out_dir": str(out_dir), "vision": vision, **train}
+    if "init_from" not in kw:
+        kw["model"] = MODEL
+    return TrainConfig(**kw)
+
+
+STAGE1 = {"tower": "small", "vit": VIT, "projector": "mlp2x_gelu", "stage": "pretrain"}
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def stage1(shards, tmp_path_factory) -> dict:
+    """A short stage-1 run: the weights before and after, and the trainer."""
+    out = tmp_path_factory.mktemp("stage1")
+    torch.set_num_threads(1)
+    trainer = Trainer(config(shards["pairs"], out, STAGE1, max_steps=6, ckpt_every=6))
+    before = {m: weights(getattr(trainer.model, m)) for m in ("vision_tower", "projector", "language_model")}
+    trainer.train()
+    return {"out": out, "trainer": trainer, "before": before}
+
+
+def test_stage1_trains_the_projector_alone(stage1) -> None:
+    model, before = stage1["trainer"].model, stage1["before"]
+    assert same(weights(model.vision_tower), before["vision_tower"])  # bit for bit
+    assert same(weights(model.language_model), before["language_model"])
+    assert not same(weights(model.projector), before["projector"])
+    groups = stage1["trainer"].optimizer.param_groups
+    assert {g["name"] for g in groups} == {"projector", "projector.no_decay"}
+    assert all(g["base_lr"] == 1e-3 for g in groups)
+    ckpt = stage1["out"] / "checkpoints" / "step_0000006"
+    assert (ckpt / "phi3data_vlm.json").exists() and not (ckpt / "config.json").exists()  # not a Phi3ForCausalLM
+    loaded = load_vlm(stage1["out"])
+    assert same(weights(loaded), weights(model))
+
+
+def test_modules_train_at_their_own_learning_rates(shards, tmp_path) -> None:
+    stage = {"projector": 1e-3, "language_model": 2e-5}
+    trainer = Trainer(config(shards["conversations"], tmp_path / "run", {**STAGE1, "stage": stage}, max_steps=4,
+                             ckpt_every=0))
+    for step in range(3):
+        record = trainer.train_step()
+        schedule = lr_at(trainer.cfg, step)
+        for group in trainer.optimizer.param_groups:
+            module = group["name"].removesuffix(".no_decay")
+            assert group["lr"] == pytest.approx(stage[module] * schedule / 1e-3, rel=1e-12)
+        assert record["lr/language_model"] == pytest.approx(2e-5 * schedule / 1e-3)
+    assert not any(p.requires_grad for p in trainer.model.vision_tower.parameters())
+
+
+def losses(metrics: Path) -> dict[int, float]:
+    out = {}
+    for line in metrics.read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def test_stage2_starts_from_stage1_and_its_loss_falls(stage1, shards, tmp_path) -> None:
+    stage2 = {"stage": {"projector": 3e-3, "language_model": 3e-3}, "feature_cache": True}
+    trainer = Trainer(config(shards["conversations"], tmp_path / "s2", stage2, init_from=str(stage1["out"]),
+                             lr=3e-3, min_lr=3e-4, max_steps=30, ckpt_every=0))
+    assert same(weights(trainer.model), weights(stage1["trainer"].model))  # tower, projector and LM of stage 1
+    tower = weights(trainer.model.vision_tower)
+    trainer.train()
+    log = losses(tmp_path / "s2" / "metrics.jsonl")
+    first, last = sum(log[s] for s in (1, 2, 3)) / 3, sum(log[s] for s in (28, 29, 30)) / 3
+    assert last < first - 1.0, (first, last)
+    assert same(weights(trainer.model.vision_tower), tower)
+    cache = trainer.feature_cache  # one image per conversation; each encoded once, then read back
+    assert cache.hits + cache.misses == 30 * 8 and 0 < cache.misses <= 48 and cache.hits > 0
+    with pytest.raises(ConfigError, match="tower and projector are kept"):
+        Trainer(config(shards["conversations"], tmp_path / "bad", {"tower": "small"}, init_from=str(stage1["out"])))
+
+
+def write_toml(path: Path, data: Path, out_dir: Path, init_from: Path, **train) -> Path:
+    lines = ["[vision]", 'stage = "finetune"', "", "[data]", f'path = "{data}"', "", "[train]",
+             f'init_from = "{init_from}"', f'out_dir = "{out_dir}"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in {**TRAIN, **train}.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_exact_resume_after_kill_9(stage1, shards, tmp_path) -> None:
+    """A stage-2 run killed with SIGKILL after a checkpoint and rerun gives the uninterrupted run's losses and
+    weights."""
+    steps, every = 24, 4
+    full = Trainer(TrainConfig.from_toml(write_toml(tmp_path / "full.toml", shards["conversations"],
+                                                    tmp_path / "full", stage1["out"], max_steps=steps,
+                                                    ckpt_every=steps)))
+    full.train()
+    reference = losses(tmp_path / "full" / "metrics.jsonl")
+
+    cfg = write_toml(tmp_path / "killed.toml", shards["conversations"], tmp_path / "killed", stage1["out"],
+                     max_steps=steps, ckpt_every=every)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-m", "phi3data.training.trainer", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and max(losses(metrics), default=0) >= every + 2:
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGSTOP)  # freeze first so the step we read is the step the kill interrupts
+    killed_at = max(losses(metrics))
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert every + 2 <= killed_at < steps, "the run finished before it could be killed; make it longer"
+
+    resumed = Trainer(TrainConfig.from_toml(cfg))
+    assert resumed.step % every == 0 and 0 < resumed.step <= killed_at
+    resumed.train()
+    assert losses(metrics) == reference  # bit-identical trajectory
+    assert same(weights(resumed.model), weights(full.model))
+
+
+def test_blind_drops_the_images_and_keeps_the_text(stage1, shards, tmp_path) -> None:
+    vlm = stage1["trainer"].model
+    seeing = ImageBatches(shards["conversations"], 48, vlm, seed=3)
+    blind = ImageBatches(shards["conversations"], 48, vlm, seed=3, blind=True)
+    a, b = seeing.batch(0, 4), blind.batch(0, 4)
+    assert len(a["images"]) == 4 and b["images"] == [] and b["image_ids"] == []
+    for row in range(4):
+        ids = a["input_ids"][row][a["input_ids"][row] != 0]  # unpadded (0 is never a real token here)
+        assert (ids == IMAGE_TOKEN_ID).sum() == vlm.n_tokens
+        text = ids[ids != IMAGE_TOKEN_ID]
+        assert torch.equal(b["input_ids"][row][:len(text)], text)
+        assert not (b["input_ids"][row] == IMAGE_TOKEN_ID).any()
+    trained = lambda batch: [t[t != IGNORE_INDEX].tolist() for t in batch["targets"]]  # noqa: E731
+    assert trained(a) == trained(b)  # the same answers to learn
+
+    trainer = Trainer(config(shards["conversations"], tmp_path / "blind", {"stage": "finetune", "blind": True},
+                             init_from=str(stage1["out"]), max_steps=3, ckpt_every=0))
+    projector = weights(trainer.model.projector)
+    trainer.train()
+    assert {g["name"].removesuffix(".no_decay") for g in trainer.optimizer.param_groups} == {"language_model"}
+    assert same(weights(trainer.model.projector), projector)
+    with pytest.raises(ConfigError, match="trains nothing"):
+        Trainer(config(shards["pairs"], tmp_path / "b1", {**STAGE1, "blind": True}))
+
+
+def test_recipes_and_vision_keys_are_checked(stage1, tmp_path) -> None:
+    first = TrainConfig.from_toml(ROOT / "model" / "vlm-stage1-tiny-cpu.toml")
+    assert first.vision["stage"] == "pretrain"
+    blind = TrainConfig.from_toml(ROOT / "model" / "vlm-stage2-tiny-cpu.toml",
+                                  {"init_from": str(stage1["out"]), "vision.blind": True})
+    assert blind.vision["blind"] is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[vision]\ntower = "small"\nstages = "pretrain"\n')
+    with pytest.raises(ConfigError, match="stages"):
+        TrainConfig.from_toml(bad)
