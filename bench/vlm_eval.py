@@ -1,0 +1,160 @@
+"""easy-VQA with its blind baseline: does the tiny LLaVA-style VLM read the image?
+
+For each seed: stage 1 (``model/vlm-stage1-tiny-cpu.toml``: projector on easy-VQA image-caption pairs), then
+stage 2 (``model/vlm-stage2-tiny-cpu.toml``: projector + language model on the easy-VQA train questions) twice
+from the same stage-1 checkpoint: with the images, and blind (``vision.blind = true``: the same conversations with
+the image tokens removed). Both are scored on the easy-VQA test split (``phi3data.evaluation.vlm``): the closed
+answer set by log-likelihood ("options") and greedy answers (VQA accuracy), overall, on yes/no questions (with
+POPE metrics) and on the other questions (shape and colour), beside the majority train answer of each group.
+The result is the sighted - blind gap against the seed-to-seed spread.
+
+``--charts N`` adds N rendered synthetic charts (``phi3data.multimodal.synthetic``) to the stage-2 data and scores
+the chart test questions (a generator seed no training uses) as well.
+
+Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--charts 0]
+Writes OUT/results.json and OUT/results.md (default OUT: out/vlm_eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1 = ROOT / "model" / "vlm-stage1-tiny-cpu.toml"
+STAGE2 = ROOT / "model" / "vlm-stage2-tiny-cpu.toml"
+
+
+def build_data(out: Path, train_images: int | None, charts: int) -> dict[str, Path]:
+    """easy-VQA train pairs and conversations (and chart conversations), tokenized for the two stages."""
+    from phi3data.multimodal import easy_vqa
+    from phi3data.tokenization.images import ImageTokenizeConfig, tokenize_images
+
+    records = out / "records"
+    if not (records / "conversations").exists():
+        easy_vqa.build(records, "train", train_images)
+    conv_inputs = [records / "conversations"]
+    if charts:
+        from phi3data.multimodal.synthetic import SynthConfig, generate
+
+        chart_dir = out / "charts"
+        generate(SynthConfig(kind="charts", seed=0), charts, chart_dir)
+        conv_inputs.append(chart_dir / "data" if (chart_dir / "data").exists() else chart_dir)
+    tokens = {"pairs": out / "tokens-pairs", "conversations": out / f"tokens-conv{'-charts' if charts else ''}"}
+    tokenize_images([records / "pairs"], tokens["pairs"], ImageTokenizeConfig(mask="caption"))
+    tokenize_images(conv_inputs, tokens["conversations"], ImageTokenizeConfig(mask="assistant"))
+    return tokens
+
+
+def train_seed(seed: int, tokens: dict[str, Path], runs: Path, args) -> dict[str, Path]:
+    """Stage 1, then stage 2 with and without images, all from ``seed``; finished runs are kept (resumable)."""
+    from phi3data.training.trainer import train
+
+    stage1 = runs / f"stage1-seed{seed}"
+    common = {"seed": seed, "seq_len": args.seq_len}
+    train(STAGE1, {**common, "out_dir": str(stage1), "data_path": str(tokens["pairs"]),
+                   "max_steps": args.stage1_steps})
+    out = {}
+    for arm, blind in (("sighted", False), ("blind", True)):
+        out[arm] = runs / f"stage2-{arm}-seed{seed}"
+        train(STAGE2, {**common, "out_dir": str(out[arm]), "init_from": str(stage1),
+                       "data_path": str(tokens["conversations"]), "max_steps": args.stage2_steps,
+                       "vision.blind": blind})
+    return out
+
+
+def _flat(task_result: dict) -> dict[str, float]:
+    """The numbers of one task's result as ``group::metric`` -> value."""
+    out = {}
+    for group, m in [("all", task_result["overall"]), *task_result["groups"].items()]:
+        for key in ("options_accuracy", "vqa_accuracy", "majority_accuracy"):
+            if key in m:
+                out[f"{group}::{key}"] = m[key]
+        for mode in ("options", "generate"):
+            for key, value in m.get(f"pope_{mode}", {}).items():
+                if key not in ("n", "unanswered"):
+                    out[f"{group}::pope_{mode}_{key}"] = value
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def report(results: dict) -> str:
+    """A markdown table per task: sighted, blind, gap (mean ± sd over seeds) for every metric, majority beside."""
+    lines = []
+    seeds = sorted(results["runs"])
+    for task in results["tasks"]:
+        flat = {arm: [_flat(results["runs"][s][arm][task]) for s in seeds] for arm in ("sighted", "blind")}
+        keys = list(flat["sighted"][0])
+        n = results["runs"][seeds[0]]["sighted"][task]
+        sizes = {g: m["n"] for g, m in [("all", n["overall"]), *n["groups"].items()]}
+        lines += [f"### {task}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sd", "",
+                  "| questions | metric | with images | blind | gap (per-seed pairs) | majority answer |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for key in keys:
+            group, metric = key.split("::", 1)
+            if metric == "majority_accuracy":
+                continue
+            sighted = [f[key] for f in flat["sighted"]]
+            blind = [f[key] for f in flat["blind"]]
+            gaps = [a - b for a, b in zip(sighted, blind)]
+            majority = flat["sighted"][0].get(f"{group}::majority_accuracy")
+            show_majority = metric in ("options_accuracy", "vqa_accuracy") and majority is not None
+            lines.append(f"| {group} ({sizes[group]}) | {metric} | {_mean_sd(sighted)} | {_mean_sd(blind)} | "
+                         f"{_mean_sd(gaps)} | {f'{majority:.3f}' if show_majority else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-images", type=int, default=None, help="easy-VQA train images (default: all 4,000)")
+    parser.add_argument("--stage1-steps", type=int, default=80)
+    parser.add_argument("--stage2-steps", type=int, default=150)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 9,673)")
+    parser.add_argument("--charts", type=int, default=0, help="synthetic charts added to stage 2 (0: none)")
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "vlm_eval")
+    args = parser.parse_args()
+
+    import torch
+
+    from phi3data.evaluation.vlm import evaluate_vlm_checkpoint
+
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokens = build_data(args.out, args.train_images, args.charts)
+    tasks = ["easy-vqa", *(["charts"] if args.charts else [])]
+    results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "tasks": tasks,
+               "runs": {}}
+    for seed in args.seeds:
+        t0 = time.perf_counter()
+        runs = train_seed(seed, tokens, args.out / "runs", args)
+        results["runs"][seed] = {}
+        for arm, run in runs.items():
+            r = evaluate_vlm_checkpoint(run, "phi3-mini", tasks, limit=args.eval_limit, blind=arm == "blind",
+                                        device="cpu")
+            for task in r["tasks"].values():
+                task.pop("items")
+            results["runs"][seed][arm] = r["tasks"]
+        print(f"seed {seed}: trained and scored in {time.perf_counter() - t0:.0f} s", flush=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    results["seconds"] = round(time.perf_counter() - started)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    text = report(results)
+    (args.out / "results.md").write_text(text)
+    print(text)
+    print(f"{results['seconds']} s; results: {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
