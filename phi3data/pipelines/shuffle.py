@@ -81,6 +81,17 @@ def partition_of(strings: pa.Array | pa.ChunkedArray, partitions: int) -> np.nda
     return (hashes[encoded.indices.to_numpy(zero_copy_only=False)] % np.uint64(partitions)).astype(np.int32)
 
 
+def document_keys(ids: list[str], key_sets: list) -> pa.Table:
+    """A keys table in one band (band 0): each document's distinct keys, sorted, beside its id."""
+    keys, owners = [], []
+    for doc, mine in zip(ids, key_sets):
+        mine = sorted(set(mine))
+        keys.extend(mine)
+        owners.extend([doc] * len(mine))
+    return pa.table({"band": pa.array([0] * len(keys), pa.int16()), "key": pa.array(keys, pa.uint64()),
+                     "id": pa.array(owners, pa.string())})
+
+
 def write_keys(table: pa.Table, path: Path, partitions: int) -> str:
     """A shard's keyed rows, sorted by partition so a reduce task reads only its own row groups."""
     part = (table.column("key").to_numpy(zero_copy_only=False) % np.uint64(partitions)).astype(np.int32)

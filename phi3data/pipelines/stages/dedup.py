@@ -37,6 +37,7 @@ from phi3data.pipelines.shuffle import (
     ShuffleJob,
     components_distributed,
     components_on_driver,
+    document_keys,
     parse_node,
     read_part,
     reduce_groups,
@@ -491,13 +492,8 @@ class LineDedup(KeyedStage):
         return out
 
     def keys(self, batch: pa.Table) -> pa.Table:
-        keys, ids = [], []
-        for doc, text in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist()):
-            mine = {k for k, _ in self.line_keys(text) if k}
-            keys.extend(sorted(mine))
-            ids.extend([doc] * len(mine))
-        return pa.table({"band": pa.array([0] * len(keys), pa.int16()), "key": pa.array(keys, pa.uint64()),
-                         "id": pa.array(ids, pa.string())})
+        return document_keys(batch.column("id").to_pylist(),
+                             [(k for k, _ in self.line_keys(text) if k) for text in batch.column("text").to_pylist()])
 
     def resolve(self, job: ShuffleJob) -> dict:
         p = self.params

@@ -22,7 +22,14 @@ from pydantic import Field
 from phi3data.multimodal.interleaved import TRACKER_HOSTS, ExtractOptions, extract_page, url_key
 from phi3data.multimodal.records import INTERLEAVED_WEB_LISTS, INTERLEAVED_WEB_SCHEMA
 from phi3data.pipelines.base import KeyedStage, Stage, StageOutput, StageParams, register
-from phi3data.pipelines.shuffle import KEYS_SCHEMA, ShuffleJob, parse_node, read_part, write_parquet_atomic
+from phi3data.pipelines.shuffle import (
+    KEYS_SCHEMA,
+    ShuffleJob,
+    document_keys,
+    parse_node,
+    read_part,
+    write_parquet_atomic,
+)
 
 TOP_URLS = 25
 
@@ -140,13 +147,9 @@ class ImageUrlFrequency(KeyedStage):
     def keys(self, batch: pa.Table) -> pa.Table:
         if "image_urls" not in batch.schema.names:
             raise ValueError(f"{self.name}: the rows have no image_urls; put an extract_interleaved stage before it")
-        keys, ids = [], []
-        for doc, urls in zip(batch.column("id").to_pylist(), batch.column("image_urls").to_pylist()):
-            mine = sorted({url_key(u) for u in urls or [] if u is not None})
-            keys.extend(mine)
-            ids.extend([doc] * len(mine))
-        return pa.table({"band": pa.array([0] * len(keys), pa.int16()), "key": pa.array(keys, pa.uint64()),
-                         "id": pa.array(ids, pa.string())})
+        return document_keys(batch.column("id").to_pylist(),
+                             [(url_key(u) for u in urls or [] if u is not None)
+                              for urls in batch.column("image_urls").to_pylist()])
 
     def resolve(self, job: ShuffleJob) -> dict:
         p = self.params
