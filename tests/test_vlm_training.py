@@ -214,3 +214,25 @@ def test_recipes_and_vision_keys_are_checked(stage1, tmp_path) -> None:
     bad.write_text('[vision]\ntower = "small"\nstages = "pretrain"\n')
     with pytest.raises(ConfigError, match="stages"):
         TrainConfig.from_toml(bad)
+
+
+def test_a_frozen_lm_head_skips_its_gradient_but_not_the_inputs() -> None:
+    """Stage 1 freezes the language model: the chunked loss then skips the head's weight gradient, and the gradient
+    reaching the projector is the one a trainable head would pass back."""
+    from phi3data.model.model import ChunkedLinearCrossEntropy
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    targets[::3] = IGNORE_INDEX
+    grads = []
+    for trainable in (True, False):
+        torch.manual_seed(1)
+        w = torch.randn(300, 16).requires_grad_(trainable)
+        loss = ChunkedLinearCrossEntropy.apply(x, w, targets, 1.0, IGNORE_INDEX, 16)
+        (gx,) = torch.autograd.grad(loss, x)
+        grads.append((loss.detach(), gx))
+        assert (w.grad is None) and loss.requires_grad
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+    plain = torch.nn.functional.cross_entropy(x @ w.t(), targets, ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(torch.autograd.grad(plain, x)[0], grads[1][1], rtol=1e-5, atol=1e-6)

@@ -186,7 +186,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     The full (tokens x vocab) fp32 logits are never materialized: each chunk's logits give its loss and, right
     away, its gradients (softmax - one-hot), which are kept for the backward pass. Saves memory and several
     passes over the largest activation of a small model. Without gradients, use
-    :func:`chunked_linear_cross_entropy`, which skips the gradient work.
+    :func:`chunked_linear_cross_entropy`, which skips the gradient work; a frozen ``w`` (a VLM's stage 1) skips the
+    weight's gradient matmul.
     """
 
     @staticmethod
@@ -194,7 +195,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = targets.numel()
         valid = (targets != ignore_index).sum().clamp(min=1)
         grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(w, dtype=torch.float32)
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for i in range(0, n, chunk):
             xc, tc = x[i : i + chunk], targets[i : i + chunk]
@@ -216,17 +217,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             g[rows, safe_t] -= weight
             g = g.to(x.dtype)
             torch.mm(g, w, out=grad_x[i : i + chunk])
-            if grad_w.dtype == xc.dtype:
+            if grad_w is None:
+                pass
+            elif grad_w.dtype == xc.dtype:
                 grad_w.addmm_(g.t(), xc)
             else:
                 grad_w += (g.t() @ xc).float()
-        ctx.save_for_backward(grad_x, grad_w.to(w.dtype))
+        ctx.weight_grad = grad_w is not None
+        ctx.save_for_backward(grad_x, grad_w.to(w.dtype) if grad_w is not None else grad_x.new_zeros(0))
         return loss / valid
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_out, grad_w * grad_out, None, None, None, None
+        return grad_x * grad_out, grad_w * grad_out if ctx.weight_grad else None, None, None, None, None
 
 
 def _fill(param: torch.Tensor, full: torch.Tensor) -> None:
