@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from phi3data.pipelines.stages.heuristics import _dup_ngram_chars, _top_ngram_chars, _Words, split_words
+from phi3data.pipelines.stages.heuristics import (
+    WORD_RE,
+    _dup_ngram_chars,
+    _find_words,
+    _split_lines,
+    _top_ngram_chars,
+    _Words,
+    split_words,
+)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WEB = SHARED / "web" / "jsonl"
@@ -60,6 +68,16 @@ def test_ngram_rules_equal_the_rules_as_written() -> None:
             assert _top_ngram_chars(ids, n) == top_ngram_chars_as_written(words, n), (n, text[:80])
         for n in range(5, 11):
             assert _dup_ngram_chars(ids, n) == dup_ngram_chars_as_written(words, n), (n, text[:80])
+
+
+def test_fast_splits_equal_the_regexes() -> None:
+    """Words cut at whitespace first, and lines by str.split, give exactly what the regexes give."""
+    import re
+
+    odd = "\u00a0\u2028\x1c\x85\u3000 x_y __ 3.5.1 1,000 don't … ½² Ⅻ\t\n\n\nend\n"
+    for text in [*texts(), odd, "\n", "\n\na\n", "a\n\n"]:
+        assert _find_words(text) == WORD_RE.findall(text), text[:80]
+        assert _split_lines(text) == re.split(r"\n+", text), text[:80]
 
 
 def test_text_filters_drop_a_null_text_under_their_empty_reason():

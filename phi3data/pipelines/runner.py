@@ -213,9 +213,10 @@ def _reports(pipeline: Pipeline, output: Path, shards: list[InputShard]) -> dict
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(pipeline.output_paths(output, s, k)["findings"])
-              for k in range(pipeline.last_segment + 1) for s in shards]
-    tables = [t for t in tables if t.num_rows]
+    # ParquetFile, not read_table: no pyarrow.dataset import (0.2 s) for a run whose shards found nothing
+    files = [pq.ParquetFile(pipeline.output_paths(output, s, k)["findings"])
+             for k in range(pipeline.last_segment + 1) for s in shards]
+    tables = [f.read() for f in files if f.metadata.num_rows]
     findings = pa.concat_tables(tables) if tables else None
     reports = {}
     for stage in pipeline.stages:
