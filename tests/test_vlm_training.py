@@ -236,3 +236,34 @@ def test_a_frozen_lm_head_skips_its_gradient_but_not_the_inputs() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
     plain = torch.nn.functional.cross_entropy(x @ w.t(), targets, ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(torch.autograd.grad(plain, x)[0], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_two_ddp_processes_match_one(stage1, shards, tmp_path) -> None:
+    """Stage 2 under torchrun (2 gloo processes, half the micro-batch each) trains as one process does: the same
+    samples through the shared position-indexed sampler, so the same losses and final weights up to rounding."""
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    steps = 4
+    one = write_toml(tmp_path / "one.toml", shards["conversations"], tmp_path / "one", stage1["out"],
+                     micro_batch_size=8, max_steps=steps, ckpt_every=steps, lr=3e-3)
+    two = write_toml(tmp_path / "two.toml", shards["conversations"], tmp_path / "two", stage1["out"],
+                     micro_batch_size=4, max_steps=steps, ckpt_every=steps, lr=3e-3)
+    subprocess.run([sys.executable, "-m", "phi3data.training.trainer", str(one)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "phi3data.training.trainer", str(two)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a, b = losses(tmp_path / "one" / "metrics.jsonl"), losses(tmp_path / "two" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+    final = load_file(str(tmp_path / "two" / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"))
+    reference = load_file(str(tmp_path / "one" / "checkpoints" / f"step_{steps:07d}" / "model.safetensors"))
+    assert final.keys() == reference.keys()
+    moved = 0
+    for name, tensor in reference.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
+        moved += not torch.equal(tensor, stage1["trainer"].model.state_dict()[name])
+    assert moved > 0
