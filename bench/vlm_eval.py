@@ -11,7 +11,11 @@ The result is the sighted - blind gap against the seed-to-seed spread.
 ``--charts N`` adds N rendered synthetic charts (``phi3data.multimodal.synthetic``) to the stage-2 data and scores
 the chart test questions (a generator seed no training uses) as well.
 
-Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--charts 0]
+``--tower clip`` first pretrains the recipe's small ViT contrastively (CLIP loss, frozen MiniLM text side) on the
+easy-VQA train images and their captions, per seed, and trains both stages on that tower (the recipe's tower is
+a random frozen ViT).
+
+Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--tower clip] [--charts 0]
 Writes OUT/results.json and OUT/results.md (default OUT: out/vlm_eval).
 """
 
@@ -49,13 +53,46 @@ def build_data(out: Path, train_images: int | None, charts: int) -> dict[str, Pa
     return tokens
 
 
+def pretrain_tower(seed: int, out: Path, steps: int) -> Path:
+    """The recipe's small ViT, contrastively pretrained (``phi3data.model.clip_pretrain``, CLIP loss against the
+    frozen MiniLM) on the easy-VQA train images and their captions ("a blue rectangle"); saved under ``out``."""
+    import tomllib
+
+    import torch
+
+    from phi3data.evaluation.vlm import _pil
+    from phi3data.model.clip_pretrain import ContrastiveConfig, encode_captions, train_contrastive
+    from phi3data.model.vision import ViT, ViTConfig
+    from phi3data.multimodal import easy_vqa
+
+    if (out / "model.safetensors").exists():
+        return out
+    vit = tomllib.loads(STAGE1.read_text())["vision"]["vit"]
+    torch.manual_seed(seed)
+    tower = ViT(ViTConfig(**vit))
+    attrs = easy_vqa.attributes("train")
+    numbers = sorted(easy_vqa.image_paths("train"))
+    captions = [easy_vqa.caption(attrs[n]) for n in numbers]
+    pixels = torch.stack([tower.transform(_pil(easy_vqa.image_bytes("train", n))) for n in numbers])
+    distinct = sorted(set(captions))  # 24 captions: encode each once
+    vectors = encode_captions(distinct)[[distinct.index(c) for c in captions]]
+    cfg = ContrastiveConfig(steps=steps, batch_size=64, lr=1e-3, seed=seed)
+    train_contrastive(tower, pixels, captions, cfg, text_vectors=vectors, out_dir=out)
+    return out
+
+
 def train_seed(seed: int, tokens: dict[str, Path], runs: Path, args) -> dict[str, Path]:
-    """Stage 1, then stage 2 with and without images, all from ``seed``; finished runs are kept (resumable)."""
+    """Stage 1, then stage 2 with and without images, all from ``seed``; finished runs are kept (resumable).
+    ``args.tower == "clip"``: the tower is contrastively pretrained first (per seed)."""
     from phi3data.training.trainer import train
 
     stage1 = runs / f"stage1-seed{seed}"
     common = {"seed": seed, "seq_len": args.seq_len}
-    train(STAGE1, {**common, "out_dir": str(stage1), "data_path": str(tokens["pairs"]),
+    tower = {}
+    if args.tower == "clip":
+        path = pretrain_tower(seed, runs / f"tower-clip-seed{seed}", args.clip_steps)
+        tower = {"vision.tower": str(path), "vision.vit": {}}
+    train(STAGE1, {**common, **tower, "out_dir": str(stage1), "data_path": str(tokens["pairs"]),
                    "max_steps": args.stage1_steps})
     out = {}
     for arm, blind in (("sighted", False), ("blind", True)):
@@ -122,6 +159,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 9,673)")
     parser.add_argument("--charts", type=int, default=0, help="synthetic charts added to stage 2 (0: none)")
+    parser.add_argument("--tower", choices=["small", "clip"], default="small",
+                        help="small: the recipe's random frozen ViT; clip: the same ViT contrastively pretrained on "
+                             "the train images and captions first")
+    parser.add_argument("--clip-steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vlm_eval")
     args = parser.parse_args()
 
