@@ -105,7 +105,7 @@ def _run_locked(recipe: Recipe, input_path: Path, output: Path, *, engine: str, 
                 skipped = len(shards) - len(pending)
             task = functools.partial(run_shard_task, recipe_json, str(output), segment=segment, decision=decision,
                                      recipe_hash=pipeline.hash, cwd=os.getcwd())
-            items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in pending]
+            items = [{"path": s.path, "relpath": s.relpath, "key": s.key} for s in _largest_first(pending)]
             results = map_shards(task, items, engine=engine, workers=workers, ray_address=ray_address,
                                  spark_master=spark_master)
             mapper = functools.partial(_map_tasks, engine=engine, workers=workers, ray_address=ray_address,
@@ -228,6 +228,12 @@ def _reports(pipeline: Pipeline, output: Path, shards: list[InputShard]) -> dict
         reports[stage.name] = stage.report(mine)
         write_json_atomic(output / "reports" / f"{stage.name}.json", reports[stage.name])
     return reports
+
+
+def _largest_first(shards: list[InputShard]) -> list[InputShard]:
+    """Big inputs start first, so no worker is left with a big one at the end while the others wait (the output
+    does not depend on the order)."""
+    return sorted(shards, key=lambda s: -Path(s.path).stat().st_size)
 
 
 def _is_done(pipeline: Pipeline, output: Path, shard: InputShard, segment: int | None = None) -> bool:
