@@ -267,3 +267,23 @@ def test_two_ddp_processes_match_one(stage1, shards, tmp_path) -> None:
         torch.testing.assert_close(final[name], tensor, rtol=1e-4, atol=1e-4, msg=name)
         moved += not torch.equal(tensor, stage1["trainer"].model.state_dict()[name])
     assert moved > 0
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_a_transformers_tower_trains_and_reloads(shards, tmp_path, kind) -> None:
+    """[vision] tower = a local CLIP / SigLIP directory: the checkpoint rebuilds the same VLM without that
+    directory."""
+    from test_vlm_model import saved_transformers_tower
+
+    saved_transformers_tower(tmp_path / kind, kind)
+    trainer = Trainer(config(shards["pairs"], tmp_path / "run", {"tower": str(tmp_path / kind),
+                                                                 "projector": "linear"}, max_steps=2, ckpt_every=2))
+    trainer.train()
+    (tmp_path / kind).rename(tmp_path / "gone")  # the checkpoint alone rebuilds the tower
+    loaded = load_vlm(tmp_path / "run")
+    assert type(loaded.vision_tower) is type(trainer.model.vision_tower) and loaded.n_tokens == 16
+    assert same(weights(loaded), weights(trainer.model))
+    batch = trainer.train_data.fixed_batches(1, 4)[0]
+    with torch.no_grad():
+        expected = trainer.model.eval()(batch["input_ids"], batch["images"], batch["targets"])[1]
+        torch.testing.assert_close(loaded(batch["input_ids"], batch["images"], batch["targets"])[1], expected)
