@@ -117,6 +117,25 @@ def _flat(task_result: dict) -> dict[str, float]:
     return out
 
 
+def question_prior(limit: int | None) -> dict[str, float]:
+    """Accuracy of answering each easy-VQA test question with the most common train answer to the same question
+    text (what a model that ignores the image can reach at best), overall and per group."""
+    from collections import Counter, defaultdict
+
+    from phi3data.multimodal.easy_vqa import questions
+
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for question, answer, _ in questions("train"):
+        answers[question][answer] += 1
+    test = questions("test")[:limit]
+    right: dict[str, list[bool]] = defaultdict(list)
+    for question, answer, _ in test:
+        guess = answers[question].most_common(1)[0][0] if question in answers else "yes"
+        for group in ("all", "yes/no" if answer in ("yes", "no") else "other"):
+            right[group].append(guess == answer)
+    return {g: sum(r) / len(r) for g, r in right.items()}
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
@@ -124,7 +143,8 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def report(results: dict) -> str:
-    """A markdown table per task: sighted, blind, gap (mean ± sd over seeds) for every metric, majority beside."""
+    """A markdown table per task: sighted, blind, gap (mean ± sd over seeds) for every metric; beside the
+    accuracies, the majority train answer of the group and (easy-VQA) the per-question majority train answer."""
     lines = []
     seeds = sorted(results["runs"])
     for task in results["tasks"]:
@@ -132,9 +152,10 @@ def report(results: dict) -> str:
         keys = list(flat["sighted"][0])
         n = results["runs"][seeds[0]]["sighted"][task]
         sizes = {g: m["n"] for g, m in [("all", n["overall"]), *n["groups"].items()]}
+        prior = question_prior(results["args"]["eval_limit"]) if task == "easy-vqa" else {}
         lines += [f"### {task}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sd", "",
-                  "| questions | metric | with images | blind | gap (per-seed pairs) | majority answer |",
-                  "|---|---|---:|---:|---:|---:|"]
+                  "| questions | metric | with images | blind | gap (per-seed pairs) | majority answer | "
+                  "question prior |", "|---|---|---:|---:|---:|---:|---:|"]
         for key in keys:
             group, metric = key.split("::", 1)
             if metric == "majority_accuracy":
@@ -144,8 +165,10 @@ def report(results: dict) -> str:
             gaps = [a - b for a, b in zip(sighted, blind)]
             majority = flat["sighted"][0].get(f"{group}::majority_accuracy")
             show_majority = metric in ("options_accuracy", "vqa_accuracy") and majority is not None
+            qp = prior.get(group) if show_majority else None
             lines.append(f"| {group} ({sizes[group]}) | {metric} | {_mean_sd(sighted)} | {_mean_sd(blind)} | "
-                         f"{_mean_sd(gaps)} | {f'{majority:.3f}' if show_majority else ''} |")
+                         f"{_mean_sd(gaps)} | {f'{majority:.3f}' if show_majority else ''} | "
+                         f"{'' if qp is None else f'{qp:.3f}'} |")
         lines.append("")
     return "\n".join(lines)
 
