@@ -186,6 +186,7 @@ def main() -> None:
                         help="small: the recipe's random frozen ViT; clip: the same ViT contrastively pretrained on "
                              "the train images and captions first")
     parser.add_argument("--clip-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when seeds run side by side)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vlm_eval")
     args = parser.parse_args()
 
@@ -193,7 +194,7 @@ def main() -> None:
 
     from phi3data.evaluation.vlm import evaluate_vlm_checkpoint
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     tokens = build_data(args.out, args.train_images, args.charts)
