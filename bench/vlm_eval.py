@@ -16,7 +16,8 @@ easy-VQA train images and their captions, per seed, and trains both stages on th
 a random frozen ViT).
 
 Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--tower clip] [--charts 0]
-Writes OUT/results.json and OUT/results.md (default OUT: out/vlm_eval).
+Writes OUT/results.json and OUT/results.md (default OUT: out/vlm_eval). Seeds may run side by side, one process
+each (``--seeds 1 --threads 1 --out out/vlm_eval_s1``), then ``--merge DIR DIR ...`` joins their results.
 """
 
 from __future__ import annotations
@@ -173,6 +174,20 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from runs of the same settings with different seeds."""
+    first = parts[0]
+    same = {k: v for k, v in first["args"].items() if k not in ("seeds", "out", "threads")}
+    for part in parts[1:]:
+        other = {k: v for k, v in part["args"].items() if k not in ("seeds", "out", "threads")}
+        if other != same:
+            raise ValueError(f"cannot merge runs with different settings: {same} vs {other}")
+    runs = {}
+    for part in parts:
+        runs.update(part["runs"])
+    return {**first, "runs": runs, "merged_from": [p["args"]["out"] for p in parts]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -188,7 +203,18 @@ def main() -> None:
     parser.add_argument("--clip-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 when seeds run side by side)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "vlm_eval")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only merge the results.json of these output directories (seeds run side by side) "
+                             "into OUT/results.json and OUT/results.md")
     args = parser.parse_args()
+    if args.merge:
+        merged = merge([json.loads((d / "results.json").read_text()) for d in args.merge])
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(merged, indent=2))
+        text = report(merged)
+        (args.out / "results.md").write_text(text)
+        print(text)
+        return
 
     import torch
 
