@@ -373,7 +373,9 @@ class Trainer:
         if self.world > 1 and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            # a VLM batch without images leaves the projector out of the graph
+            self.train_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                   find_unused_parameters=self.vision is not None)
         if cfg.compile:
             self.train_model = torch.compile(self.train_model)
         self.peak = _peak_flops(cfg, self.device)
