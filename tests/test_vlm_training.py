@@ -57,7 +57,7 @@ def shards(tmp_path_factory) -> dict[str, Path]:
 def config(data: Path, out_dir: Path, vision: dict, **train) -> TrainConfig:
     kw = {**TRAIN, "data_path": str(data), "out_dir": str(out_dir), "vision": vision, **train}
     if "init_from" not in kw:
-        kw["model"] = MODEL
+        kw.setdefault("model", MODEL)
     return TrainConfig(**kw)
 
 
@@ -214,6 +214,12 @@ def test_recipes_and_vision_keys_are_checked(stage1, tmp_path) -> None:
     bad.write_text('[vision]\ntower = "small"\nstages = "pretrain"\n')
     with pytest.raises(ConfigError, match="stages"):
         TrainConfig.from_toml(bad)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(shards, tmp_path) -> None:
+    small = config(shards["conversations"], tmp_path / "run", STAGE1, model={**MODEL, "vocab_size": 32005})
+    with pytest.raises(ValueError, match="outside the model vocab"):  # <|end|> is 32007
+        Trainer(small)
 
 
 def test_a_frozen_lm_head_skips_its_gradient_but_not_the_inputs() -> None:

@@ -261,9 +261,10 @@ class ImageBatches:
     def __len__(self) -> int:
         return len(self.items)
 
-    def check_vocab(self, vocab_size: int) -> None:
+    def check_vocab(self, vocab_size: int, sample: int = 65_536) -> None:
+        """Refuse token ids (in the first ``sample`` of each shard) that a model with ``vocab_size`` cannot take."""
         for shard in self.data.shards:
-            top = int(np.asarray(shard.tokens).max(initial=0))
+            top = int(np.asarray(shard.tokens[:sample]).max(initial=0))
             if top >= vocab_size:
                 raise ValueError(f"token id {top} in {shard.stem} is outside the model vocab ({vocab_size})")
 
