@@ -231,6 +231,16 @@ def local_shards(tmp_path_factory) -> dict[str, bytes]:
     return _digests(out)
 
 
+def test_one_stream_across_files_gives_the_shards_of_one_task_per_file(tmp_path, local_shards):
+    """workers=1 reads and encodes every file through one encoder stream and commits in the background; the
+    shards are byte for byte those of one pool task per file, and every manifest is in place when it returns."""
+    out = tmp_path / "tok"
+    summary = tokenize([_need(WEB_JSONL)], out, TokenizeConfig(tokenizer="phi3-small"), engine="local", workers=1)
+    assert _digests(out) == local_shards
+    assert len(list(out.glob("*.json"))) == len(summary.manifest["shards"]) + 1  # + the directory manifest
+    assert not list(out.glob("*.tmp*"))
+
+
 @pytest.mark.cluster
 def test_ray_gives_identical_shards(ray_cluster, tmp_path, local_shards):
     out = tmp_path / "tok"

@@ -33,7 +33,7 @@ from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
 from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
 
-CHUNK_CHARS = 32_000  # characters per encoding task: small, so even a small file keeps every thread busy
+CHUNK_CHARS = 256_000  # characters per encoding task: fewer hand-overs between threads; files share the stream
 WRITE_TOKENS = 1 << 20  # tokens buffered before a write to the shard files
 
 
@@ -71,21 +71,153 @@ def shard_stem(relpath: str, input_key: str, config_hash: str) -> str:
 
 
 def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
-    """Tokenize one input file into one shard (the engine task); returns the shard's manifest."""
+    """Tokenize one input file into one shard (the engine task); returns the shard's counts."""
     config = TokenizeConfig(**json.loads(config_json))
-    tok = get_tokenizer(config.tokenizer)
-    out = Path(out_dir)
-    stem = out / item["stem"]
-    threads = int(item.get("threads", 1))
-    started = time.perf_counter()
-    writer = TokenShardWriter(stem, tok.dtype, with_mask=config.chat or config.pair_side is not None)
-    rejects: list[dict] = []
-    counts: Counter = Counter()
+    if config.chat or config.pair_side is not None:
+        shard = _Shard(config, config_json, out_dir, item)
+        try:
+            _tokenize_chat(config, shard.tok, Path(item["path"]), item["source"], shard.writer, shard.rejects,
+                           shard.counts)
+        except BaseException:
+            shard.writer.abort()
+            raise
+        return shard.commit()
+    shard = _TextShard(config, config_json, out_dir, item)
     try:
-        if config.chat or config.pair_side is not None:
-            _tokenize_chat(config, tok, Path(item["path"]), item["source"], writer, rejects, counts)
+        for (_, number, doc_id), chars, doc in encode_stream(shard.tok, shard.documents(), shard.threads):
+            shard.add(number, doc_id, chars, doc)
+    except BaseException:
+        shard.writer.abort()
+        raise
+    return shard.commit()
+
+
+def tokenize_text_shards(config_json: str, out_dir: str, items: list[dict]) -> Iterator[dict]:
+    """Tokenize text inputs one after another in this process through one stream of encoder threads: the next
+    file is read and encoded while the last one's final chunks finish, and each finished shard's fsyncs and
+    renames run on a background thread (:func:`wait_for_commits`). The shards are those of
+    :func:`tokenize_shard`, byte for byte; yields each one's counts as it is handed over for commit."""
+    config = TokenizeConfig(**json.loads(config_json))
+    opened: deque[_TextShard] = deque()
+
+    def documents() -> Iterator[tuple[tuple, str]]:
+        for item in items:
+            opened.append(_TextShard(config, config_json, out_dir, item))
+            yield from opened[-1].documents()
+
+    def finished(before: _TextShard | None) -> Iterator[dict]:
+        while opened and opened[0] is not before:
+            yield opened.popleft().commit(defer=True)
+
+    threads = max(int(i.get("threads", 1)) for i in items) if items else 1
+    try:
+        for (shard, number, doc_id), chars, doc in encode_stream(get_tokenizer(config.tokenizer), documents(),
+                                                                 threads):
+            yield from finished(shard)  # results come in input order: every earlier shard is complete
+            shard.add(number, doc_id, chars, doc)
+        yield from finished(None)
+    except BaseException:
+        for shard in opened:
+            shard.writer.abort()
+        raise
+
+
+class _Shard:
+    """One input file becoming one token shard: its writer, rejects and counts, and the commit at the end."""
+
+    def __init__(self, config: TokenizeConfig, config_json: str, out_dir: str, item: dict) -> None:
+        self.config, self.config_json, self.item = config, config_json, item
+        self.tok = get_tokenizer(config.tokenizer)
+        self.stem = Path(out_dir) / item["stem"]
+        self.threads = int(item.get("threads", 1))
+        self.started = time.perf_counter()
+        self.writer = TokenShardWriter(self.stem, self.tok.dtype,
+                                       with_mask=config.chat or config.pair_side is not None)
+        self.rejects: list[dict] = []
+        self.counts: Counter = Counter()
+
+    def commit(self, defer: bool = False) -> dict:
+        """Write the shard's manifest and commit its files (on the background thread when ``defer``)."""
+        reasons = Counter(r["reason"] for r in self.rejects)
+        item, counts = self.item, self.counts
+        manifest = {
+            "input": item["relpath"], "input_key": item["key"], "source": item["source"],
+            "tokenizer": self.tok.identity(), "tokenizer_hash": self.tok.identity_hash,
+            "config": json.loads(self.config_json), "config_hash": item["config_hash"],
+            "rejects": dict(sorted(reasons.items())), "documents_read": counts["read"], "characters": counts["chars"],
+            "repaired_documents": counts["repaired_docs"], "repaired_characters": counts["repaired_chars"],
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        finish = functools.partial(_commit_shard, self.writer, self.rejects, self.stem, manifest)
+        if defer:
+            _PENDING_COMMITS.append(_committer().submit(finish))
         else:
-            _tokenize_text(config, tok, Path(item["path"]), item["source"], writer, rejects, counts, threads)
+            finish()
+        return {"stem": item["stem"], "tokens": self.writer.tokens, "documents": self.writer.documents,
+                "rejects": manifest["rejects"], "documents_read": counts["read"]}
+
+
+class _TextShard(_Shard):
+    """A text input: documents out to the encoder, token ids back in input order."""
+
+    def __init__(self, config: TokenizeConfig, config_json: str, out_dir: str, item: dict) -> None:
+        super().__init__(config, config_json, out_dir, item)
+        tok = self.tok
+        self.head = np.array([tok.bos_id] if config.add_bos and tok.bos_id is not None else [], dtype=np.uint32)
+        self.tail = np.array([tok.eos_id] if config.add_eos else [], dtype=np.uint32)
+        # rejects carry their record's number: reader rejects are found while reading ahead and encoding rejects
+        # when results come back, so they are sorted into input order at the end (the same file on any machine)
+        self.numbered: list[tuple[int, dict]] = []
+        self.pieces: list[np.ndarray] = []
+        self.lengths: list[int] = []
+        self.buffered = 0
+
+    def documents(self) -> Iterator[tuple[tuple, str]]:
+        """``((shard, record number, id), text)`` for every readable record; the others become rejects."""
+        config, counts = self.config, self.counts
+        for number, record in enumerate(read_records(Path(self.item["path"]), source=self.item["source"],
+                                                     max_document_bytes=config.max_document_chars,
+                                                     text_key=config.text_key, id_key=config.id_key)):
+            counts["read"] += 1
+            if record.get("reject"):
+                self.numbered.append((number, {"id": record.get("id"), "reason": record["reason"],
+                                               "detail": record.get("detail")}))
+                continue
+            text, repaired = sanitize(record["text"])
+            if repaired:
+                counts["repaired_docs"] += 1
+                counts["repaired_chars"] += repaired
+            yield (self, number, record["id"]), text
+
+    def add(self, number: int, doc_id: str, chars: int, doc: np.ndarray) -> None:
+        """One encoded document, in input order."""
+        limit = self.config.max_document_tokens
+        if not len(doc):
+            self.numbered.append((number, {"id": doc_id, "reason": "empty_document", "detail": "no tokens"}))
+            return
+        if limit is not None and len(doc) > limit:
+            self.numbered.append((number, {"id": doc_id, "reason": "too_many_tokens",
+                                           "detail": f"{len(doc)} tokens > {limit}"}))
+            return
+        self.counts["chars"] += chars
+        self.pieces.extend((self.head, doc, self.tail))
+        self.lengths.append(len(doc) + len(self.head) + len(self.tail))
+        self.buffered += self.lengths[-1]
+        if self.buffered >= WRITE_TOKENS:
+            _write(self.writer, self.pieces, self.lengths)
+            self.pieces, self.lengths, self.buffered = [], [], 0
+
+    def commit(self, defer: bool = False) -> dict:
+        _write(self.writer, self.pieces, self.lengths)
+        self.pieces, self.lengths, self.buffered = [], [], 0
+        self.rejects.extend(r for _, r in sorted(self.numbered, key=lambda pair: pair[0]))
+        self.numbered = []
+        return super().commit(defer)
+
+
+def _commit_shard(writer: TokenShardWriter, rejects: list[dict], stem: Path, manifest: dict) -> None:
+    """Write the shard's rejects and index, make its files durable and rename them into place, manifest last."""
+    try:
         if rejects:
             reject_path = stem.with_name(stem.name + ".rejects.jsonl")
             tmp = tmp_path_for(reject_path)
@@ -93,65 +225,27 @@ def tokenize_shard(config_json: str, out_dir: str, item: dict) -> dict:
                 for r in rejects:
                     handle.write(json.dumps(r, ensure_ascii=False) + "\n")
             commit(tmp, reject_path)
-        reasons = Counter(r["reason"] for r in rejects)
-        manifest = writer.close({
-            "input": item["relpath"], "input_key": item["key"], "source": item["source"],
-            "tokenizer": tok.identity(), "tokenizer_hash": tok.identity_hash, "config": json.loads(config_json),
-            "config_hash": item["config_hash"], "rejects": dict(sorted(reasons.items())),
-            "documents_read": counts["read"], "characters": counts["chars"],
-            "repaired_documents": counts["repaired_docs"], "repaired_characters": counts["repaired_chars"],
-            "seconds": round(time.perf_counter() - started, 3),
-        })
+        writer.close(manifest)
     except BaseException:
         writer.abort()
         raise
-    return {"stem": item["stem"], "tokens": manifest["tokens"], "documents": manifest["documents"],
-            "rejects": manifest["rejects"], "documents_read": manifest["documents_read"]}
 
 
-def _tokenize_text(config: TokenizeConfig, tok, path: Path, source: str, writer: TokenShardWriter,
-                   rejects: list[dict], counts: Counter, threads: int) -> None:
-    # rejects carry their record's number: reader rejects are found while reading ahead and encoding rejects when
-    # results come back, so they are sorted into input order at the end (the same file on any machine)
-    numbered: list[tuple[int, dict]] = []
+_PENDING_COMMITS: list = []
 
-    def documents() -> Iterator[tuple[tuple[int, str], str]]:
-        for number, record in enumerate(read_records(path, source=source, max_document_bytes=config.max_document_chars,
-                                                     text_key=config.text_key, id_key=config.id_key)):
-            counts["read"] += 1
-            if record.get("reject"):
-                numbered.append((number, {"id": record.get("id"), "reason": record["reason"],
-                                          "detail": record.get("detail")}))
-                continue
-            text, repaired = sanitize(record["text"])
-            if repaired:
-                counts["repaired_docs"] += 1
-                counts["repaired_chars"] += repaired
-            yield (number, record["id"]), text
 
-    head = np.array([tok.bos_id] if config.add_bos and tok.bos_id is not None else [], dtype=np.uint32)
-    tail = np.array([tok.eos_id] if config.add_eos else [], dtype=np.uint32)
-    limit = config.max_document_tokens
-    pieces: list[np.ndarray] = []
-    lengths: list[int] = []
-    buffered = 0
-    for (number, doc_id), chars, doc in encode_stream(tok, documents(), threads):
-        if not len(doc):
-            numbered.append((number, {"id": doc_id, "reason": "empty_document", "detail": "no tokens"}))
-            continue
-        if limit is not None and len(doc) > limit:
-            numbered.append((number, {"id": doc_id, "reason": "too_many_tokens",
-                                      "detail": f"{len(doc)} tokens > {limit}"}))
-            continue
-        counts["chars"] += chars
-        pieces.extend((head, doc, tail))
-        lengths.append(len(doc) + len(head) + len(tail))
-        buffered += lengths[-1]
-        if buffered >= WRITE_TOKENS:
-            _write(writer, pieces, lengths)
-            pieces, lengths, buffered = [], [], 0
-    _write(writer, pieces, lengths)
-    rejects.extend(r for _, r in sorted(numbered, key=lambda pair: pair[0]))
+@functools.lru_cache(maxsize=1)
+def _committer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="phi3data-commit")
+
+
+def wait_for_commits() -> None:
+    """Wait until every deferred shard commit of this process is done; raise the first one's error."""
+    pending, _PENDING_COMMITS[:] = list(_PENDING_COMMITS), []
+    errors = [f.exception() for f in pending]
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 def _write(writer: TokenShardWriter, pieces: list[np.ndarray], lengths: list[int]) -> None:
@@ -317,14 +411,23 @@ def _tokenize_locked(inputs: list[Path], output: Path, config: TokenizeConfig, *
     # Largest inputs first; the cores are shared out between the shards that run at once (encoder threads
     # release the GIL), so one process on one big file still uses every core.
     pending.sort(key=lambda i: -Path(i["path"]).stat().st_size)
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(default_workers(workers), len(pending))))
+    at_once = max(1, min(default_workers(workers), len(pending)))
+    threads = max(1, (os.cpu_count() or 1) // at_once)
     for item in pending:
         item["threads"] = threads
-    task = functools.partial(tokenize_shard, json.dumps(asdict(config), sort_keys=True), str(output))
-    results = map_shards(task, pending, engine=engine, workers=workers, ray_address=ray_address,
-                         spark_master=spark_master)
-    drain(results, total=len(items), skipped=len(items) - len(pending), label=f"tokenize ({engine})",
-          count=lambda r: r["tokens"], unit="tokens", progress=progress)
+    config_json = json.dumps(asdict(config), sort_keys=True)
+    if engine == "local" and at_once == 1 and not (config.chat or config.pair_side is not None):
+        # one file after another in this process: one encoder stream across the files, commits in the background;
+        # smallest first, so the many small commits overlap the big files' encoding instead of trailing it
+        results = tokenize_text_shards(config_json, str(output), pending[::-1])
+    else:
+        results = map_shards(functools.partial(tokenize_shard, config_json, str(output)), pending, engine=engine,
+                             workers=workers, ray_address=ray_address, spark_master=spark_master)
+    try:
+        drain(results, total=len(items), skipped=len(items) - len(pending), label=f"tokenize ({engine})",
+              count=lambda r: r["tokens"], unit="tokens", progress=progress)
+    finally:
+        wait_for_commits()  # shards already encoded are kept, whatever stopped the run
     manifest = write_directory_manifest(output, config, config_hash)
     return TokenizeSummary(output, manifest, len(items), len(items) - len(pending), time.perf_counter() - started)
 
