@@ -177,9 +177,9 @@ def report(results: dict) -> str:
 def merge(parts: list[dict]) -> dict:
     """One result from runs of the same settings with different seeds."""
     first = parts[0]
-    same = {k: v for k, v in first["args"].items() if k not in ("seeds", "out", "threads")}
+    same = {k: v for k, v in first["args"].items() if k not in ("seeds", "out", "threads", "merge")}
     for part in parts[1:]:
-        other = {k: v for k, v in part["args"].items() if k not in ("seeds", "out", "threads")}
+        other = {k: v for k, v in part["args"].items() if k not in ("seeds", "out", "threads", "merge")}
         if other != same:
             raise ValueError(f"cannot merge runs with different settings: {same} vs {other}")
     runs = {}
