@@ -8,14 +8,11 @@ answer set by log-likelihood ("options") and greedy answers (VQA accuracy), over
 POPE metrics) and on the other questions (shape and colour), beside the majority train answer of each group.
 The result is the sighted - blind gap against the seed-to-seed spread.
 
-``--charts N`` adds N rendered synthetic charts (``phi3data.multimodal.synthetic``) to the stage-2 data and scores
-the chart test questions (a generator seed no training uses) as well.
-
 ``--tower clip`` first pretrains the recipe's small ViT contrastively (CLIP loss, frozen MiniLM text side) on the
 easy-VQA train images and their captions, per seed, and trains both stages on that tower (the recipe's tower is
 a random frozen ViT).
 
-Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--tower clip] [--charts 0]
+Run:  python -m bench.vlm_eval [--seeds 0 1 2] [--stage2-steps 600] [--eval-limit 2000] [--tower clip]
 Writes OUT/results.json and OUT/results.md (default OUT: out/vlm_eval). Seeds may run side by side, one process
 each (``--seeds 1 --threads 1 --out out/vlm_eval_s1``), then ``--merge DIR DIR ...`` joins their results.
 """
@@ -33,24 +30,17 @@ STAGE1 = ROOT / "model" / "vlm-stage1-tiny-cpu.toml"
 STAGE2 = ROOT / "model" / "vlm-stage2-tiny-cpu.toml"
 
 
-def build_data(out: Path, train_images: int | None, charts: int) -> dict[str, Path]:
-    """easy-VQA train pairs and conversations (and chart conversations), tokenized for the two stages."""
+def build_data(out: Path, train_images: int | None) -> dict[str, Path]:
+    """easy-VQA train pairs and conversations, tokenized for the two stages."""
     from phi3data.multimodal import easy_vqa
     from phi3data.tokenization.images import ImageTokenizeConfig, tokenize_images
 
     records = out / "records"
     if not (records / "conversations").exists():
         easy_vqa.build(records, "train", train_images)
-    conv_inputs = [records / "conversations"]
-    if charts:
-        from phi3data.multimodal.synthetic import SynthConfig, generate
-
-        chart_dir = out / "charts"
-        generate(SynthConfig(kind="charts", seed=0), charts, chart_dir)
-        conv_inputs.append(chart_dir / "data" if (chart_dir / "data").exists() else chart_dir)
-    tokens = {"pairs": out / "tokens-pairs", "conversations": out / f"tokens-conv{'-charts' if charts else ''}"}
+    tokens = {"pairs": out / "tokens-pairs", "conversations": out / "tokens-conv"}
     tokenize_images([records / "pairs"], tokens["pairs"], ImageTokenizeConfig(mask="caption"))
-    tokenize_images(conv_inputs, tokens["conversations"], ImageTokenizeConfig(mask="assistant"))
+    tokenize_images([records / "conversations"], tokens["conversations"], ImageTokenizeConfig(mask="assistant"))
     return tokens
 
 
@@ -174,12 +164,15 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+IGNORED = ("seeds", "out", "threads", "merge", "charts")  # options that do not change a seed's result
+
+
 def merge(parts: list[dict]) -> dict:
     """One result from runs of the same settings with different seeds."""
     first = parts[0]
-    same = {k: v for k, v in first["args"].items() if k not in ("seeds", "out", "threads", "merge")}
+    same = {k: v for k, v in first["args"].items() if k not in IGNORED}
     for part in parts[1:]:
-        other = {k: v for k, v in part["args"].items() if k not in ("seeds", "out", "threads", "merge")}
+        other = {k: v for k, v in part["args"].items() if k not in IGNORED}
         if other != same:
             raise ValueError(f"cannot merge runs with different settings: {same} vs {other}")
     runs = {}
@@ -196,7 +189,6 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-limit", type=int, default=None, help="test questions (default: all 9,673)")
-    parser.add_argument("--charts", type=int, default=0, help="synthetic charts added to stage 2 (0: none)")
     parser.add_argument("--tower", choices=["small", "clip"], default="small",
                         help="small: the recipe's random frozen ViT; clip: the same ViT contrastively pretrained on "
                              "the train images and captions first")
@@ -223,8 +215,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    tokens = build_data(args.out, args.train_images, args.charts)
-    tasks = ["easy-vqa", *(["charts"] if args.charts else [])]
+    tokens = build_data(args.out, args.train_images)
+    tasks = ["easy-vqa"]
     results = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "tasks": tasks,
                "runs": {}}
     for seed in args.seeds:
