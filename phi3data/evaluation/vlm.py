@@ -71,7 +71,8 @@ def easy_vqa_majority() -> dict[str, str]:
 def chart_items(seed: int, count: int, start: int = 0) -> list[VQAItem]:
     """Questions about rendered synthetic charts (:mod:`phi3data.multimodal.synthetic`), one item per question,
     grouped by question kind. Category questions (highest, lowest) take the chart's categories as options, the
-    trend question up / down, the count question 2..8; value and difference questions are generated only."""
+    trend question up / down, the count question 2..8; value and difference questions are generated only. Each
+    question is asked on its own, as the first turn with the image (a chart conversation asks them in turns)."""
     from phi3data.multimodal.synthetic import chart_record
 
     items = []
