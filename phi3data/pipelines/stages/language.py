@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+from pydantic import Field
 
 from phi3data.io.inputs import file_sha256
 from phi3data.pipelines.base import Filter, StageParams, register, set_column, texts
@@ -14,8 +15,8 @@ class LanguageParams(StageParams):
     languages: list[str] = []
     """ISO codes to keep (lid.176 labels, e.g. "en", "de"); empty keeps every language and only labels."""
     min_score: float = 0.65
-    max_chars: int | None = 10_000
-    """Characters of each document the model reads (its head); None reads all. lid.176 averages its n-gram
+    max_chars: int = Field(10_000, ge=0)
+    """Characters of each document the model reads (its head); 0 reads all. lid.176 averages its n-gram
     embeddings, so a longer text seldom changes the label: on the shared web pages, 10,000 characters give the
     same keep/drop as the whole text for 99.95% of documents at two thirds of the time."""
     model_path: str | None = None
@@ -59,7 +60,7 @@ class Language(Filter):
         """The top language label and its probability for every document."""
         self.ensure_setup()
         cap = self.params.max_chars
-        lines = [(t if cap is None else t[:cap]).replace("\n", " ") + "\n" for t in texts(batch)]
+        lines = [(t[:cap] if cap else t).replace("\n", " ") + "\n" for t in texts(batch)]
         labels, probs = self._model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
         langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
         scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
