@@ -203,8 +203,11 @@ def test_fetch_status_table_and_retry_failed(tmp_path, server):
     assert server.max_inflight <= PER_HOST
 
     # the shard holds the successes as WebDataset pairs, the caption beside each image
-    pairs = read_all(read_webdataset(first.shard)).records.to_pylist()
+    read = read_all(read_webdataset(first.shard))
+    pairs = read.records.to_pylist()
     assert sorted(p["image_id"] for p in pairs) == sorted([sha(HOPPER), sha(COFFEE), sha(ROCKET), sha(CAMERA)])
+    # and its status table beside it: the URLs that failed or opted out are counted rejects of the shard
+    assert sorted(read.rejects.column("reason").to_pylist()) == ["download_failed"] * 4 + ["opt_out"]
     assert {p["text"] for p in pairs} == {f"caption of {p}" for p in
                                           ("/img/hopper.jpg", "/moved.png", "/flaky.jpg", "/img/camera.png")}
 

@@ -332,7 +332,11 @@ def _wds_sample(key: str, group: dict[str, bytes], source: str) -> Iterator[dict
 
 
 def _img2dataset_failures(tar_path: Path, source: str) -> Iterator[dict]:
+    """The failed rows of the tar's status table: img2dataset's ``NAME.parquet`` or ``phi3data fetch``'s
+    ``NAME.status.parquet`` (an opted-out URL counts as ``opt_out``)."""
     status_path = tar_path.with_suffix(".parquet")
+    if not status_path.exists():
+        status_path = tar_path.with_name(tar_path.stem + ".status.parquet")
     if not status_path.exists():
         return
     try:
@@ -344,8 +348,9 @@ def _img2dataset_failures(tar_path: Path, source: str) -> Iterator[dict]:
         return
     for row in table.to_pylist():
         if row.get("status") != "success":
-            yield reject(source, "download_failed", f"{row.get('url')}: {row.get('error_message') or ''}",
-                         doc_id=row.get("key"))
+            reason = "opt_out" if row.get("status") == "opt_out" else "download_failed"
+            detail = row.get("error_message") or row.get("error") or ""
+            yield reject(source, reason, f"{row.get('url')}: {detail}", doc_id=row.get("key"))
 
 
 def read_img2dataset_stats(tar_path: Path) -> dict:
