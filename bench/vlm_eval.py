@@ -167,8 +167,13 @@ def report(results: dict) -> str:
 IGNORED = ("seeds", "out", "threads", "merge", "charts")  # options that do not change a seed's result
 
 
+OLDER_DEFAULTS = {"tower": "small", "clip_steps": 300}  # options added after the first results were written
+
+
 def merge(parts: list[dict]) -> dict:
     """One result from runs of the same settings with different seeds."""
+    for part in parts:
+        part["args"] = {**OLDER_DEFAULTS, **part["args"]}
     first = parts[0]
     same = {k: v for k, v in first["args"].items() if k not in IGNORED}
     for part in parts[1:]:
