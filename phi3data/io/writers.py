@@ -135,6 +135,18 @@ def output_lock(directory: Path) -> Iterator[None]:
         handle.close()
 
 
+def refuse_other_config(output: Path, config_hash: str, what: str, made_with: str = "another config") -> None:
+    """Refuse to add to ``output`` when its ``manifest.json`` was made with another config: a rerun may only
+    finish what the same config started."""
+    manifest = output / "manifest.json"
+    if not manifest.exists():
+        return
+    previous = str(json.loads(manifest.read_text()).get("config_hash"))
+    if previous != config_hash:
+        raise ValueError(f"{output} holds {what} made with {made_with} (hash {previous[:10]}, this one is "
+                         f"{config_hash[:10]}); choose a new output directory")
+
+
 def remove_stale_tmp(directory: Path) -> int:
     """Delete temp files a killed run left behind; returns how many."""
     removed = 0

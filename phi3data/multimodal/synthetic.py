@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from phi3data.io.inputs import file_sha256
-from phi3data.io.writers import output_lock, remove_stale_tmp, write_json_atomic
+from phi3data.io.writers import output_lock, refuse_other_config, remove_stale_tmp, write_json_atomic
 from phi3data.multimodal.records import IMAGE_PLACEHOLDER, make_conversations, make_pairs
 from phi3data.multimodal.writers import write_parquet
 
@@ -411,10 +411,7 @@ def generate(config: SynthConfig, count: int, output: Path, *, engine: str = "lo
               "file": shard_name(config, config_hash, a, min(a + config.shard_records, count))}
              for a in range(0, count, config.shard_records)]
     with output_lock(output):
-        previous = output / "manifest.json"
-        if previous.exists() and json.loads(previous.read_text()).get("config_hash") != config_hash:
-            raise ValueError(f"{output} holds synthetic images made with another kind, seed or config; "
-                             f"choose a new output directory")
+        refuse_other_config(output, config_hash, "synthetic images", "another kind, seed or config")
         remove_stale_tmp(output)
         pending = [i for i in items if not (output / i["file"]).exists()]
         task = functools.partial(write_shard, json.dumps(asdict(config), sort_keys=True), str(output))

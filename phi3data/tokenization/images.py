@@ -41,7 +41,14 @@ import pyarrow as pa
 
 from phi3data.engines import map_shards
 from phi3data.engines.progress import drain
-from phi3data.io.writers import commit, output_lock, remove_stale_tmp, tmp_path_for, write_json_atomic
+from phi3data.io.writers import (
+    commit,
+    output_lock,
+    refuse_other_config,
+    remove_stale_tmp,
+    tmp_path_for,
+    write_json_atomic,
+)
 from phi3data.multimodal.records import IMAGE_PLACEHOLDER, count_placeholders, image_id
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.dataset import IGNORE_INDEX
@@ -314,10 +321,7 @@ def tokenize_images(inputs: list[Path], output: Path, config: ImageTokenizeConfi
     if len({i["stem"] for i in items}) != len(items):
         raise ValueError("two inputs have the same relative path and content; tokenize them once")
     with output_lock(output):
-        manifest_path = output / "manifest.json"
-        if manifest_path.exists() and json.loads(manifest_path.read_text()).get("config_hash") != config_hash:
-            raise ValueError(f"{output} holds tokens made with another config or tokenizer; choose a new output "
-                             f"directory")
+        refuse_other_config(output, config_hash, "tokens", "another config or tokenizer")
         remove_stale_tmp(output)
         pending = [i for i in items if not (output / f"{i['stem']}.json").exists()]
         task = functools.partial(tokenize_image_shard, json.dumps(asdict(config), sort_keys=True), str(output))

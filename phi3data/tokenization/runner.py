@@ -28,7 +28,14 @@ from phi3data.engines import default_workers, map_shards
 from phi3data.engines.progress import drain
 from phi3data.io.inputs import plan_shards
 from phi3data.io.readers import detect_format, read_objects, read_records
-from phi3data.io.writers import commit, output_lock, remove_stale_tmp, tmp_path_for, write_json_atomic
+from phi3data.io.writers import (
+    commit,
+    output_lock,
+    refuse_other_config,
+    remove_stale_tmp,
+    tmp_path_for,
+    write_json_atomic,
+)
 from phi3data.tokenization.chat import ChatFormatError, encode_chat
 from phi3data.tokenization.shards import SHARD_FORMAT, SHARD_VERSION, TokenShardWriter, list_shards
 from phi3data.tokenization.tokenizers import get_tokenizer, sanitize
@@ -388,13 +395,7 @@ def _tokenize_locked(inputs: list[Path], output: Path, config: TokenizeConfig, *
     started = time.perf_counter()
     config_hash = config.hash()
     output.mkdir(parents=True, exist_ok=True)
-    manifest_path = output / "manifest.json"
-    if manifest_path.exists():
-        previous = json.loads(manifest_path.read_text())
-        if previous.get("config_hash") != config_hash:
-            raise ValueError(f"{output} holds tokens made with another config or tokenizer (hash "
-                             f"{str(previous.get('config_hash'))[:10]}, this one is {config_hash[:10]}); "
-                             f"choose a new output directory")
+    refuse_other_config(output, config_hash, "tokens", "another config or tokenizer")
     remove_stale_tmp(output)
     items = []
     for input_path in inputs:
