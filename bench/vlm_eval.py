@@ -44,32 +44,16 @@ def build_data(out: Path, train_images: int | None) -> dict[str, Path]:
     return tokens
 
 
-def pretrain_tower(seed: int, out: Path, steps: int) -> Path:
+def pretrain_tower(seed: int, out: Path, records: Path, steps: int) -> Path:
     """The recipe's small ViT, contrastively pretrained (``phi3data.model.clip_pretrain``, CLIP loss against the
-    frozen MiniLM) on the easy-VQA train images and their captions ("a blue rectangle"); saved under ``out``."""
+    frozen MiniLM) on the easy-VQA train pairs ("a blue rectangle"); saved under ``out``."""
     import tomllib
 
-    import torch
+    from phi3data.model.clip_pretrain import ContrastiveConfig, pretrain_tower_on_pairs
 
-    from phi3data.evaluation.vlm import _pil
-    from phi3data.model.clip_pretrain import ContrastiveConfig, encode_captions, train_contrastive
-    from phi3data.model.vision import ViT, ViTConfig
-    from phi3data.multimodal import easy_vqa
-
-    if (out / "model.safetensors").exists():
-        return out
     vit = tomllib.loads(STAGE1.read_text())["vision"]["vit"]
-    torch.manual_seed(seed)
-    tower = ViT(ViTConfig(**vit))
-    attrs = easy_vqa.attributes("train")
-    numbers = sorted(easy_vqa.image_paths("train"))
-    captions = [easy_vqa.caption(attrs[n]) for n in numbers]
-    pixels = torch.stack([tower.transform(_pil(easy_vqa.image_bytes("train", n))) for n in numbers])
-    distinct = sorted(set(captions))  # 24 captions: encode each once
-    vectors = encode_captions(distinct)[[distinct.index(c) for c in captions]]
     cfg = ContrastiveConfig(steps=steps, batch_size=64, lr=1e-3, seed=seed)
-    train_contrastive(tower, pixels, captions, cfg, text_vectors=vectors, out_dir=out)
-    return out
+    return pretrain_tower_on_pairs([records / "pairs"], out, vit, cfg)
 
 
 def train_seed(seed: int, tokens: dict[str, Path], runs: Path, args) -> dict[str, Path]:
@@ -81,7 +65,8 @@ def train_seed(seed: int, tokens: dict[str, Path], runs: Path, args) -> dict[str
     common = {"seed": seed, "seq_len": args.seq_len}
     tower = {}
     if args.tower == "clip":
-        path = pretrain_tower(seed, runs / f"tower-clip-seed{seed}", args.clip_steps)
+        records = tokens["pairs"].parent / "records"  # build_data's
+        path = pretrain_tower(seed, runs / f"tower-clip-seed{seed}", records, args.clip_steps)
         tower = {"vision.tower": str(path), "vision.vit": {}}
     train(STAGE1, {**common, **tower, "out_dir": str(stage1), "data_path": str(tokens["pairs"]),
                    "max_steps": args.stage1_steps})

@@ -107,3 +107,31 @@ def test_contrastive_training_is_deterministic(data) -> None:
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="captions"):
         train_contrastive(ViT(TOWER), pixels[:3], captions[:2], short, text_vectors=vectors[:2])
+
+
+def test_pretrain_tower_on_pair_parquet(tmp_path, capsys) -> None:
+    """``python -m phi3data.model.clip_pretrain``: pairs parquet in, a [vision] tower directory out; a rerun keeps
+    the finished tower, other settings are refused, conversations are not pairs."""
+    from phi3data.model.clip_pretrain import RUN_FILE, main, pair_images_and_captions
+    from phi3data.model.vision import load_vision_tower
+    from phi3data.multimodal import easy_vqa
+
+    easy_vqa.build(tmp_path / "records", "train", 40)
+    images, captions = pair_images_and_captions([tmp_path / "records" / "pairs"])
+    assert len(images) == len(captions) == 40 and all(c.startswith("a ") for c in captions)
+    vit = tmp_path / "vit.toml"
+    vit.write_text("[vision.vit]\nimage_size = 32\npatch_size = 16\nhidden_size = 32\nintermediate_size = 64\n"
+                   "num_hidden_layers = 1\nnum_attention_heads = 2\n")
+    args = [str(tmp_path / "records" / "pairs"), "--out", str(tmp_path / "tower"), "--vit-from", str(vit),
+            "--steps", "4", "--batch-size", "16"]
+    main(args)
+    assert "40 pairs, 4 steps" in capsys.readouterr().out
+    tower = load_vision_tower(tmp_path / "tower")
+    assert tower.image_size == 32
+    record = (tmp_path / "tower" / RUN_FILE).read_text()
+    main(args)  # finished with the same settings: kept as it is
+    assert (tmp_path / "tower" / RUN_FILE).read_text() == record
+    with pytest.raises(ValueError, match="other settings"):
+        main([*args[:-4], "--steps", "5", "--batch-size", "16"])
+    with pytest.raises(ValueError, match="not image-text pairs"):
+        main([str(tmp_path / "records" / "conversations"), "--out", str(tmp_path / "t2"), "--steps", "1"])

@@ -183,9 +183,10 @@ def train_contrastive(tower: VisionTower, pixels: torch.Tensor, captions: list[s
     return run
 
 
-def save_contrastive(run: ContrastiveRun, cfg: ContrastiveConfig, out_dir: str | Path) -> Path:
+def save_contrastive(run: ContrastiveRun, cfg: ContrastiveConfig, out_dir: str | Path,
+                     extra: dict[str, Any] | None = None) -> Path:
     """The tower (a ViT as a CLIPVisionModel directory, a transformers tower by ``save_pretrained``), the heads and
-    the run's config and losses; each file written atomically."""
+    the run's config, losses and ``extra``; each file written atomically, the run record last."""
     from safetensors.torch import save_file
 
     from phi3data.io.writers import commit, tmp_path_for, write_text_atomic
@@ -206,7 +207,7 @@ def save_contrastive(run: ContrastiveRun, cfg: ContrastiveConfig, out_dir: str |
     tmp = tmp_path_for(out / HEADS_FILE)
     save_file({k: v.detach().contiguous() for k, v in heads.items()}, str(tmp))
     commit(tmp, out / HEADS_FILE)
-    record: dict[str, Any] = {"config": asdict(cfg), "losses": run.losses}
+    record: dict[str, Any] = {"config": asdict(cfg), **(extra or {}), "losses": run.losses}
     write_text_atomic(out / RUN_FILE, json.dumps(record, indent=2))
     return out
 
@@ -244,3 +245,81 @@ class ContrastiveScorer:
     def embed_texts(self, texts: list[str]) -> Any:
         vectors = torch.from_numpy(self.encoder.encode(list(texts))).to(self.device)
         return self.model.text_embeddings(vectors).float().cpu().numpy()
+
+
+def pair_images_and_captions(sources: list[str | Path]) -> tuple[list[bytes], list[str]]:
+    """The image bytes and captions of image-text pair parquet (files or directories), in file order; pairs
+    without an image or a caption are skipped."""
+    from phi3data.io.inputs import list_input_files
+    from phi3data.multimodal.readers import read_records_parquet
+
+    images, captions = [], []
+    for source in sources:
+        for path in list_input_files(Path(source), "image-text pairs", fmt="records"):
+            for batch in read_records_parquet(path):
+                if "text" not in batch.records.column_names or "image" not in batch.records.column_names:
+                    raise ValueError(f"{path}: not image-text pairs (no image and text columns)")
+                for image, text in zip(batch.records.column("image").to_pylist(),
+                                       batch.records.column("text").to_pylist(), strict=True):
+                    if image and text:
+                        images.append(image)
+                        captions.append(text)
+    return images, captions
+
+
+def pretrain_tower_on_pairs(sources: list[str | Path], out_dir: str | Path, vit: dict[str, Any],
+                            cfg: ContrastiveConfig) -> Path:
+    """Train a new small ViT (``vit``: ViTConfig fields) contrastively on the pairs of ``sources`` and save it to
+    ``out_dir``, a tower directory for ``[vision] tower``. A finished run with the same settings is kept; one with
+    other settings is refused."""
+    from phi3data.model.vision import ViT, ViTConfig
+
+    out = Path(out_dir)
+    settings = {"config": asdict(cfg), "vit": vit, "sources": [str(Path(s).resolve()) for s in sources]}
+    if (out / RUN_FILE).exists():
+        done = json.loads((out / RUN_FILE).read_text())
+        if {k: done.get(k) for k in settings} == settings:
+            return out
+        raise ValueError(f"{out} holds a tower trained with other settings; choose a new output directory")
+    images, captions = pair_images_and_captions(sources)
+    torch.manual_seed(cfg.seed)
+    tower = ViT(ViTConfig.from_dict(vit, "vit"))
+    pixels = torch.stack([tower.transform(image) for image in images])
+    distinct = sorted(set(captions))  # encode each caption once (easy-VQA has 24 for 4,000 images)
+    index = {c: i for i, c in enumerate(distinct)}
+    vectors = encode_captions(distinct, cfg.text_backend)[[index[c] for c in captions]]
+    run = train_contrastive(tower, pixels, captions, cfg, text_vectors=vectors)
+    save_contrastive(run, cfg, out, extra={"vit": vit, "sources": settings["sources"], "pairs": len(captions)})
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m phi3data.model.clip_pretrain PAIRS... --out DIR [--vit-from TOML] [--steps N] [--seed N]``."""
+    import argparse
+    import tomllib
+
+    parser = argparse.ArgumentParser(prog="python -m phi3data.model.clip_pretrain",
+                                     description="Pretrain a small ViT contrastively (CLIP loss against the frozen "
+                                                 "MiniLM) on image-text pair parquet; the output directory is a "
+                                                 "[vision] tower.")
+    parser.add_argument("pairs", nargs="+", help="pair parquet files or directories, e.g. out/easy-vqa/pairs")
+    parser.add_argument("--out", required=True, help="the tower directory to write")
+    parser.add_argument("--vit-from", help="a training or ladder TOML whose [vision.vit] table sets the ViT "
+                                           "(default: ViTConfig's defaults)")
+    parser.add_argument("--steps", type=int, default=ContrastiveConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=ContrastiveConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=ContrastiveConfig.lr)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    vit = {}
+    if args.vit_from:
+        vit = tomllib.loads(Path(args.vit_from).read_text()).get("vision", {}).get("vit", {})
+    cfg = ContrastiveConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    out = pretrain_tower_on_pairs(args.pairs, args.out, vit, cfg)
+    run = json.loads((out / RUN_FILE).read_text())
+    print(f"tower: {out} ({run.get('pairs', '?')} pairs, {cfg.steps} steps, CLIP loss {run['losses'][0]:.3f} -> "
+          f"{run['losses'][-1]:.3f})")
+
+
+if __name__ == "__main__":
+    main()

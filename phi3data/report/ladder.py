@@ -43,7 +43,9 @@ def build(directory: Path) -> dict:
         runs.append({**{k: r.get(k) for k in RUN_COLUMNS}, "run": r.get("run"),
                      "val_loss": (r.get("validation") or {}).get("loss"),
                      "bits_per_byte": (r.get("validation") or {}).get("bits_per_byte"),
-                     "benchmark_error": _mean_error(r)})
+                     "benchmark_error": _mean_error(r),
+                     "vqa": {task: v.get("acc") for task, v in (r.get("vqa") or {}).items()}})
+    vqa_tasks = sorted({task for r in runs for task in r["vqa"]})  # a [vision] ladder's VQA accuracies
     fit_rows = []
     for metric, per_recipe in fits.items():
         for recipe, f in per_recipe.items():
@@ -54,6 +56,7 @@ def build(directory: Path) -> dict:
              for p in sorted(directory.glob("scaling_*.png"))]
     title = re.search(r"^# (.+)$", report_md, re.M)
     return {"kind": "ladder", "directory": str(directory), "title": title.group(1) if title else directory.name,
-            "plan": plan, "planned": len(plan.get("runs", [])), "runs": runs, "fits": fit_rows, "plots": plots,
+            "plan": plan, "planned": len(plan.get("runs", [])), "runs": runs, "vqa_tasks": vqa_tasks,
+            "fits": fit_rows, "plots": plots,
             "verdict": _verdict(report_md), "recipes": plan.get("recipe_order", []),
             "report_md": bool(report_md)}

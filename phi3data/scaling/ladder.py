@@ -15,6 +15,8 @@
 
 Sizes are inline tables of Phi3Config fields or model recipes (``phi3data.model.recipes``); either way the
 vocabulary is the ladder's tokenizer's and the context its ``seq_len``.
+
+A ladder with a ``[vision]`` table ablates image-text recipes instead: see ``phi3data.scaling.vlm_ladder``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ LADDER_TRAIN_FIELDS = {
     "max_steps": "[ladder] tokens_per_param", "seed": "[ladder] seeds", "resume": "the ladder (it always resumes)",
     "device": "[ladder] device", "seq_len": "[ladder] seq_len", "micro_batch_size": "[ladder] micro_batch_size",
     "lr": "[ladder] lr", "min_lr": "[ladder] min_lr_ratio", "warmup_steps": "[ladder] warmup_fraction",
-    "weight_decay": "[ladder] weight_decay",
+    "weight_decay": "[ladder] weight_decay", "vision": "[vision]",
 }
 
 
@@ -133,6 +135,20 @@ class EvalSection(StrictModel):
     val_max_docs: int = 300
     eval_dir: str | None = None
     """Benchmark files; default ``phi3data.paths.eval_dir()``."""
+    sources: list[str] = []
+    """A ``[vision]`` ladder: the validation records (then nothing is held out of the recipes)."""
+    vqa: list[str] = []
+    """A ``[vision]`` ladder: VQA tasks scored on their options (``easy-vqa``, ``charts``), ``limit`` items each."""
+
+    @field_validator("vqa")
+    @classmethod
+    def _vqa_tasks(cls, tasks: list[str]) -> list[str]:
+        from phi3data.evaluation.vlm import VQA_TASKS
+
+        unknown = [t for t in tasks if t not in VQA_TASKS]
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: VQA tasks are {', '.join(VQA_TASKS)}")
+        return tasks
 
     @field_validator("tasks")
     @classmethod
@@ -153,6 +169,9 @@ class LadderConfig(StrictModel):
     eval: EvalSection = EvalSection()
     train: dict[str, Any] = {}
     """Trainer settings for every run (TrainConfig fields: grad_accum, dtype, distributed, compile, ...)."""
+    vision: dict[str, Any] | None = None
+    """The trainer's ``[vision]`` table, the same for every run: the recipes are image-text records and every run
+    trains a VLM (``phi3data.scaling.vlm_ladder``)."""
 
 
 def load_ladder(path: Path, resolve_source: Callable[[str], str] | None = None) -> LadderConfig:
@@ -180,7 +199,15 @@ def load_ladder(path: Path, resolve_source: Callable[[str], str] | None = None) 
     train = raw.get("train")
     if isinstance(train, dict):
         _check_train(train, where)
+    if isinstance(raw.get("vision"), dict):
+        _check_vision(raw, where)
+        if isinstance(raw["eval"], dict) and isinstance(raw["eval"].get("sources"), list):
+            raw["eval"]["sources"] = absolute(raw["eval"]["sources"])
+        if raw["vision"]["tower"] != "small":  # a tower directory
+            raw["vision"]["tower"] = absolute([raw["vision"]["tower"]])[0]
     cfg = validate(LadderConfig, raw, where)
+    if cfg.vision is None and (cfg.eval.sources or cfg.eval.vqa):
+        raise ConfigError(f"{where}: eval.sources and eval.vqa belong to a ladder with a [vision] table")
     if len(cfg.recipes) < 1 or len(cfg.sizes) < 2:
         raise ConfigError(f"{where}: a ladder needs at least 2 sizes and 1 recipe")
     for name, size in cfg.sizes.items():  # a size that cannot build a model fails here, not after data prep
@@ -232,6 +259,27 @@ def _check_train(train: dict[str, Any], where: str) -> None:
     grad_accum = validate_train_config(train, where, "train").grad_accum
     if not isinstance(grad_accum, int) or grad_accum < 1:  # the token budget counts on it
         raise ConfigError(f"{where}: train.grad_accum: must be a positive integer, got {grad_accum!r}")
+
+
+def _check_vision(raw: dict[str, Any], where: str) -> None:
+    """A [vision] ladder: the trainer's [vision] table with its own tower, phi-3's tokenizer (no BPE is trained:
+    the image placeholder is one of its special tokens), VQA tasks instead of text benchmarks, no phases."""
+    from phi3data.training.vlm import VisionSettings
+
+    settings = VisionSettings.from_dict(raw["vision"], f"{where}: [vision]")
+    if settings.tower is None or settings.projector is None:
+        raise ConfigError(f"{where}: [vision] tower and projector: every run builds its VLM, set both")
+    tokenizer = raw.setdefault("tokenizer", {})
+    evaluation = raw.setdefault("eval", {})
+    if not isinstance(tokenizer, dict) or not isinstance(evaluation, dict):
+        return  # validation names the wrong type
+    if tokenizer.setdefault("train_vocab", 0):
+        raise ConfigError(f"{where}: tokenizer.train_vocab: a [vision] ladder uses a named tokenizer (name)")
+    if evaluation.setdefault("tasks", []):
+        raise ConfigError(f"{where}: eval.tasks: a [vision] ladder scores VQA tasks (eval.vqa)")
+    for name, recipe in (raw.get("recipes") or {}).items():
+        if isinstance(recipe, dict) and recipe.get("phases"):
+            raise ConfigError(f"{where}: recipes.{name}.phases: a [vision] ladder's recipes have sources")
 
 
 def _train_config_fields() -> list[str]:
@@ -457,6 +505,8 @@ def train_config(cfg: LadderConfig, out: Path, run: dict[str, Any], token_dirs: 
               "seq_len": lad.seq_len, "micro_batch_size": lad.micro_batch_size, "max_steps": steps, "lr": lad.lr,
               "min_lr": lad.lr * lad.min_lr_ratio, "warmup_steps": max(1, int(lad.warmup_fraction * steps)),
               "weight_decay": lad.weight_decay, "seed": 1000 + run["seed"], "device": lad.device}
+    if cfg.vision is not None:
+        ladder["vision"] = cfg.vision
     return validate_train_config(defaults | cfg.train | ladder, f"ladder run {run['run']}")
 
 
@@ -519,20 +569,28 @@ def _run_ladder_locked(cfg: LadderConfig, out: Path, *, progress: bool) -> list[
             raise ValueError(f"{out} holds a ladder with another configuration; use a new --output directory "
                              "(or the old configuration to resume it)")
     started = time.perf_counter()
-    info = prepare_data(cfg, out)
+    from phi3data.scaling import vlm_ladder
+
+    vision = cfg.vision is not None
+    info = vlm_ladder.prepare_image_data(cfg, out) if vision else prepare_data(cfg, out)
     for name, counts in info["recipes"].items():
         if counts["rejects"] and progress:
             console.print(f"[yellow]recipe {name}: skipped unreadable source records: {counts['rejects']}[/yellow]")
-    tokenizer = prepare_tokenizer(cfg, out)
-    token_dirs = prepare_tokens(cfg, out, tokenizer)
+    tokenizer = cfg.tokenizer.name if vision else prepare_tokenizer(cfg, out)
+    token_dirs = (vlm_ladder.prepare_image_tokens if vision else prepare_tokens)(cfg, out, tokenizer)
     from phi3data.tokenization.tokenizers import get_tokenizer
 
     vocab_size = get_tokenizer(tokenizer).vocab_size
     plan = run_plan(cfg, vocab_size)
     recipe_tokens = {name: sum(json.loads((token_dirs[unit] / "manifest.json").read_text())["tokens"]
                                for unit in recipe.units(name)) for name, recipe in cfg.recipes.items()}
+    documents = vlm_ladder.recipe_documents(cfg, token_dirs) if vision else {}
     for run in plan:
-        run["epochs"] = round(run["tokens"] / max(recipe_tokens[run["recipe"]], 1), 2)
+        if vision:  # a VLM batch is micro_batch_size padded records, not packed windows
+            seen = run["steps"] * cfg.ladder.micro_batch_size * int(cfg.train.get("grad_accum", 1))
+            run["epochs"] = round(seen / max(documents[run["recipe"]], 1), 2)
+        else:
+            run["epochs"] = round(run["tokens"] / max(recipe_tokens[run["recipe"]], 1), 2)
     write_json_atomic(out / "plan.json", {"tokenizer": tokenizer, "vocab_size": vocab_size, "data": info,
                                           "recipe_order": list(cfg.recipes), "recipe_tokens": recipe_tokens,
                                           "config": cfg.model_dump(mode="json"), "runs": plan})
@@ -549,7 +607,8 @@ def _run_ladder_locked(cfg: LadderConfig, out: Path, *, progress: bool) -> list[
         t0 = time.perf_counter()
         checkpoint = train_run(cfg, out, run, token_dirs)
         train_seconds = time.perf_counter() - t0
-        evaluation = evaluate_run(cfg, out, checkpoint, tokenizer)
+        evaluation = vlm_ladder.evaluate_vlm_run(cfg, checkpoint, tokenizer, token_dirs) if vision else \
+            evaluate_run(cfg, out, checkpoint, tokenizer)
         result = {**{k: v for k, v in run.items() if k != "model"}, "checkpoint": str(checkpoint),
                   "train_seconds": round(train_seconds, 1), **evaluation}
         write_json_atomic(result_path, result)

@@ -12,6 +12,11 @@ import numpy as np
 from phi3data.scaling.fit import PowerLawFit, RunPoint, compare_fits, fit_chinchilla, fit_power_law
 from phi3data.scaling.plot import plot_scaling
 
+# metric -> (plot label, verdict label); a [vision] ladder is fitted on its validation loss per trained token
+TEXT_METRICS = {"benchmark": ("benchmark error (1 - p(correct))", "benchmark error"),
+                "bits_per_byte": ("validation bits per byte", "validation bits per byte")}
+VLM_METRICS = {"loss": ("validation loss per trained token", "validation loss per trained token")}
+
 
 def load_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     plan = json.loads((out / "plan.json").read_text())
@@ -28,6 +33,8 @@ def _points(results: list[dict], metric: str) -> dict[str, list[RunPoint]]:
     for r in results:
         if metric == "benchmark":
             errors = np.array([1.0 - p for task in sorted(r["tasks"]) for p in r["tasks"][task]["p_gold"]])
+        elif metric == "loss":
+            errors = np.array([r["validation"]["loss"]])
         else:
             errors = np.array([r["validation"]["bits_per_byte"]])
         by_recipe.setdefault(r["recipe"], []).append(
@@ -42,14 +49,15 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
         raise ValueError(f"{out} has no finished runs yet")
     recipes = plan.get("recipe_order") or list(plan["config"]["recipes"])  # the first recipe is the baseline
     sizes = sorted({r["params"] for r in results})
+    vision = plan["config"].get("vision") is not None
+    metrics = VLM_METRICS if vision else TEXT_METRICS
     fits: dict[str, dict[str, PowerLawFit]] = {}
-    for metric in ("benchmark", "bits_per_byte"):
+    for metric in metrics:
         points = _points(results, metric)
         fits[metric] = {name: fit_power_law(points[name], n_boot=n_boot) for name in recipes if name in points
                         and len({p.params for p in points[name]}) >= 2}
     plots = {}
-    for metric, label in (("benchmark", "benchmark error (1 - p(correct))"),
-                          ("bits_per_byte", "validation bits per byte")):
+    for metric, (label, _) in metrics.items():
         if fits[metric]:
             plots[metric] = plot_scaling(list(fits[metric].values()), out / f"scaling_{metric}.png", metric=label,
                                          title=f"{plan['config']['ladder']['name']}: {label}")
@@ -64,9 +72,11 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
               f"- tokenizer: {tok_note}",
               f"- token budget: {lad['tokens_per_param']} tokens per non-embedding parameter "
               f"(at least {lad['min_tokens']:,}); sequence length {lad['seq_len']}",
-              f"- benchmarks: {', '.join(plan['config']['eval']['tasks'])}, {plan['config']['eval']['limit']} items "
-              f"each, {plan['config']['eval']['shots']}-shot; error = 1 - p(correct choice), averaged over items",
-              f"- validation: {plan['data']['validation_documents']} held-out documents shared by all recipes",
+              *(_vision_lines(plan) if vision else [
+                  f"- benchmarks: {', '.join(plan['config']['eval']['tasks'])}, {plan['config']['eval']['limit']} "
+                  f"items each, {plan['config']['eval']['shots']}-shot; error = 1 - p(correct choice), averaged "
+                  "over items",
+                  f"- validation: {plan['data']['validation_documents']} held-out documents shared by all recipes"]),
               f"- unreadable source records, skipped: {_rejects(plan['data'], recipes)}"]
     if plan["config"].get("train"):
         lines.append("- trainer settings: " + ", ".join(f"{k} = {v}" for k, v in plan["config"]["train"].items()))
@@ -82,26 +92,16 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
             + "; read in order, never mixed")
     if phased:
         lines.append("")
-    lines += ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | epochs | train s | val loss | bits/byte | "
-              "benchmark error | acc (mean) | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["recipe"], r["params"], r["seed"])):
-        tasks = r["tasks"].values()
-        error = np.mean([1 - p for t in tasks for p in t["p_gold"]])
-        acc = np.mean([t["acc"] for t in tasks])
-        chance = np.mean([t["chance"] for t in tasks])
-        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['seed']} | {r['tokens']:,} | {r.get('epochs', '-')} | "
-                     f"{r['train_seconds']} | "
-                     f"{r['validation']['loss']:.3f} | {r['validation']['bits_per_byte']:.3f} | {error:.4f} | "
-                     f"{acc:.3f} | {chance:.3f} |")
+    lines += _vision_runs(plan, results) if vision else _text_runs(results)
     lines += ["", "## Fits: log(error) = a + b·log(N), 90% bootstrap intervals over seeds and items", "",
               "| metric | recipe | a | b (slope) | b interval |", "|---|---|---:|---:|---|"]
     for metric, per in fits.items():
         for name, fit in per.items():
-            one_value = metric == "bits_per_byte" and len(plan["config"]["ladder"]["seeds"]) < 2
+            one_value = metric != "benchmark" and len(plan["config"]["ladder"]["seeds"]) < 2
             interval = "n/a (one seed per size)" if one_value else f"[{fit.b_ci[0]:+.4f}, {fit.b_ci[1]:+.4f}]"
             lines.append(f"| {metric} | {name} | {fit.a:.3f} | {fit.b:+.4f} | {interval} |")
     lines += ["", "## Verdict", ""]
-    lines += _verdict(fits, recipes, sizes, n_seeds=len(plan["config"]["ladder"]["seeds"]))
+    lines += _verdict(fits, recipes, sizes, n_seeds=len(plan["config"]["ladder"]["seeds"]), metrics=metrics)
     chin = _chinchilla(results)
     if chin:
         lines += ["", chin]
@@ -113,6 +113,49 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
         {m: {n: {"a": f.a, "b": f.b, "a_ci": f.a_ci, "b_ci": f.b_ci, "sizes": f.sizes, "errors": f.errors,
                  "error_ci": f.error_ci} for n, f in per.items()} for m, per in fits.items()}, indent=2))
     return report
+
+
+def _vision_lines(plan: dict[str, Any]) -> list[str]:
+    """A [vision] ladder's setup: the fixed tower, what the validation set is, the VQA tasks."""
+    cfg = plan["config"]
+    vision = ", ".join(f"{k} = {v}" for k, v in cfg["vision"].items())
+    source = plan["data"].get("validation_source", "held out by record id")
+    held = "held out of every recipe by record id" if isinstance(source, str) else f"from {', '.join(source)}"
+    lines = [f"- vision (the same for every run; sizes are the language model's): {vision}",
+             f"- validation: {plan['data']['validation_documents']} image-text records {held}, shared by all "
+             "recipes; loss per trained token (assistant replies, a pair's caption)",
+             "- tokens: steps x micro-batch x seq_len (each batch holds whole records, padded; the epochs column "
+             "counts records seen)"]
+    if cfg["eval"].get("vqa"):
+        lines.append(f"- VQA: {', '.join(cfg['eval']['vqa'])}, {cfg['eval']['limit']} questions each, accuracy "
+                     "of the best-scored option")
+    return lines
+
+
+def _vision_runs(plan: dict[str, Any], results: list[dict]) -> list[str]:
+    tasks = plan["config"]["eval"].get("vqa") or []
+    lines = ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | epochs | train s | val loss | "
+             + "".join(f"{t} acc | " for t in tasks), "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
+    for r in sorted(results, key=lambda r: (r["recipe"], r["params"], r["seed"])):
+        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['seed']} | {r['tokens']:,} | {r.get('epochs', '-')} | "
+                     f"{r['train_seconds']} | {r['validation']['loss']:.4f} | "
+                     + "".join(f"{r['vqa'][t]['acc']:.3f} | " for t in tasks))
+    return lines
+
+
+def _text_runs(results: list[dict]) -> list[str]:
+    lines = ["## Runs", "", "| recipe | size (non-emb.) | seed | tokens | epochs | train s | val loss | bits/byte | "
+             "benchmark error | acc (mean) | chance |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["recipe"], r["params"], r["seed"])):
+        tasks = r["tasks"].values()
+        error = np.mean([1 - p for t in tasks for p in t["p_gold"]])
+        acc = np.mean([t["acc"] for t in tasks])
+        chance = np.mean([t["chance"] for t in tasks])
+        lines.append(f"| {r['recipe']} | {r['params']:,} | {r['seed']} | {r['tokens']:,} | {r.get('epochs', '-')} | "
+                     f"{r['train_seconds']} | "
+                     f"{r['validation']['loss']:.3f} | {r['validation']['bits_per_byte']:.3f} | {error:.4f} | "
+                     f"{acc:.3f} | {chance:.3f} |")
+    return lines
 
 
 def _rejects(data: dict[str, Any], recipes: list[str]) -> str:
@@ -127,9 +170,9 @@ def _rejects(data: dict[str, Any], recipes: list[str]) -> str:
 
 
 def _verdict(fits: dict[str, dict[str, PowerLawFit]], recipes: list[str], sizes: list[int],
-             n_seeds: int) -> list[str]:
+             n_seeds: int, metrics: dict[str, tuple[str, str]] = TEXT_METRICS) -> list[str]:
     lines = []
-    for metric, label in (("benchmark", "benchmark error"), ("bits_per_byte", "validation bits per byte")):
+    for metric, (_, label) in metrics.items():
         per = fits[metric]
         if len(per) < 2:
             lines.append(f"- {label}: fewer than two recipes have a fit; no comparison.")
@@ -143,7 +186,7 @@ def _verdict(fits: dict[str, dict[str, PowerLawFit]], recipes: list[str], sizes:
             parts = []
             for row in rows:
                 better = name if row["gap"] < 0 else base_name
-                if metric == "bits_per_byte" and n_seeds < 2:
+                if metric != "benchmark" and n_seeds < 2:
                     sig = "noise unknown: one seed per size; add seeds to measure it"
                 else:
                     sig = "larger than the noise" if row["significant"] else "within the noise"

@@ -1,0 +1,144 @@
+"""The image-text side of an ablation ladder: a ladder TOML with a ``[vision]`` table ablates VLM data recipes.
+
+Each recipe's ``sources`` are image-text record parquet (pairs or conversations, :mod:`phi3data.multimodal`).
+The ladder then, instead of its text steps:
+  1. data: splits every recipe's records into train parquet and one shared validation set, held out from all
+     recipes by a hash of the record id (as for text), or the records of ``[eval] sources`` when given;
+  2. tokens: tokenizes them with ``[tokenizer] name`` (phi-3's, no BPE is trained) into image token shards,
+     the image placeholder token standing for each image, loss on the assistant replies (a pair's caption);
+  3. runs: each (seed, size, recipe) trains a VLM with the ladder's ``[vision]`` table (tower, projector, stage
+     lrs: the same for every run; the sizes are the language model's), then is scored on the validation set by
+     loss per trained token and, with ``[eval] vqa``, VQA accuracy (``phi3data.evaluation.vlm``).
+The report, fits and plots are the text ladder's, on the validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from phi3data.io.inputs import list_input_files
+from phi3data.io.writers import write_json_atomic
+from phi3data.scaling.ladder import LadderConfig, _HeldOut, _is_validation, data_units
+
+
+def _record_tables(sources: list[str]):
+    """Every record batch (a pair or conversation table) of the sources' parquet files."""
+    from phi3data.multimodal.readers import read_records_parquet
+
+    for source in sources:
+        for path in list_input_files(Path(source), "image-text record", fmt="records"):
+            for batch in read_records_parquet(path):
+                yield batch.records
+
+
+def _write_tables(tables: list[pa.Table], directory: Path) -> None:
+    """One parquet file per run of consecutive tables with the same schema (a source file's batches)."""
+    from phi3data.multimodal.writers import write_parquet
+
+    runs: list[list[pa.Table]] = []
+    for table in tables:
+        if runs and runs[-1][0].schema == table.schema:
+            runs[-1].append(table)
+        else:
+            runs.append([table])
+    for i, run in enumerate(runs):
+        write_parquet(pa.concat_tables(run), directory / f"part-{i:05d}.parquet")
+
+
+def prepare_image_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
+    """Each recipe's training records as parquet under ``data/<recipe>/`` and the shared validation records under
+    ``data/validation/`` (at most ``val_max_docs``, the smallest held-out ids). Idempotent."""
+    marker = out / "data" / "prepared.json"
+    if marker.exists():
+        return json.loads(marker.read_text())
+    held_out = _HeldOut(cfg.eval.val_max_docs)
+    explicit = bool(cfg.eval.sources)
+    counts = {}
+    for name, recipe in cfg.recipes.items():
+        train, documents, validation = [], 0, 0
+        for table in _record_tables(recipe.sources):
+            keep = []
+            for row in table.to_pylist():
+                held = not explicit and _is_validation(str(row["id"]), cfg.eval.val_fraction)
+                if held:
+                    held_out.add(str(row["id"]), (table.schema, row))
+                keep.append(not held)
+            validation += keep.count(False)
+            documents += keep.count(True)
+            train.append(table.filter(pa.array(keep)))
+        if documents + validation == 0:
+            raise ValueError(f"recipe {name}: no records in {recipe.sources}")
+        _write_tables([t for t in train if t.num_rows], out / "data" / name)
+        counts[name] = {"documents": documents, "characters": 0, "held_out": validation, "rejects": {}}
+    if explicit:
+        for table in _record_tables(cfg.eval.sources):
+            for row in table.to_pylist():
+                held_out.add(str(row["id"]), (table.schema, row))
+    by_schema: dict[str, tuple[pa.Schema, list[dict]]] = {}
+    for _, (schema, row) in held_out.items():
+        by_schema.setdefault(str(schema), (schema, []))[1].append(row)
+    if not by_schema:
+        raise ValueError("no validation records: raise [eval] val_fraction or give [eval] sources")
+    _write_tables([pa.Table.from_pylist(rows, schema=schema) for schema, rows in by_schema.values()],
+                  out / "data" / "validation")
+    info = {"recipes": counts, "validation_documents": len(held_out.keys), "validation_characters": 0,
+            "validation_source": cfg.eval.sources or "held out by record id"}
+    write_json_atomic(marker, info)
+    return info
+
+
+def prepare_image_tokens(cfg: LadderConfig, out: Path, tokenizer: str) -> dict[str, Path]:
+    """Image token shards of each recipe's training records and of the validation records."""
+    from phi3data.tokenization.images import ImageTokenizeConfig, tokenize_images
+
+    config = ImageTokenizeConfig(tokenizer=tokenizer, mask="assistant")  # a pair's one reply is its caption
+    dirs = {}
+    for name in [*data_units(cfg), "validation"]:
+        tokenize_images([out / "data" / name], out / "tokens" / name, config, source=name, workers=1)
+        dirs[name] = out / "tokens" / name
+    return dirs
+
+
+def evaluate_vlm_run(cfg: LadderConfig, checkpoint: Path, tokenizer: str, token_dirs: dict[str, Path],
+                     batch_size: int = 32) -> dict[str, Any]:
+    """The validation loss per trained token (every validation record that fits ``seq_len``, in order) and, with
+    ``[eval] vqa``, each VQA task's accuracy on its options."""
+    import torch
+
+    from phi3data.evaluation.run import resolve_device
+    from phi3data.evaluation.vlm import evaluate_vlm_checkpoint
+    from phi3data.tokenization.dataset import IGNORE_INDEX
+    from phi3data.training.vlm import ImageBatches, load_vlm, vlm_forward
+
+    device = resolve_device(cfg.ladder.device)
+    vlm = load_vlm(checkpoint, device=device).eval()
+    data = ImageBatches(token_dirs["validation"], cfg.ladder.seq_len, vlm)
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = data.collate([int(i) for i in data.items[start:start + batch_size]])
+            n = int((batch["targets"] != IGNORE_INDEX).sum())
+            loss_sum += float(vlm_forward(vlm, batch, torch.device(device))) * n
+            tokens += n
+    validation = {"loss": loss_sum / tokens, "tokens": tokens, "documents": len(data),
+                  "dropped_documents": data.dropped_documents}
+    vqa = {}
+    if cfg.eval.vqa:
+        scored = evaluate_vlm_checkpoint(checkpoint, tokenizer, cfg.eval.vqa, limit=cfg.eval.limit,
+                                         modes=("options",), device=device, vlm=vlm)
+        vqa = {task: {"n": t["n"], "acc": t["overall"]["options_accuracy"],
+                      "majority_acc": t["overall"].get("majority_accuracy")} for task, t in scored["tasks"].items()}
+    return {"validation": validation, "tasks": {}, "vqa": vqa, "eval_device": device}
+
+
+def recipe_documents(cfg: LadderConfig, token_dirs: dict[str, Path]) -> dict[str, int]:
+    """Training documents (records) per recipe, as tokenized."""
+    counts: Counter = Counter()
+    for name in cfg.recipes:
+        counts[name] = json.loads((token_dirs[name] / "manifest.json").read_text())["documents"]
+    return dict(counts)
