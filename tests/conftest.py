@@ -64,6 +64,31 @@ def read_output(out_dir: Path) -> list[tuple[str, str]]:
     return sorted(rows)
 
 
+def metric_losses(metrics: Path) -> dict[int, float]:
+    """A run's ``metrics.jsonl`` as step -> loss, the last record of each step winning (a resumed run re-logs the
+    steps after its checkpoint)."""
+    import json
+
+    out = {}
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            out[record["step"]] = record["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a busy box its barriers cost 10x the time; the
+    setting is restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def output_files(out_dir: Path) -> list[str]:
     return sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file()
                   and p.parent.name in ("data", "rejects", "_progress"))

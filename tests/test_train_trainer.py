@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import metric_losses
 
 from phi3data.tokenization.dataset import PackedDataset
 from phi3data.training import TrainConfig, Trainer, TrainingDiverged, lr_at
@@ -81,16 +82,6 @@ def write_config(path: Path, data_dir: Path, out_dir: Path, **train) -> Path:
     return path
 
 
-def losses(metrics: Path) -> dict[int, float]:
-    """step -> loss, the last record of each step winning (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def subprocess_env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
 
@@ -148,7 +139,7 @@ def test_grad_accumulation_matches_bigger_batch(tokens: Path, tmp_path: Path) ->
             )
         )
         Trainer(cfg).train()
-        runs[name] = losses(tmp_path / name / "metrics.jsonl")
+        runs[name] = metric_losses(tmp_path / name / "metrics.jsonl")
     assert len(runs["big"]) == 6
     for step, loss in runs["big"].items():
         assert runs["accum"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6)
@@ -168,7 +159,7 @@ def test_grad_accumulation_matches_bigger_batch_with_a_loss_mask(tmp_path: Path)
             counts = {int((trainer.train_data.batch(s, 1)[1] != -100).sum()) for s in range(4)}
             assert len(counts) > 1  # unequal micro-batches, so equal weighting would give another result
         trainer.train()
-        runs[name] = losses(tmp_path / name / "metrics.jsonl")
+        runs[name] = metric_losses(tmp_path / name / "metrics.jsonl")
     assert sorted(runs["big"]) == list(range(1, 6))
     for step, loss in runs["big"].items():
         assert runs["accum"][step] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
@@ -229,7 +220,7 @@ def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
     env = subprocess_env()
     full = write_config(tmp_path / "full.toml", tokens, tmp_path / "full", max_steps=steps, ckpt_every=5)
     subprocess.run(cmd + [str(full)], env=env, check=True, capture_output=True, timeout=300)
-    reference = losses(tmp_path / "full" / "metrics.jsonl")
+    reference = metric_losses(tmp_path / "full" / "metrics.jsonl")
     assert sorted(reference) == list(range(1, steps + 1))
 
     cfg = write_config(tmp_path / "killed.toml", tokens, tmp_path / "killed", max_steps=steps, ckpt_every=5)
@@ -237,11 +228,11 @@ def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
     proc = subprocess.Popen(cmd + [str(cfg)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if metrics.exists() and max(losses(metrics), default=0) >= 12:
+        if metrics.exists() and max(metric_losses(metrics), default=0) >= 12:
             break
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGSTOP)  # freeze first so the step we read is the step the kill interrupts
-    killed_at = max(losses(metrics))
+    killed_at = max(metric_losses(metrics))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert 12 <= killed_at < steps, "the run finished before it could be killed; make it longer"
@@ -249,7 +240,7 @@ def test_exact_resume_after_kill_9(tokens: Path, tmp_path: Path) -> None:
     subprocess.run(cmd + [str(cfg)], env=env, check=True, capture_output=True, timeout=300)
     events = [json.loads(x) for x in metrics.read_text().splitlines() if '"resume"' in x]
     assert len(events) == 1 and events[0]["step"] % 5 == 0 and events[0]["step"] <= killed_at
-    resumed = losses(metrics)
+    resumed = metric_losses(metrics)
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed == reference  # bit-identical trajectory
 
@@ -288,7 +279,7 @@ def test_trainer_on_chat_shards_skips_masked_targets(tmp_path: Path) -> None:
     # the first optimizer step's loss is the masked loss of the first micro-batch (same weights, same samples)
     assert trainer.train_step()["loss"] == pytest.approx(masked_loss, rel=1e-5)
     last = trainer.train()
-    recs = losses(tmp_path / "run" / "metrics.jsonl")
+    recs = metric_losses(tmp_path / "run" / "metrics.jsonl")
     assert sorted(recs) == list(range(2, 7)) and all(np.isfinite(v) for v in recs.values())
     assert np.isfinite(last["val_loss"]) and last["tokens"] == 6 * 4 * 32
 

@@ -42,13 +42,7 @@ def easy_vqa_pairs(split: str, n: int) -> tuple[list[Image.Image], list[str]]:
     return [Image.open(paths[k]) for k in keys], [" ".join(by_image[k]) for k in keys]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Batches this small gain nothing from a second thread, and on a busy box its barriers cost 10x the time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

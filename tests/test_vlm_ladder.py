@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from phi3data.config import ConfigError
 from phi3data.multimodal import easy_vqa
@@ -61,6 +60,8 @@ log_every = 100
 {extra}
 """
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
@@ -76,14 +77,9 @@ def ladder(tmp_path: Path, records: Path, extra: str = "") -> Path:
 
 
 def test_vlm_ladder_runs_end_to_end(records, tmp_path) -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cfg = load_ladder(ladder(tmp_path, records))
-        out = tmp_path / "out"
-        results = run_ladder(cfg, out, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = load_ladder(ladder(tmp_path, records))
+    out = tmp_path / "out"
+    results = run_ladder(cfg, out, progress=False)
     assert sorted(r["run"] for r in results) == sorted(
         f"{recipe}/{size}/seed0" for recipe in ("conversations", "pairs_and_conversations") for size in ("xs", "s"))
     validation = {r["validation"]["documents"] for r in results}

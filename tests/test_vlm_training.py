@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metric_losses
 
 from phi3data.config import ConfigError
 from phi3data.multimodal import easy_vqa
@@ -34,12 +35,7 @@ TRAIN = {"seq_len": 48, "micro_batch_size": 8, "lr": 1e-3, "min_lr": 1e-4, "warm
          "eval_every": 0, "log_every": 100, "seed": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +107,6 @@ def test_modules_train_at_their_own_learning_rates(shards, tmp_path) -> None:
     assert not any(p.requires_grad for p in trainer.model.vision_tower.parameters())
 
 
-def losses(metrics: Path) -> dict[int, float]:
-    out = {}
-    for line in metrics.read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
-
-
 def test_stage2_starts_from_stage1_and_its_loss_falls(stage1, shards, tmp_path) -> None:
     stage2 = {"stage": {"projector": 3e-3, "language_model": 3e-3}, "feature_cache": True}
     trainer = Trainer(config(shards["conversations"], tmp_path / "s2", stage2, init_from=str(stage1["out"]),
@@ -127,7 +114,7 @@ def test_stage2_starts_from_stage1_and_its_loss_falls(stage1, shards, tmp_path) 
     assert same(weights(trainer.model), weights(stage1["trainer"].model))  # tower, projector and LM of stage 1
     tower = weights(trainer.model.vision_tower)
     trainer.train()
-    log = losses(tmp_path / "s2" / "metrics.jsonl")
+    log = metric_losses(tmp_path / "s2" / "metrics.jsonl")
     first, last = sum(log[s] for s in (1, 2, 3)) / 3, sum(log[s] for s in (28, 29, 30)) / 3
     assert last < first - 1.0, (first, last)
     assert same(weights(trainer.model.vision_tower), tower)
@@ -153,7 +140,7 @@ def test_exact_resume_after_kill_9(stage1, shards, tmp_path) -> None:
                                                     tmp_path / "full", stage1["out"], max_steps=steps,
                                                     ckpt_every=steps)))
     full.train()
-    reference = losses(tmp_path / "full" / "metrics.jsonl")
+    reference = metric_losses(tmp_path / "full" / "metrics.jsonl")
 
     cfg = write_toml(tmp_path / "killed.toml", shards["conversations"], tmp_path / "killed", stage1["out"],
                      max_steps=steps, ckpt_every=every)
@@ -163,11 +150,11 @@ def test_exact_resume_after_kill_9(stage1, shards, tmp_path) -> None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and max(losses(metrics), default=0) >= every + 2:
+        if metrics.exists() and max(metric_losses(metrics), default=0) >= every + 2:
             break
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGSTOP)  # freeze first so the step we read is the step the kill interrupts
-    killed_at = max(losses(metrics))
+    killed_at = max(metric_losses(metrics))
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert every + 2 <= killed_at < steps, "the run finished before it could be killed; make it longer"
@@ -175,7 +162,7 @@ def test_exact_resume_after_kill_9(stage1, shards, tmp_path) -> None:
     resumed = Trainer(TrainConfig.from_toml(cfg))
     assert resumed.step % every == 0 and 0 < resumed.step <= killed_at
     resumed.train()
-    assert losses(metrics) == reference  # bit-identical trajectory
+    assert metric_losses(metrics) == reference  # bit-identical trajectory
     assert same(weights(resumed.model), weights(full.model))
 
 
@@ -261,7 +248,7 @@ def test_two_ddp_processes_match_one(stage1, shards, tmp_path) -> None:
                            "-m", "phi3data.training.trainer", str(two)], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    a, b = losses(tmp_path / "one" / "metrics.jsonl"), losses(tmp_path / "two" / "metrics.jsonl")
+    a, b = metric_losses(tmp_path / "one" / "metrics.jsonl"), metric_losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == list(range(1, steps + 1))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5), step

@@ -16,6 +16,8 @@ from phi3data.evaluation.vqa import (
     yes_no,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.mark.parametrize("raw, normal", [
     ("Two dogs.", "2 dogs"),           # number word, final period
@@ -132,7 +134,6 @@ def test_option_scores_equal_the_full_forward() -> None:
     from phi3data.evaluation.vlm import VLMAnswerer, _pil
     from phi3data.tokenization.tokenizers import get_tokenizer
 
-    torch.set_num_threads(1)
     vlm = _tiny_vlm()
     tok = get_tokenizer("phi3-mini")
     item = _items(1)[0]
@@ -178,7 +179,6 @@ def test_greedy_answer_equals_argmax_of_the_full_forward() -> None:
     from phi3data.evaluation.vlm import VLMAnswerer, _pil
     from phi3data.tokenization.tokenizers import get_tokenizer
 
-    torch.set_num_threads(1)
     vlm = _tiny_vlm(1)
     tok = get_tokenizer("phi3-mini")
     item = _items(1)[0]
@@ -199,12 +199,10 @@ def test_greedy_answer_equals_argmax_of_the_full_forward() -> None:
 
 
 def test_batched_answers_equal_one_at_a_time() -> None:
-    import torch
 
     from phi3data.evaluation.vlm import VLMAnswerer, VQAItem
     from phi3data.tokenization.tokenizers import get_tokenizer
 
-    torch.set_num_threads(1)
     vlm = _tiny_vlm(3)
     tok = get_tokenizer("phi3-mini")
     items = _items(6)
@@ -258,13 +256,11 @@ def test_chart_items_have_exact_answers() -> None:
 def test_eval_cli_scores_an_exported_vlm(tmp_path) -> None:
     import json
 
-    import torch
     from typer.testing import CliRunner
 
     from phi3data.cli import app
     from phi3data.export.llava import save_llava
 
-    torch.set_num_threads(1)
     save_llava(_tiny_vlm(2), tmp_path / "vlm")
     out = tmp_path / "vqa.json"
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "vlm"), "--tokenizer", "phi3-mini", "--vqa",

@@ -127,6 +127,13 @@ class RecipeSection(StrictModel):
         return {f"{name}.{phase.name}": phase.sources for phase in self.phases}
 
 
+def _known_tasks(tasks: list[str], known, what: str) -> list[str]:
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: {what} {', '.join(known)}")
+    return tasks
+
+
 class EvalSection(StrictModel):
     tasks: list[str] = ["arc_easy", "arc_challenge", "piqa", "openbookqa", "hellaswag"]
     limit: int = 200
@@ -145,20 +152,14 @@ class EvalSection(StrictModel):
     def _vqa_tasks(cls, tasks: list[str]) -> list[str]:
         from phi3data.evaluation.vlm import VQA_TASKS
 
-        unknown = [t for t in tasks if t not in VQA_TASKS]
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: VQA tasks are {', '.join(VQA_TASKS)}")
-        return tasks
+        return _known_tasks(tasks, VQA_TASKS, "VQA tasks are")
 
     @field_validator("tasks")
     @classmethod
     def _multiple_choice(cls, tasks: list[str]) -> list[str]:
         from phi3data.evaluation.tasks import MC_TASKS
 
-        unknown = [t for t in tasks if t not in MC_TASKS]
-        if unknown:
-            raise ValueError(f"{', '.join(unknown)}: a ladder scores multiple-choice tasks: {', '.join(MC_TASKS)}")
-        return tasks
+        return _known_tasks(tasks, MC_TASKS, "a ladder scores multiple-choice tasks:")
 
 
 class LadderConfig(StrictModel):
