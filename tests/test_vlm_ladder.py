@@ -132,3 +132,25 @@ def _with(tmp_path: Path, records: Path, what: str) -> Path:
     path = tmp_path / f"{what}.toml"
     path.write_text(text)
     return path
+
+
+def test_vlm_ladder_validation_from_eval_sources(records, tmp_path) -> None:
+    """[eval] sources: the validation set is exactly those records, and a recipe record with one of their ids is
+    not trained on."""
+    from phi3data.scaling.vlm_ladder import prepare_image_data
+
+    easy_vqa.build(tmp_path / "test-records", "test", limit=4)
+    text = ladder(tmp_path, records).read_text().replace("val_max_docs = 24", "val_max_docs = 1000").replace(
+        "val_fraction = 0.2", f'sources = ["{tmp_path}/test-records/conversations", "{records}/pairs"]')
+    path = tmp_path / "explicit.toml"
+    path.write_text(text)
+    cfg = load_ladder(path)
+    info = prepare_image_data(cfg, tmp_path / "out")
+    test_ids = set(pq.read_table(tmp_path / "test-records" / "conversations").column("id").to_pylist())
+    pair_ids = set(pq.read_table(records / "pairs").column("id").to_pylist())
+    validation = set(pq.read_table(tmp_path / "out" / "data" / "validation").column("id").to_pylist())
+    assert validation == test_ids | pair_ids and info["validation_documents"] == len(validation)
+    trained = set(pq.read_table(tmp_path / "out" / "data" / "pairs_and_conversations").column("id").to_pylist())
+    assert trained and not trained & pair_ids  # the recipe's pairs are validation records now
+    assert info["recipes"]["pairs_and_conversations"]["held_out"] == len(pair_ids)
+    assert info["recipes"]["conversations"]["held_out"] == 0

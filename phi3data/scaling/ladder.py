@@ -143,7 +143,7 @@ class EvalSection(StrictModel):
     eval_dir: str | None = None
     """Benchmark files; default ``phi3data.paths.eval_dir()``."""
     sources: list[str] = []
-    """A ``[vision]`` ladder: the validation records (then nothing is held out of the recipes)."""
+    """A ``[vision]`` ladder: the validation records; recipe records with one of their ids are not trained on."""
     vqa: list[str] = []
     """A ``[vision]`` ladder: VQA tasks scored on their options (``easy-vqa``, ``charts``), ``limit`` items each."""
 

@@ -3,7 +3,8 @@
 Each recipe's ``sources`` are image-text record parquet (pairs or conversations, :mod:`phi3data.multimodal`).
 The ladder then, instead of its text steps:
   1. data: splits every recipe's records into train parquet and one shared validation set, held out from all
-     recipes by a hash of the record id (as for text), or the records of ``[eval] sources`` when given;
+     recipes by a hash of the record id (as for text), or the records of ``[eval] sources`` when given (records
+     of the recipes with one of their ids are then left out of training);
   2. tokens: tokenizes them with ``[tokenizer] name`` (phi-3's, no BPE is trained) into image token shards,
      the image placeholder token standing for each image, loss on the assistant replies (a pair's caption);
   3. runs: each (seed, size, recipe) trains a VLM with the ladder's ``[vision]`` table (tower, projector, stage
@@ -26,66 +27,68 @@ from phi3data.io.writers import write_json_atomic
 from phi3data.scaling.ladder import LadderConfig, _HeldOut, _is_validation, data_units
 
 
-def _record_tables(sources: list[str]):
-    """Every record batch (a pair or conversation table) of the sources' parquet files."""
+def _record_files(sources: list[str]):
+    """Every image-text record parquet file of the sources, with its record tables (pairs or conversations)."""
     from phi3data.multimodal.readers import read_records_parquet
 
     for source in sources:
         for path in list_input_files(Path(source), "image-text record", fmt="records"):
-            for batch in read_records_parquet(path):
-                yield batch.records
+            yield path, (batch.records for batch in read_records_parquet(path))
 
 
-def _write_tables(tables: list[pa.Table], directory: Path) -> None:
-    """One parquet file per run of consecutive tables with the same schema (a source file's batches)."""
+def _write_part(tables: list[pa.Table], directory: Path, number: int) -> None:
     from phi3data.multimodal.writers import write_parquet
 
-    runs: list[list[pa.Table]] = []
-    for table in tables:
-        if runs and runs[-1][0].schema == table.schema:
-            runs[-1].append(table)
-        else:
-            runs.append([table])
-    for i, run in enumerate(runs):
-        write_parquet(pa.concat_tables(run), directory / f"part-{i:05d}.parquet")
+    write_parquet(pa.concat_tables(tables), directory / f"part-{number:05d}.parquet")
 
 
 def prepare_image_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
-    """Each recipe's training records as parquet under ``data/<recipe>/`` and the shared validation records under
-    ``data/validation/`` (at most ``val_max_docs``, the smallest held-out ids). Idempotent."""
+    """Each recipe's training records as parquet under ``data/<recipe>/`` (one part per source file, streamed)
+    and the shared validation records under ``data/validation/`` (at most ``val_max_docs``, the smallest held-out
+    ids). Idempotent."""
     marker = out / "data" / "prepared.json"
     if marker.exists():
         return json.loads(marker.read_text())
     held_out = _HeldOut(cfg.eval.val_max_docs)
-    explicit = bool(cfg.eval.sources)
+    explicit: set[str] = set()  # the ids of [eval] sources: validation, so never trained on
+    for _, tables in _record_files(cfg.eval.sources):
+        for table in tables:
+            for row in table.to_pylist():
+                explicit.add(str(row["id"]))
+                held_out.add(str(row["id"]), (table.schema, row))
     counts = {}
     for name, recipe in cfg.recipes.items():
-        train, documents, validation = [], 0, 0
-        for table in _record_tables(recipe.sources):
-            keep = []
-            for row in table.to_pylist():
-                held = not explicit and _is_validation(str(row["id"]), cfg.eval.val_fraction)
-                if held:
-                    held_out.add(str(row["id"]), (table.schema, row))
-                keep.append(not held)
-            validation += keep.count(False)
-            documents += keep.count(True)
-            train.append(table.filter(pa.array(keep)))
-        if documents + validation == 0:
-            raise ValueError(f"recipe {name}: no records in {recipe.sources}")
-        _write_tables([t for t in train if t.num_rows], out / "data" / name)
+        documents, validation, parts = 0, 0, 0
+        for _, tables in _record_files(recipe.sources):
+            train = []
+            for table in tables:
+                keep = []
+                for row in table.to_pylist():
+                    record_id = str(row["id"])
+                    if cfg.eval.sources:
+                        held = record_id in explicit
+                    else:
+                        held = _is_validation(record_id, cfg.eval.val_fraction)
+                        if held:
+                            held_out.add(record_id, (table.schema, row))
+                    keep.append(not held)
+                validation += keep.count(False)
+                documents += keep.count(True)
+                train.append(table.filter(pa.array(keep, pa.bool_())))
+            if sum(t.num_rows for t in train):
+                _write_part(train, out / "data" / name, parts)
+                parts += 1
+        if documents == 0:
+            raise ValueError(f"recipe {name}: no training records in {recipe.sources} "
+                             f"({validation} held out for validation)")
         counts[name] = {"documents": documents, "characters": 0, "held_out": validation, "rejects": {}}
-    if explicit:
-        for table in _record_tables(cfg.eval.sources):
-            for row in table.to_pylist():
-                held_out.add(str(row["id"]), (table.schema, row))
     by_schema: dict[str, tuple[pa.Schema, list[dict]]] = {}
     for _, (schema, row) in held_out.items():
         by_schema.setdefault(str(schema), (schema, []))[1].append(row)
     if not by_schema:
         raise ValueError("no validation records: raise [eval] val_fraction or give [eval] sources")
-    _write_tables([pa.Table.from_pylist(rows, schema=schema) for schema, rows in by_schema.values()],
-                  out / "data" / "validation")
+    for number, (schema, rows) in enumerate(by_schema.values()):
+        _write_part([pa.Table.from_pylist(rows, schema=schema)], out / "data" / "validation", number)
     info = {"recipes": counts, "validation_documents": len(held_out.keys), "validation_characters": 0,
             "validation_source": cfg.eval.sources or "held out by record id"}
     write_json_atomic(marker, info)
