@@ -94,7 +94,8 @@ def test_vlm_ladder_runs_end_to_end(records, tmp_path) -> None:
     assert plan["tokenizer"] == "phi3-mini" and plan["vocab_size"] == 32064
     report = write_report(out, n_boot=50).read_text()
     assert "validation loss per trained token" in report and "pairs_and_conversations" in report
-    assert (out / "scaling_loss.png").exists()
+    assert (out / "scaling_loss.png").exists() and (out / "scaling_vqa.png").exists()
+    assert "| vqa | conversations |" in report  # VQA error fitted against size too
     for r in results:  # scored on the easy-VQA test questions' options, beside the question groups' majority answer
         assert r["vqa"]["easy-vqa"]["n"] == 16 and 0 <= r["vqa"]["easy-vqa"]["acc"] <= 1
     page = ladder_report.build(out)

@@ -15,7 +15,8 @@ from phi3data.scaling.plot import plot_scaling
 # metric -> (plot label, verdict label); a [vision] ladder is fitted on its validation loss per trained token
 TEXT_METRICS = {"benchmark": ("benchmark error (1 - p(correct))", "benchmark error"),
                 "bits_per_byte": ("validation bits per byte", "validation bits per byte")}
-VLM_METRICS = {"loss": ("validation loss per trained token", "validation loss per trained token")}
+VLM_METRICS = {"loss": ("validation loss per trained token", "validation loss per trained token"),
+               "vqa": ("VQA error (1 - accuracy)", "VQA error")}
 
 
 def load_results(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -35,6 +36,8 @@ def _points(results: list[dict], metric: str) -> dict[str, list[RunPoint]]:
             errors = np.array([1.0 - p for task in sorted(r["tasks"]) for p in r["tasks"][task]["p_gold"]])
         elif metric == "loss":
             errors = np.array([r["validation"]["loss"]])
+        elif metric == "vqa":  # the tasks' mean error
+            errors = np.array([1.0 - np.mean([t["acc"] for t in r["vqa"].values()])])
         else:
             errors = np.array([r["validation"]["bits_per_byte"]])
         by_recipe.setdefault(r["recipe"], []).append(
@@ -50,7 +53,9 @@ def write_report(out: Path, *, n_boot: int = 1000) -> Path:
     recipes = plan.get("recipe_order") or list(plan["config"]["recipes"])  # the first recipe is the baseline
     sizes = sorted({r["params"] for r in results})
     vision = plan["config"].get("vision") is not None
-    metrics = VLM_METRICS if vision else TEXT_METRICS
+    metrics = TEXT_METRICS
+    if vision:  # VQA error only where VQA tasks were scored
+        metrics = {k: v for k, v in VLM_METRICS.items() if k != "vqa" or plan["config"]["eval"].get("vqa")}
     fits: dict[str, dict[str, PowerLawFit]] = {}
     for metric in metrics:
         points = _points(results, metric)
