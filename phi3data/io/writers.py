@@ -74,6 +74,20 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def write_parquet_atomic(table: pa.Table, path: Path, compression: str = "zstd",
+                         row_group_size: int | None = None) -> Path:
+    """Write ``table`` as one parquet file at ``path`` atomically (no partial file is ever visible)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path_for(path)
+    try:
+        pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """Write text to ``path`` atomically (readers see all of it or the previous version)."""
     path.parent.mkdir(parents=True, exist_ok=True)

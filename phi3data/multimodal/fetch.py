@@ -34,7 +34,7 @@ from urllib.parse import urljoin, urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from phi3data.io.writers import commit, output_lock, tmp_path_for
+from phi3data.io.writers import output_lock, write_parquet_atomic
 from phi3data.multimodal.records import sniff_image_type
 from phi3data.multimodal.writers import TarShardWriter
 
@@ -282,17 +282,10 @@ def _fetch_locked(urls: pa.Table, output: Path, retry_failed: bool, cfg: FetchCo
             result.rows.append(row)
     result.rows.sort(key=lambda r: r["key"])
     table = pa.Table.from_pylist(result.rows, schema=STATUS_SCHEMA)
-    _write_atomic(table, status_path)  # the run's commit marker, after its shard
-    _write_atomic(pa.Table.from_pylist(sorted(latest_status(output).values(), key=lambda r: r["key"]),
+    write_parquet_atomic(table, status_path)  # the run's commit marker, after its shard
+    write_parquet_atomic(pa.Table.from_pylist(sorted(latest_status(output).values(), key=lambda r: r["key"]),
                                        schema=STATUS_SCHEMA), output / MERGED_STATUS)
     result.shard, result.status_path = shard, status_path
     return result
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(table, tmp)
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

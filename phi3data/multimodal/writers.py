@@ -12,9 +12,8 @@ import tarfile
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from phi3data.io.writers import commit, tmp_path_for
+from phi3data.io.writers import commit, tmp_path_for, write_parquet_atomic
 from phi3data.multimodal.records import IMAGE_PLACEHOLDER, record_kind, sniff_image_type
 
 CAULDRON_SCHEMA = pa.schema([
@@ -27,15 +26,7 @@ CAULDRON_SCHEMA = pa.schema([
 def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> Path:
     """Write a record table (any kind, image bytes in binary columns) as one parquet file, atomically."""
     record_kind(table)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(table, tmp, compression=compression)
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet_atomic(table, path, compression)
 
 
 class TarShardWriter:
@@ -123,13 +114,5 @@ def write_cauldron(table: pa.Table, path: Path) -> Path:
         images_col.append([{"bytes": b, "path": p} for b, p in zip(row["images"], paths)])
         texts_col.append(texts)
     out = pa.table({"images": images_col, "texts": texts_col}, schema=CAULDRON_SCHEMA)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    try:
-        pq.write_table(out, tmp, compression="zstd")
-        commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet_atomic(out, path)
 

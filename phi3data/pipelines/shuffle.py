@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
 
-from phi3data.io.writers import commit, tmp_path_for, write_json_atomic
+from phi3data.io.writers import write_json_atomic, write_parquet_atomic
 
 EXTERNAL, OWN = "0", "1"
 SEP = "\x1f"
@@ -63,13 +63,9 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int | None = None) -> str:
+def write_parquet_hashed(table: pa.Table, path: Path, row_group_size: int | None = None) -> str:
     """Write ``table`` to ``path`` atomically; returns the file's sha256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path_for(path)
-    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
-    commit(tmp, path)
-    return sha256_file(path)
+    return sha256_file(write_parquet_atomic(table, path, row_group_size=row_group_size))
 
 
 def partition_of(strings: pa.Array | pa.ChunkedArray, partitions: int) -> np.ndarray:
@@ -97,7 +93,7 @@ def write_keys(table: pa.Table, path: Path, partitions: int) -> str:
     part = (table.column("key").to_numpy(zero_copy_only=False) % np.uint64(partitions)).astype(np.int32)
     table = table.append_column("part", pa.array(part, pa.int32())).select(KEYS_SCHEMA.names)
     table = table.cast(KEYS_SCHEMA).sort_by([("part", "ascending"), ("band", "ascending"), ("key", "ascending")])
-    return write_parquet_atomic(table, path, row_group_size=max(1, min(65536, table.num_rows // partitions + 1)))
+    return write_parquet_hashed(table, path, row_group_size=max(1, min(65536, table.num_rows // partitions + 1)))
 
 
 def read_part(files: list[str], part: int, columns: list[str], schema: pa.Schema) -> pa.Table:
@@ -127,7 +123,7 @@ def _write_edges_by_src(edges: pa.Table, out: Path, name: str, partitions: int) 
     for part in np.unique(parts):
         piece = edges.filter(pa.array(parts == part))
         path = out / f"p{int(part):05d}" / f"{name}.parquet"
-        files[str(path)] = write_parquet_atomic(piece, path)
+        files[str(path)] = write_parquet_hashed(piece, path)
     return files
 
 
@@ -277,7 +273,7 @@ def star_clusters(files: list[str], out: str, item: dict) -> dict:
                                     members.column("dst_count").combine_chunks()]), 1)
     table = pa.table({"node": node, "cluster": cluster, "size": pc.cast(size, pa.int64())})
     path = Path(out) / f"{item['task']}.parquet"
-    return {"task": item["task"], "files": {str(path): write_parquet_atomic(table, path)}}
+    return {"task": item["task"], "files": {str(path): write_parquet_hashed(table, path)}}
 
 
 def components_distributed(job: ShuffleJob, edge_files: dict[str, str], partitions: int) -> tuple[pa.Table, int]:

@@ -43,7 +43,7 @@ from phi3data.pipelines.shuffle import (
     reduce_groups,
     resolved_rows,
     sha256_file,
-    write_parquet_atomic,
+    write_parquet_hashed,
 )
 
 MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -231,7 +231,7 @@ class _DedupStage(KeyedStage):
             clusters, rounds = components_distributed(job, edge_files, p.partitions)
         resolved = resolved_rows(clusters)
         resolved_path = job.work / "resolved.parquet"
-        files = {job.relative(resolved_path): write_parquet_atomic(resolved, resolved_path, row_group_size=65536)}
+        files = {job.relative(resolved_path): write_parquet_hashed(resolved, resolved_path, row_group_size=65536)}
         duplicates = _dropped_mask(resolved, p.mode)
         decision = {
             "documents_keyed": _keyed_documents(keys_files),
@@ -273,7 +273,7 @@ class _DedupStage(KeyedStage):
                 renamed.append(f"0{doc}{SEP}")
             table = table.set_column(3, "node", pa.array(renamed, pa.string())).filter(pa.array(keep))
             path = out / f"{stem}.parquet"
-            files[path.name] = write_parquet_atomic(table, path)
+            files[path.name] = write_parquet_hashed(table, path)
         write_json_atomic(out / INDEX_META, {"stage": self.type_name, "params": self.params.model_dump(mode="json"),
                                       "files": files})
         return job.relative(out)
@@ -542,7 +542,7 @@ def _repeated_lines(keys_files: list[str], out: str, min_documents: int, item: d
                          "key": members.column("key")}, schema=LINE_REMOVALS_SCHEMA)
     removals = removals.sort_by([("shard", "ascending"), ("id", "ascending"), ("key", "ascending")])
     path = Path(out) / f"{item['task']}.parquet"
-    return {"task": item["task"], "files": {str(path): write_parquet_atomic(removals, path, row_group_size=65536)},
+    return {"task": item["task"], "files": {str(path): write_parquet_hashed(removals, path, row_group_size=65536)},
             "repeated": groups.num_rows, "removals": removals.num_rows}
 
 

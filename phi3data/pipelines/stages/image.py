@@ -31,7 +31,7 @@ from phi3data.pipelines.shuffle import (
     components_on_driver,
     read_part,
     resolved_rows,
-    write_parquet_atomic,
+    write_parquet_hashed,
 )
 
 EXCERPT_BYTES = 256
@@ -436,7 +436,7 @@ class ImageDedup(KeyedStage):
                              "size": rows.column("size"), "distance": pa.array(distances, pa.int32())})
         resolved = resolved.sort_by([("shard", "ascending"), ("id", "ascending")])
         path = job.work / "resolved.parquet"
-        files = {job.relative(path): write_parquet_atomic(resolved, path, row_group_size=65536)}
+        files = {job.relative(path): write_parquet_hashed(resolved, path, row_group_size=65536)}
         dropped = int(pc.sum(pc.not_equal(resolved.column("id"), resolved.column("cluster"))).as_py() or 0)
         return {"images_keyed": sum(pq.read_table(f, columns=["band"], filters=[("band", "=", 0)]).num_rows
                                     for f in keys_files),
@@ -513,5 +513,5 @@ def _link_candidates(keys_files: list[str], out: str, method: str, threshold: in
     edges = pa.table({"src": pa.array(src, pa.string()), "dst": pa.array(dst, pa.string())}, schema=EDGE_SCHEMA)
     edges = edges.group_by(["src", "dst"]).aggregate([]).select(["src", "dst"]) if edges.num_rows else edges
     path = Path(out) / f"{item['task']}.parquet"
-    return {"task": item["task"], "files": {str(path): write_parquet_atomic(edges, path)},
+    return {"task": item["task"], "files": {str(path): write_parquet_hashed(edges, path)},
             "candidates": candidates, "links": edges.num_rows}

@@ -28,7 +28,7 @@ from phi3data.pipelines.shuffle import (
     document_keys,
     parse_node,
     read_part,
-    write_parquet_atomic,
+    write_parquet_hashed,
 )
 
 TOP_URLS = 25
@@ -213,5 +213,5 @@ def _frequent_urls(keys_files: list[str], out: str, max_pages: int, item: dict) 
                         schema=FREQUENT_SCHEMA)
     removals = removals.sort_by([("shard", "ascending"), ("id", "ascending"), ("key", "ascending")])
     path = Path(out) / f"{item['task']}.parquet"
-    return {"task": item["task"], "files": {str(path): write_parquet_atomic(removals, path, row_group_size=65536)},
+    return {"task": item["task"], "files": {str(path): write_parquet_hashed(removals, path, row_group_size=65536)},
             "frequent": counts.num_rows, "removals": removals.num_rows}
