@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def plot_scaling(fits: Sequence[PowerLawFit], path: Path, *, metric: str = "erro
     ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
     ax.set_xlabel("model size (non-embedding parameters, log scale)")
     ax.set_ylabel(f"{metric} (log scale)")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 56))  # a long ladder name must not run off the figure
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
