@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import metric_losses
 from preference_pairs import verified_pairs
 from test_train_ddp import run_two_processes
-from test_train_trainer import losses, make_chat_shards
+from test_train_trainer import make_chat_shards
 from typer.testing import CliRunner
 
 from phi3data.cli import app
@@ -226,7 +227,7 @@ def test_dpo_starts_at_log2_and_resumes_exactly(pairs: Path, tmp_path: Path) -> 
     mtimes = {p: p.stat().st_mtime_ns for p in stored}
     Trainer(TrainConfig.from_toml(parted)).train()
     assert {p: p.stat().st_mtime_ns for p in (pairs / "reference").glob("*.npy")} == mtimes  # computed once
-    reference, resumed = losses(tmp_path / "full" / "metrics.jsonl"), losses(parted_dir / "metrics.jsonl")
+    reference, resumed = metric_losses(tmp_path / "full" / "metrics.jsonl"), metric_losses(parted_dir / "metrics.jsonl")
     assert sorted(resumed) == [5, 6, 7, 8]
     assert all(resumed[s] == reference[s] for s in resumed)
 
@@ -238,7 +239,7 @@ def test_dpo_two_processes_match_one(pairs: Path, tmp_path: Path) -> None:
     Trainer(TrainConfig.from_toml(one)).train()
     two = write(tmp_path / "two.toml", pairs, tmp_path / "two", micro_batch_size=2, **opts)
     run_two_processes(two)
-    a, b = losses(tmp_path / "one" / "metrics.jsonl"), losses(tmp_path / "two" / "metrics.jsonl")
+    a, b = metric_losses(tmp_path / "one" / "metrics.jsonl"), metric_losses(tmp_path / "two" / "metrics.jsonl")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), (step, a[step], b[step])

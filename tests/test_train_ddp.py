@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import metric_losses
 from safetensors.torch import load_file
-from test_train_trainer import losses, make_token_dir, subprocess_env, write_config
+from test_train_trainer import make_token_dir, subprocess_env, write_config
 
 from phi3data.config import ConfigError
 from phi3data.training import TrainConfig, Trainer
@@ -46,7 +47,7 @@ def test_two_processes_match_a_single_process(tmp_path: Path, distributed: str) 
         distributed=distributed,
     )
     run_two_processes(ddp)
-    one, two = losses(tmp_path / "one" / "metrics.jsonl"), losses(tmp_path / "ddp" / "metrics.jsonl")
+    one, two = metric_losses(tmp_path / "one" / "metrics.jsonl"), metric_losses(tmp_path / "ddp" / "metrics.jsonl")
     assert sorted(one) == sorted(two) == list(range(1, steps + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), (step, one[step], two[step])
@@ -78,9 +79,9 @@ def test_fsdp_run_resumes_exactly(tmp_path: Path) -> None:
     metrics = (tmp_path / "parted" / "metrics.jsonl").read_text().splitlines()
     resumes = [json.loads(line) for line in metrics if '"resume"' in line]
     assert [r["step"] for r in resumes] == [3]
-    reference = losses(tmp_path / "full" / "metrics.jsonl")
+    reference = metric_losses(tmp_path / "full" / "metrics.jsonl")
     assert sorted(reference) == list(range(1, steps + 1))
-    assert losses(tmp_path / "parted" / "metrics.jsonl") == reference
+    assert metric_losses(tmp_path / "parted" / "metrics.jsonl") == reference
     final = load_file(str(tmp_path / "parted" / "checkpoints" / "step_0000006" / "model.safetensors"))
     expected = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000006" / "model.safetensors"))
     assert final.keys() == expected.keys()
