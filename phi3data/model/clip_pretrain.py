@@ -250,20 +250,17 @@ class ContrastiveScorer:
 def pair_images_and_captions(sources: list[str | Path]) -> tuple[list[bytes], list[str]]:
     """The image bytes and captions of image-text pair parquet (files or directories), in file order; pairs
     without an image or a caption are skipped."""
-    from phi3data.io.inputs import list_input_files
-    from phi3data.multimodal.readers import read_records_parquet
+    from phi3data.multimodal.readers import read_record_sources
 
     images, captions = [], []
-    for source in sources:
-        for path in list_input_files(Path(source), "image-text pairs", fmt="records"):
-            for batch in read_records_parquet(path):
-                if "text" not in batch.records.column_names or "image" not in batch.records.column_names:
-                    raise ValueError(f"{path}: not image-text pairs (no image and text columns)")
-                for image, text in zip(batch.records.column("image").to_pylist(),
-                                       batch.records.column("text").to_pylist(), strict=True):
-                    if image and text:
-                        images.append(image)
-                        captions.append(text)
+    for path, tables in read_record_sources(sources, "image-text pairs"):
+        for table in tables:
+            if "text" not in table.column_names or "image" not in table.column_names:
+                raise ValueError(f"{path}: not image-text pairs (no image and text columns)")
+            for image, text in zip(table.column("image").to_pylist(), table.column("text").to_pylist(), strict=True):
+                if image and text:
+                    images.append(image)
+                    captions.append(text)
     return images, captions
 
 
@@ -284,7 +281,7 @@ def pretrain_tower_on_pairs(sources: list[str | Path], out_dir: str | Path, vit:
     images, captions = pair_images_and_captions(sources)
     torch.manual_seed(cfg.seed)
     tower = ViT(ViTConfig.from_dict(vit, "vit"))
-    pixels = torch.stack([tower.transform(image) for image in images])
+    pixels = tower.preprocess(images)
     distinct = sorted(set(captions))  # encode each caption once (easy-VQA has 24 for 4,000 images)
     index = {c: i for i, c in enumerate(distinct)}
     vectors = encode_captions(distinct, cfg.text_backend)[[index[c] for c in captions]]

@@ -493,6 +493,16 @@ def read_records_parquet(path: Path, *, batch_rows: int = BATCH_ROWS) -> Iterato
                         make_rejects([]))
 
 
+def read_record_sources(sources: Iterable[str | Path], what: str = "image-text records"
+                        ) -> Iterator[tuple[Path, Iterator[pa.Table]]]:
+    """Every record parquet file under ``sources`` (files or directories, in order), with its record tables."""
+    from phi3data.io.inputs import list_input_files
+
+    for source in sources:
+        for path in list_input_files(Path(source), what, fmt="records"):
+            yield path, (batch.records for batch in read_records_parquet(path))
+
+
 def image_ids_of(table: pa.Table) -> list[str]:
     """Every image id a record table references, in order."""
     if "image_ids" in table.column_names:
@@ -503,5 +513,6 @@ def image_ids_of(table: pa.Table) -> list[str]:
 
 
 __all__ = ["JsonArrayError", "ReadBatch", "image_id", "image_ids_of", "iter_json_array", "llava_image_paths",
-           "read_all", "read_cauldron", "read_img2dataset_stats", "read_llava", "read_records_parquet",
+           "read_all", "read_cauldron", "read_img2dataset_stats", "read_llava", "read_record_sources",
+           "read_records_parquet",
            "read_url_list", "read_warc_images", "read_webdataset", "record_schema", "reject_counts"]

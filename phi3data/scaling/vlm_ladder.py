@@ -10,30 +10,20 @@ The ladder then, instead of its text steps:
   3. runs: each (seed, size, recipe) trains a VLM with the ladder's ``[vision]`` table (tower, projector, stage
      lrs: the same for every run; the sizes are the language model's), then is scored on the validation set by
      loss per trained token and, with ``[eval] vqa``, VQA accuracy (``phi3data.evaluation.vlm``).
-The report, fits and plots are the text ladder's, on the validation loss.
+The report, fits and plots are the text ladder's, on the validation loss and the VQA error.
 """
 
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from phi3data.io.inputs import list_input_files
 from phi3data.io.writers import write_json_atomic
+from phi3data.multimodal.readers import read_record_sources
 from phi3data.scaling.ladder import LadderConfig, _HeldOut, _is_validation, data_units
-
-
-def _record_files(sources: list[str]):
-    """Every image-text record parquet file of the sources, with its record tables (pairs or conversations)."""
-    from phi3data.multimodal.readers import read_records_parquet
-
-    for source in sources:
-        for path in list_input_files(Path(source), "image-text record", fmt="records"):
-            yield path, (batch.records for batch in read_records_parquet(path))
 
 
 def _write_part(tables: list[pa.Table], directory: Path, number: int) -> None:
@@ -51,7 +41,7 @@ def prepare_image_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
         return json.loads(marker.read_text())
     held_out = _HeldOut(cfg.eval.val_max_docs)
     explicit: set[str] = set()  # the ids of [eval] sources: validation, so never trained on
-    for _, tables in _record_files(cfg.eval.sources):
+    for _, tables in read_record_sources(cfg.eval.sources):
         for table in tables:
             for row in table.to_pylist():
                 explicit.add(str(row["id"]))
@@ -59,18 +49,17 @@ def prepare_image_data(cfg: LadderConfig, out: Path) -> dict[str, Any]:
     counts = {}
     for name, recipe in cfg.recipes.items():
         documents, validation, parts = 0, 0, 0
-        for _, tables in _record_files(recipe.sources):
+        for _, tables in read_record_sources(recipe.sources):
             train = []
             for table in tables:
                 keep = []
-                for row in table.to_pylist():
-                    record_id = str(row["id"])
+                for i, record_id in enumerate(map(str, table.column("id").to_pylist())):  # only held rows as dicts
                     if cfg.eval.sources:
                         held = record_id in explicit
                     else:
                         held = _is_validation(record_id, cfg.eval.val_fraction)
                         if held:
-                            held_out.add(record_id, (table.schema, row))
+                            held_out.add(record_id, (table.schema, table.slice(i, 1).to_pylist()[0]))
                     keep.append(not held)
                 validation += keep.count(False)
                 documents += keep.count(True)
@@ -141,7 +130,4 @@ def evaluate_vlm_run(cfg: LadderConfig, checkpoint: Path, tokenizer: str, token_
 
 def recipe_documents(cfg: LadderConfig, token_dirs: dict[str, Path]) -> dict[str, int]:
     """Training documents (records) per recipe, as tokenized."""
-    counts: Counter = Counter()
-    for name in cfg.recipes:
-        counts[name] = json.loads((token_dirs[name] / "manifest.json").read_text())["documents"]
-    return dict(counts)
+    return {name: json.loads((token_dirs[name] / "manifest.json").read_text())["documents"] for name in cfg.recipes}
