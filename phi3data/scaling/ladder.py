@@ -583,13 +583,13 @@ def _run_ladder_locked(cfg: LadderConfig, out: Path, *, progress: bool) -> list[
 
     vocab_size = get_tokenizer(tokenizer).vocab_size
     plan = run_plan(cfg, vocab_size)
-    recipe_tokens = {name: sum(json.loads((token_dirs[unit] / "manifest.json").read_text())["tokens"]
-                               for unit in recipe.units(name)) for name, recipe in cfg.recipes.items()}
-    documents = vlm_ladder.recipe_documents(cfg, token_dirs) if vision else {}
+    manifests = {unit: json.loads((path / "manifest.json").read_text()) for unit, path in token_dirs.items()}
+    recipe_tokens = {name: sum(manifests[unit]["tokens"] for unit in recipe.units(name))
+                     for name, recipe in cfg.recipes.items()}
     for run in plan:
         if vision:  # a VLM batch is micro_batch_size padded records, not packed windows
             seen = run["steps"] * cfg.ladder.micro_batch_size * int(cfg.train.get("grad_accum", 1))
-            run["epochs"] = round(seen / max(documents[run["recipe"]], 1), 2)
+            run["epochs"] = round(seen / max(manifests[run["recipe"]]["documents"], 1), 2)
         else:
             run["epochs"] = round(run["tokens"] / max(recipe_tokens[run["recipe"]], 1), 2)
     write_json_atomic(out / "plan.json", {"tokenizer": tokenizer, "vocab_size": vocab_size, "data": info,

@@ -127,7 +127,3 @@ def evaluate_vlm_run(cfg: LadderConfig, checkpoint: Path, tokenizer: str, token_
                       "majority_acc": t["overall"].get("majority_accuracy")} for task, t in scored["tasks"].items()}
     return {"validation": validation, "tasks": {}, "vqa": vqa, "eval_device": device}
 
-
-def recipe_documents(cfg: LadderConfig, token_dirs: dict[str, Path]) -> dict[str, int]:
-    """Training documents (records) per recipe, as tokenized."""
-    return {name: json.loads((token_dirs[name] / "manifest.json").read_text())["documents"] for name in cfg.recipes}
