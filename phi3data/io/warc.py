@@ -1,7 +1,8 @@
 """A fault-tolerant, streaming WARC / WET record reader.
 
 Why our own framing rather than fastwarc or warcio alone: both stop at the first corrupt gzip member and lose
-the rest of the file. Here the file is read in pieces and every gzip member is inflated incrementally (zlib); a
+the rest of the file. Here the file is read in pieces and every gzip member is inflated incrementally (ISA-L's
+inflate through ``isal``, about twice as fast as zlib on the same bytes, with the same output); a
 corrupt or truncated member is reported with its byte offset and the reader resynchronises on the next gzip
 header, and a WARC record whose block is shorter than its Content-Length is reported as truncated. Records are
 cut from the inflated stream one at a time, so a WARC gzipped whole (one member for the file) is read like one
@@ -16,6 +17,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
+
+from isal import isal_zlib
 
 GZIP_MAGIC = b"\x1f\x8b\x08"
 _CHUNK = 1 << 16  # compressed bytes read at a time
@@ -146,7 +149,7 @@ class _GzipMember:
     def __init__(self, raw: _Input):
         self.raw = raw
         self.start = raw.offset
-        self.inflater = zlib.decompressobj(31)
+        self.inflater = isal_zlib.decompressobj(31)
         self.fault: WarcFault | None = None
         self.head = b""  # the first inflated bytes, for fault excerpts
 
@@ -156,7 +159,7 @@ class _GzipMember:
             data = inflater.unconsumed_tail or self.raw.read()
             try:
                 out = inflater.decompress(data, _PIECE) if data else inflater.flush()
-            except zlib.error as exc:
+            except (isal_zlib.error, zlib.error) as exc:
                 self.fault = WarcFault(self.start, "corrupt_gzip", f"gzip member at byte {self.start}: {exc}",
                                        self.head)
                 return b""
