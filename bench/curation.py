@@ -105,12 +105,14 @@ def read_extract_floor(shards: list[Path], workers: int) -> tuple[float, int]:
 
 
 def run_phi3data_cli(input_dir: Path, out: Path, workers: int) -> float:
-    """``phi3data run pipelines/web_quality.toml`` as a user runs it: a fresh process, no HTML report."""
+    """``phi3data run pipelines/web_quality.toml`` as a user runs it: the installed ``phi3data`` command in a fresh
+    process, no HTML report."""
     import subprocess
     import sys
 
+    command = Path(sys.executable).with_name("phi3data")
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "phi3data.cli", "run", str(ROOT / "pipelines" / "web_quality.toml"),
+    subprocess.run([str(command), "run", str(ROOT / "pipelines" / "web_quality.toml"),
                     "--input", str(input_dir), "--output", str(out), "--workers", str(workers), "--no-progress",
                     "--no-report"], check=True, capture_output=True, cwd=ROOT)
     return time.perf_counter() - started

@@ -29,6 +29,10 @@ def run(
 
     Reruns skip finished shards, so rerunning after a crash completes the output exactly once.
     """
+    if engine == "local" and input.is_dir() and (workers is None or workers > 1):
+        from phi3data.engines.local import warm_up
+
+        warm_up()  # the workers' imports overlap loading the recipe and planning the shards
     from phi3data.pipelines.recipe import load_recipe
     from phi3data.pipelines.runner import run_pipeline, stats_table
 
