@@ -19,6 +19,11 @@ import pyarrow.compute as pc
 
 from phi3data.pipelines.base import Filter, StageParams, register, texts
 
+try:  # the hot loops in C (built by `pip install`); the Python below gives the same results, slower
+    from phi3data.pipelines.stages import _heuristics_c
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _heuristics_c = None
+
 # Close to spaCy's English tokenizer on web text: numbers such as 3.6.0 or 1,000 and contractions stay whole,
 # runs of dots are one token, and every other punctuation mark is a token of its own.
 WORD_RE = re.compile(r"\d+(?:[.,:/]\d+)+|\w+(?:['’]\w+)*|\.{2,}|[^\w\s]")
@@ -49,6 +54,11 @@ def split_words(text: str) -> list[str]:
 
 
 def _find_words(text: str) -> list[str]:
+    """``WORD_RE.findall(text)``: in C when the extension is built, else :func:`_find_words_py`."""
+    return _heuristics_c.find_words(text) if _heuristics_c is not None else _find_words_py(text)
+
+
+def _find_words_py(text: str) -> list[str]:
     """``WORD_RE.findall(text)``, faster: no match spans whitespace (regex ``\\s`` and ``str.split`` agree on
     every code point), so the text is cut at whitespace first, and a piece of letters and digits only (``\\w``
     without ``_``) is one word as it stands; only the other pieces go through the regex."""
@@ -245,7 +255,14 @@ class GopherRepetition(Filter):
             return "dup_line_frac"
         if p.dup_line_char_frac is not None and dup_chars / size > p.dup_line_char_frac:
             return "dup_line_char_frac"
-        words = _Words(split_words(text))
+        if _heuristics_c is not None:
+            return _heuristics_c.repetition_reason(split_words(text), size, p.top_n_grams, p.dup_n_grams)
+        return self.ngram_reason_py(split_words(text), size)
+
+    def ngram_reason_py(self, words: list[str], size: int) -> str | None:
+        """The n-gram rules in Python: what the C helper computes."""
+        p = self.params
+        words = _Words(words)
         for n, frac in p.top_n_grams:
             if _top_ngram_chars(words, n) / size > frac:
                 return f"top_{n}_gram"
