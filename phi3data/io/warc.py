@@ -159,7 +159,7 @@ class _GzipMember:
             data = inflater.unconsumed_tail or self.raw.read()
             try:
                 out = inflater.decompress(data, _PIECE) if data else inflater.flush()
-            except (isal_zlib.error, zlib.error) as exc:
+            except isal_zlib.error as exc:
                 self.fault = WarcFault(self.start, "corrupt_gzip", f"gzip member at byte {self.start}: {exc}",
                                        self.head)
                 return b""
@@ -420,6 +420,8 @@ def parse_http_response(block: bytes) -> HttpResponse:
 
 def _inflate(body: bytes, wbits: int) -> bytes:
     try:
+        # zlib, not isal, for these small bodies: isal's decompressobj returns nothing for a body with a broken
+        # gzip header where zlib raises, and that error is what names the reject
         return zlib.decompressobj(wbits).decompress(body)
     except zlib.error as exc:
         raise ValueError("corrupt_content_encoding") from exc

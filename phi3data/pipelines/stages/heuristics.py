@@ -53,11 +53,6 @@ def split_words(text: str) -> list[str]:
     return words
 
 
-def _find_words(text: str) -> list[str]:
-    """``WORD_RE.findall(text)``: in C when the extension is built, else :func:`_find_words_py`."""
-    return _heuristics_c.find_words(text) if _heuristics_c is not None else _find_words_py(text)
-
-
 def _find_words_py(text: str) -> list[str]:
     """``WORD_RE.findall(text)``, faster: no match spans whitespace (regex ``\\s`` and ``str.split`` agree on
     every code point), so the text is cut at whitespace first, and a piece of letters and digits only (``\\w``
@@ -71,6 +66,9 @@ def _find_words_py(text: str) -> list[str]:
             extend(find(piece))
     return words
 
+
+# ``WORD_RE.findall(text)``: in C when the extension is built
+_find_words = _heuristics_c.find_words if _heuristics_c is not None else _find_words_py
 
 _recent_words: dict[str, list[str]] = {}
 _recent_chars = 0
