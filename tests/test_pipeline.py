@@ -36,6 +36,23 @@ def test_recipe_errors_are_clear(tmp_path):
         run_pipeline(load_recipe(RECIPE), tmp_path / "missing", tmp_path / "out", progress=False)
 
 
+def test_builtin_stage_table_names_every_registered_stage():
+    """Stage modules load when a recipe names them: the table must name each stage's own module."""
+    code = ("import importlib, pkgutil, json; import phi3data.pipelines.stages as s; "
+            "from phi3data.pipelines.base import STAGES; "
+            "web = [k for k in STAGES]; "  # nothing but the registry itself is loaded by the package
+            "[importlib.import_module(f'{s.__name__}.{m.name}') for m in pkgutil.iter_modules(s.__path__) "
+            "if not m.name.startswith('_')]; "
+            "print(json.dumps([web, {k: v.__module__.rsplit('.', 1)[1] for k, v in STAGES.items()}, s.BUILTIN]))")
+    before, registered, table = json.loads(subprocess.run([sys.executable, "-c", code], check=True,
+                                                          capture_output=True, text=True).stdout)
+    assert before == []
+    assert registered == table
+    recipe = load_recipe(RECIPE)
+    assert [type(stage).__module__ for stage in recipe.build_stages()][:3] == [
+        "phi3data.pipelines.stages.extract", "phi3data.pipelines.stages.urls", "phi3data.pipelines.stages.language"]
+
+
 def test_cli_reports_bad_recipe_without_traceback(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[pipeline]\nname = "x"\n[[stage]]\ntype = "extract"\nextractor = "lynx"\n')

@@ -10,8 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError
 
 from phi3data.config import ConfigError, StrictModel, format_validation_error, read_toml, validate
-from phi3data.pipelines import stages as _builtin_stages  # noqa: F401  (registers the stages)
-from phi3data.pipelines.base import STAGES, Stage
+from phi3data.pipelines.base import Stage
+from phi3data.pipelines.stages import stage_class, stage_types
 
 EXTRACT_STAGES = ("extract", "extract_interleaved")
 
@@ -90,11 +90,11 @@ def _build_stage(index: int, spec: dict[str, Any]) -> Stage:
     spec = dict(spec)
     kind = spec.pop("type", None)
     if kind is None:
-        raise RecipeError(f"stage #{index + 1} has no 'type'; known stage types: {', '.join(sorted(STAGES))}")
-    if kind not in STAGES:
-        raise RecipeError(f"stage #{index + 1}: unknown stage type {kind!r}; known: {', '.join(sorted(STAGES))}")
+        raise RecipeError(f"stage #{index + 1} has no 'type'; known stage types: {', '.join(stage_types())}")
+    cls = stage_class(kind)
+    if cls is None:
+        raise RecipeError(f"stage #{index + 1}: unknown stage type {kind!r}; known: {', '.join(stage_types())}")
     name = spec.pop("name", None)
-    cls = STAGES[kind]
     try:
         params = cls.Params(**spec)
     except ValidationError as exc:
