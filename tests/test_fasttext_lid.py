@@ -90,3 +90,7 @@ def test_models_it_does_not_cover_return_none(tmp_path) -> None:
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(b"not a model" * 10)
     assert fasttext_lid.load(garbage) is None
+    truncated = tmp_path / "truncated.ftz"
+    truncated.write_bytes(default_lid_model_path().read_bytes()[:-100])
+    assert fasttext_lid.load(truncated) is None
+    assert fasttext_lid.load(default_lid_model_path()) is not None

@@ -25,6 +25,7 @@ except ImportError:  # pragma: no cover - a build without a C compiler
 MAGIC, VERSION = 793712314, 12
 LOSS_HS, MODEL_SUPERVISED = 1, 3  # fastText's loss_name::hs and model_name::sup
 KSUB = 256  # centroids per product-quantizer subspace
+MAX_DIM = 512  # the C helper's limit (lid.176: 16)
 EOS, LABEL_PREFIX = b"</s>", b"__label__"
 
 
@@ -59,7 +60,7 @@ def _decode(codes: np.ndarray, pq: tuple[int, int, int, np.ndarray]) -> np.ndarr
     nsubq, dsub, lastdsub, centroids = pq
     rows = np.empty((codes.shape[0], (nsubq - 1) * dsub + lastdsub), np.float32)
     for m in range(nsubq):
-        width, base = (lastdsub, m * KSUB * dsub) if m == nsubq - 1 else (dsub, m * KSUB * dsub)
+        width, base = lastdsub if m == nsubq - 1 else dsub, m * KSUB * dsub
         table = centroids[base:base + KSUB * width].reshape(KSUB, width)
         rows[:, m * dsub:m * dsub + width] = table[codes[:, m]]
     return rows
@@ -77,7 +78,6 @@ def _matrix(r: _Reader, quantized: bool) -> tuple[np.ndarray, np.ndarray]:
     codes = r.take("u1", codesize)
     pq = _quantizer(r)
     rows = _decode(codes.reshape(m, pq[0]), pq)
-    assert rows.shape[1] == n
     scale = np.ones(m, np.float32)
     if qnorm:
         norm_codes = r.take("u1", m)
@@ -143,17 +143,23 @@ class FastTextLID:
 
 
 def load(path: Path) -> FastTextLID | None:
-    """Read a fastText model file; None when the C helper is missing or the model is of a kind it does not
-    predict (then use fastText itself)."""
+    """Read a fastText model file; None when the C helper is missing, or the file is not a model it predicts
+    (then use fastText itself, which also gives its own error for a broken file)."""
     if _fasttext_c is None:
         return None
-    r = _Reader(Path(path).read_bytes())
+    try:
+        return _load(_Reader(Path(path).read_bytes()))
+    except (struct.error, ValueError, IndexError):
+        return None
+
+
+def _load(r: _Reader) -> FastTextLID | None:
     if r.one("i") != MAGIC or r.one("i") != VERSION:
         return None
     dim, _ws, _epoch, _min_count, _neg, word_ngrams, loss, model, bucket, minn, maxn, _lr_rate = (
         r.one("i") for _ in range(12))
     r.one("d")
-    if model != MODEL_SUPERVISED or loss != LOSS_HS or word_ngrams > 1 or maxn <= 0:
+    if model != MODEL_SUPERVISED or loss != LOSS_HS or word_ngrams > 1 or maxn <= 0 or not 0 < dim <= MAX_DIM:
         return None
     size, nwords, nlabels = (r.one("i") for _ in range(3))
     _ntokens, prune_size = r.one("q"), r.one("q")
@@ -168,11 +174,13 @@ def load(path: Path) -> FastTextLID | None:
         pairs = r.take("<i4", 2 * prune_size).reshape(-1, 2)
         prune[pairs[:, 0]] = pairs[:, 1]
     quantized = bool(r.one("B"))
+    if prune_size >= 0 and not quantized:
+        return None  # a pruned dictionary over dense rows: fastText refuses such a file as invalid
     rows, row_scale = _matrix(r, quantized)
     rows = rows * row_scale[:, None]  # fastText adds norm * centroid, a float32 product, for each row it reads
     quantized_out = bool(r.one("B"))
     out_rows, out_scale = _matrix(r, quantized and quantized_out)
-    if r.at != len(r.data) or rows.shape[1] != dim or out_rows.shape[0] != nlabels:
+    if r.at != len(r.data) or rows.shape[1] != dim or out_rows.shape != (nlabels, dim):
         return None
     words = [w for w, _, _ in entries[:nwords]]
     blob, starts, slots = _word_table(words)
@@ -181,4 +189,5 @@ def load(path: Path) -> FastTextLID | None:
     tables = (blob, starts.tobytes(), slots.tobytes(), prune.tobytes(), np.ascontiguousarray(rows).tobytes(),
               np.ascontiguousarray(out_rows).tobytes(), out_scale.tobytes(), left.tobytes(), right.tobytes(),
               nwords, nlabels, dim, minn, maxn, bucket, eos)
-    return FastTextLID([w.decode().removeprefix(LABEL_PREFIX.decode()) for w, _, _ in entries[nwords:]], tables)
+    labels = [w.decode("utf-8", "replace").removeprefix(LABEL_PREFIX.decode()) for w, _, _ in entries[nwords:]]
+    return FastTextLID(labels, tables)
