@@ -2,7 +2,7 @@
 
 Workers come from a fork server: one clean process, started by exec so it holds none of the caller's threads
 (Ray, Spark, torch), imports what tasks need once and forks every worker from itself. A worker then starts in
-milliseconds instead of importing pyarrow, pandas and the stages again, and ``warm_up`` starts the server early
+milliseconds instead of importing pyarrow, pandas and the pipeline again, and ``warm_up`` starts the server early
 so that its imports overlap the driver's own. Each worker takes the driver's environment, ``sys.path`` and
 working directory as they are when its pool starts, as a freshly spawned process would.
 """
@@ -16,9 +16,10 @@ from collections.abc import Callable, Iterator
 
 from phi3data.engines import default_workers
 
-# What the server imports before forking: the pipeline runner with every stage, and pandas, which pyarrow imports
-# on a worker's first conversion from Python objects. The main script is not run in the server: each worker runs
-# it as a spawned process would (the `phi3data` script's is phi3data.launch, light on purpose).
+# What the server imports before forking: the pipeline, and pandas, which pyarrow imports on a worker's first
+# conversion from Python objects. Stage modules are light and load in each worker, only those its recipe names.
+# The main script is not run in the server: each worker runs it as a spawned process would (the `phi3data`
+# script's is phi3data.launch, light on purpose).
 PRELOAD = ["phi3data.pipelines.pipeline", "pandas"]
 
 
