@@ -32,6 +32,7 @@ from phi3data.multimodal.records import SCHEMAS
 from phi3data.pipelines.base import GlobalStage, KeyedStage, Stage, StageOutput, merge_summaries
 from phi3data.pipelines.recipe import MULTIMODAL_FORMATS, Recipe, load_recipe
 from phi3data.pipelines.shuffle import node_name, read_shard_rows, sha256_file, write_keys
+from phi3data.pipelines.stages import stage_class
 
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
@@ -352,6 +353,10 @@ def run_shard_task(recipe_json: str, out_dir: str, shard: dict, segment: int = 0
     ``cwd`` is the driver's working directory: the task runs there, so a recipe's relative paths resolve as they
     do on the driver (Spark executors and Ray workers start elsewhere)."""
     if cwd is not None and os.path.isdir(cwd) and os.getcwd() != cwd:
+        # Stage modules load lazily: import this recipe's before leaving the worker's directory, where a relative
+        # import path still resolves (Spark's --py-files zip is on sys.path, and in package paths, as ./NAME.zip).
+        for spec in json.loads(recipe_json).get("stage", []):
+            stage_class(spec.get("type"))
         os.chdir(cwd)
     pipeline = _PIPELINES.get(recipe_json)
     if pipeline is None or (recipe_hash is not None and pipeline.hash != recipe_hash):
