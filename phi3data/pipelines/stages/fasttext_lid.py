@@ -4,9 +4,9 @@ label computed by the C helper ``_fasttext_c``.
 fastText's own ``predict`` spends most of its time per character n-gram (a string built, hashed from its start,
 then two hash-map lookups to find the pruned row). The helper hashes each n-gram incrementally, finds its row in a
 dense table and adds a pre-decoded row, with the same float operations in the same order, so labels and
-probabilities are bit-identical to fastText's (tests/test_fasttext_lid.py checks every shared page). Models this
-reader does not cover (word n-grams, softmax or one-vs-all losses) return None from :func:`load`, and the
-language stage then uses fastText's binding, which stays the reference.
+probabilities are bit-identical to fastText's (tests/test_fasttext_lid.py checks real pages and corner cases).
+For models this reader does not cover (word n-grams, softmax or one-vs-all losses) :func:`load` returns None, and
+the language stage then uses fastText's binding, which stays the reference.
 """
 
 from __future__ import annotations

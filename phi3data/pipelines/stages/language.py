@@ -5,6 +5,7 @@ Predictions come from :mod:`phi3data.pipelines.stages.fasttext_lid` (the same la
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pyarrow as pa
@@ -55,21 +56,22 @@ class Language(Filter):
 
     def setup(self) -> None:
         path = self.model_path()
-        self._fast = fasttext_lid.load(path)  # the C predictor, bit-identical to fastText's and ~5x faster
-        if self._fast is None:
+        fast = fasttext_lid.load(path)  # the C predictor, bit-identical to fastText's and ~5x faster
+        if fast is not None:
+            self._predict = fast.predict
+        else:
             import fasttext
 
             # The C++ binding's multilinePredict avoids the numpy-2 issue of fasttext's Python wrapper.
-            self._model = fasttext.load_model(str(path)).f
+            self._predict = functools.partial(predict_with_fasttext, fasttext.load_model(str(path)).f)
         self._allowed = set(self.params.languages)
 
     def predict(self, batch: pa.Table) -> tuple[list[str], list[float]]:
-        """The top language label and its probability for every document."""
+        """The top language label and its probability for every document (fastText's can exceed 1 by its
+        1e-5 log smoothing; it is clipped)."""
         self.ensure_setup()
-        if self._fast is not None:
-            langs, probs = self._fast.predict(texts(batch), self.params.max_chars)
-            return langs, [min(p, 1.0) for p in probs]
-        return predict_with_fasttext(self._model, texts(batch), self.params.max_chars)
+        langs, probs = self._predict(texts(batch), self.params.max_chars)
+        return langs, [min(p, 1.0) for p in probs]
 
     def reasons(self, batch: pa.Table):
         langs = batch.column("language").to_pylist()
@@ -92,9 +94,9 @@ class Language(Filter):
 
 
 def predict_with_fasttext(model, docs: list[str], max_chars: int) -> tuple[list[str], list[float]]:
-    """fastText's own prediction (the reference): top label and probability of each document's head."""
+    """fastText's own prediction (the reference): top label and probability of each document's head, as
+    :meth:`fasttext_lid.FastTextLID.predict` gives them."""
     lines = [(t[:max_chars] if max_chars else t).replace("\n", " ") + "\n" for t in docs]
     labels, probs = model.multilinePredict(lines, 1, 0.0, "replace") if lines else ([], [])
     langs = [lab[0].removeprefix("__label__") if lab else "unknown" for lab in labels]
-    scores = [min(float(p[0]), 1.0) if len(p) else 0.0 for p in probs]
-    return langs, scores
+    return langs, [float(p[0]) if len(p) else 0.0 for p in probs]
